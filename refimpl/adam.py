@@ -1,0 +1,73 @@
+"""Adam (Kingma & Ba), bias-corrected, in the same form as ``torch.optim.Adam``:
+
+    m <- b1 m + (1 - b1) g                 v <- b2 v + (1 - b2) g^2
+    p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+``eps`` is a parameter because the two frameworks the paper could have used differ:
+PyTorch's default is 1e-8; Keras's is 1e-7 and Keras adds it to sqrt(v) *before* the
+bias correction of v ("epsilon hat"), which only matters in the first steps. We use
+the PyTorch form with the PyTorch default 1e-8.
+
+Parameters and gradients are dicts of backend arrays (``Layer.parameters()`` and
+``Layer.gradients()``); ``step`` updates the parameter arrays in place. ``maximize``
+names parameters that are moved up their gradient instead of down (GECO's lambda).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .backend import array_module, to_device, to_host
+
+
+class Adam:
+    def __init__(self, params: dict, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=()):
+        if lr <= 0:
+            raise ValueError(f"Adam lr={lr}: expected > 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Adam betas={betas}: expected both in [0, 1)")
+        if eps <= 0:
+            raise ValueError(f"Adam eps={eps}: expected > 0")
+        unknown = sorted(set(maximize) - set(params))
+        if unknown:
+            raise ValueError(f"Adam maximize={unknown}: not among the parameters")
+        self.params = params
+        self.lr, self.betas, self.eps = lr, tuple(betas), eps
+        self.maximize = frozenset(maximize)
+        self.t = 0
+        self.m = {name: array_module(p).zeros_like(p) for name, p in params.items()}
+        self.v = {name: array_module(p).zeros_like(p) for name, p in params.items()}
+
+    def step(self, grads: dict) -> None:
+        """One update of every parameter from ``grads`` (same names as the parameters)."""
+        missing = sorted(set(self.params) - set(grads))
+        if missing:
+            raise ValueError(f"Adam.step: no gradient for {missing}")
+        self.t += 1
+        b1, b2 = self.betas
+        correction1 = 1 - b1**self.t
+        correction2 = 1 - b2**self.t
+        for name, p in self.params.items():
+            g = -grads[name] if name in self.maximize else grads[name]
+            m, v = self.m[name], self.v[name]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * (g * g)
+            denom = array_module(p).sqrt(v) / math.sqrt(correction2) + self.eps
+            p -= (self.lr / correction1) * (m / denom)
+
+    def state_dict(self) -> dict:
+        """Host copies of the step count and moments (for checkpoints)."""
+        return {"t": self.t, "m": {k: to_host(a).copy() for k, a in self.m.items()},
+                "v": {k: to_host(a).copy() for k, a in self.v.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("m", "v"):
+            if set(state[key]) != set(self.params):
+                raise ValueError(f"Adam state {key!r} names {sorted(state[key])}, expected {sorted(self.params)}")
+        self.t = int(state["t"])
+        for name, p in self.params.items():
+            xp = array_module(p)
+            self.m[name][...] = to_device(state["m"][name], xp, p.dtype)
+            self.v[name][...] = to_device(state["v"][name], xp, p.dtype)

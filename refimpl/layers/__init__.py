@@ -1,0 +1,13 @@
+"""Hand-written layers with forward and backward passes (see layer.py for the protocol)."""
+
+from .activations import LeakyReLU, Sigmoid, sigmoid, softplus
+from .batchnorm import BatchNorm
+from .conv2d import Conv2d
+from .layer import Layer
+from .linear import Linear
+from .reshape import Flatten, Reshape
+from .sequential import Sequential
+from .upsample import Upsample
+
+__all__ = ["BatchNorm", "Conv2d", "Flatten", "Layer", "LeakyReLU", "Linear", "Reshape", "Sequential", "Sigmoid",
+           "Upsample", "sigmoid", "softplus"]

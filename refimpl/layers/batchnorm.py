@@ -1,0 +1,88 @@
+"""BatchNorm over the channel axis, for linear features (N, C) and conv maps (N, C, H, W).
+
+Training mode normalises with the batch statistics over every axis but C:
+mean = mean(x), var = mean((x - mean)^2) (biased), x_hat = (x - mean) / sqrt(var + eps),
+y = weight * x_hat + bias. Eval mode uses the running statistics instead.
+
+Running statistics follow Keras's convention, which the paper's "momentum 0.8" is
+written in: running = momentum * running + (1 - momentum) * batch. (PyTorch's
+``momentum`` is the other weight: Keras 0.8 == PyTorch 0.2.) Which variance the
+running estimate stores is a choice: ``running_var="biased"`` (default; Keras stores
+the biased batch variance) or ``"unbiased"`` (PyTorch stores var * m / (m - 1),
+m = elements per channel). ``eps`` defaults to Keras's 1e-3 (PyTorch's is 1e-5).
+``update_running`` lets a caller run a training-mode pass that leaves the running
+statistics untouched (interpretation (h) of Algorithm 1: the E1 decoder pass).
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from .layer import Layer
+
+RUNNING_VARS = ("biased", "unbiased")
+
+
+class BatchNorm(Layer):
+    """x: (N, C) or (N, C, H, W) -> y: same shape."""
+
+    def __init__(self, num_features, momentum=0.8, eps=1e-3, running_var="biased", *, xp=numpy, dtype=numpy.float32):
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"BatchNorm num_features={num_features}: expected >= 1")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"BatchNorm momentum={momentum}: expected a value in [0, 1] (Keras convention)")
+        if eps <= 0:
+            raise ValueError(f"BatchNorm eps={eps}: expected > 0")
+        if running_var not in RUNNING_VARS:
+            raise ValueError(f"BatchNorm running_var={running_var!r}: expected one of {', '.join(RUNNING_VARS)}")
+        self.num_features, self.momentum, self.eps, self.running_var = num_features, momentum, eps, running_var
+        self.update_running = True
+        self.params = {"weight": xp.ones(num_features, dtype=dtype), "bias": xp.zeros(num_features, dtype=dtype)}
+        self.grads = {k: xp.zeros_like(v) for k, v in self.params.items()}
+        self.buffers = {"running_mean": xp.zeros(num_features, dtype=dtype),
+                        "running_var": xp.ones(num_features, dtype=dtype)}
+
+    def _axes_and_shape(self, x):
+        if x.ndim not in (2, 4) or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"BatchNorm expected x of shape (N, C={self.num_features}) or (N, C={self.num_features}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+        if x.ndim == 2:
+            return (0,), (1, self.num_features)
+        return (0, 2, 3), (1, self.num_features, 1, 1)
+
+    def forward(self, x, cache=True):
+        axes, bshape = self._axes_and_shape(x)
+        if self.training:
+            count = x.size // self.num_features
+            if count < 2:
+                raise ValueError(f"BatchNorm in training mode needs >= 2 values per channel, got x of shape {tuple(x.shape)}")
+            mean = x.mean(axis=axes, keepdims=True)
+            centred = x - mean
+            var = (centred * centred).mean(axis=axes, keepdims=True)
+            if self.update_running:
+                stored_var = var if self.running_var == "biased" else var * (count / (count - 1))
+                m = self.momentum
+                self.buffers["running_mean"][...] = m * self.buffers["running_mean"] + (1 - m) * mean.reshape(-1)
+                self.buffers["running_var"][...] = m * self.buffers["running_var"] + (1 - m) * stored_var.reshape(-1)
+        else:
+            centred = x - self.buffers["running_mean"].reshape(bshape)
+            var = self.buffers["running_var"].reshape(bshape)
+        inv_std = 1.0 / (var + self.eps) ** 0.5
+        x_hat = centred * inv_std
+        self._cache = (x_hat, inv_std, axes, bshape, self.training) if cache else None
+        return self.params["weight"].reshape(bshape) * x_hat + self.params["bias"].reshape(bshape)
+
+    def backward(self, dy):
+        x_hat, inv_std, axes, bshape, training = self._take_cache()
+        self.grads["bias"] += dy.sum(axis=axes)
+        self.grads["weight"] += (dy * x_hat).sum(axis=axes)
+        dx_hat = dy * self.params["weight"].reshape(bshape)
+        if not training:
+            return dx_hat * inv_std
+        # d/dx of (x - mean) / sqrt(var + eps) with mean and var taken from the batch itself
+        mean_dx_hat = dx_hat.mean(axis=axes, keepdims=True)
+        mean_dx_hat_x_hat = (dx_hat * x_hat).mean(axis=axes, keepdims=True)
+        return inv_std * (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_x_hat)
