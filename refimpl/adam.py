@@ -22,11 +22,11 @@ from .backend import array_module, to_device, to_host
 
 class Adam:
     def __init__(self, params: dict, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=()):
-        if lr <= 0:
+        if not lr > 0:  # also rejects NaN
             raise ValueError(f"Adam lr={lr}: expected > 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"Adam betas={betas}: expected both in [0, 1)")
-        if eps <= 0:
+        if not eps > 0:
             raise ValueError(f"Adam eps={eps}: expected > 0")
         unknown = sorted(set(maximize) - set(params))
         if unknown:

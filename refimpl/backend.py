@@ -85,7 +85,8 @@ def get_dtype(name: str = "float32"):
 
 
 def to_device(host_array, xp, dtype=None):
-    """Copy a host (NumPy) array onto backend ``xp``, optionally casting to ``dtype``."""
+    """``host_array`` on backend ``xp``, cast to ``dtype`` if given: a copy on CuPy; on NumPy the
+    same array when no cast is needed."""
     a = numpy.asarray(host_array)
     if dtype is not None:
         a = a.astype(dtype, copy=False)

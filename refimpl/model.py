@@ -34,6 +34,7 @@ import numpy
 
 from .layers import BatchNorm, Conv2d, Flatten, Layer, LeakyReLU, Linear, Reshape, Sequential, Sigmoid, Upsample
 from .layers.im2col import conv_output_size
+from .layers.upsample_conv2d import UpsampleConv2d
 from .rng import generator
 
 
@@ -146,8 +147,6 @@ def build_decoder(arch: Architecture, n_latent: int, *, rng, xp, dtype, fused: b
     for i, spec in enumerate(arch.decoder_convs, start=1):
         layers.append((f"bn{i}", BatchNorm(in_ch, arch.bn_momentum, arch.bn_eps, arch.bn_running_var, xp=xp, dtype=dtype)))
         if fused and (spec.kernel, spec.stride, spec.padding) == (3, 1, 1):
-            from .layers.upsample_conv2d import UpsampleConv2d  # TEMP: module being written
-
             layers.append((f"conv{i}", UpsampleConv2d(in_ch, spec.channels, rng=rng, xp=xp, dtype=dtype, init=arch.init)))
         else:
             layers.append((f"up{i}", Upsample(2)))

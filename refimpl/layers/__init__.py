@@ -8,6 +8,7 @@ from .linear import Linear
 from .reshape import Flatten, Reshape
 from .sequential import Sequential
 from .upsample import Upsample
+from .upsample_conv2d import UpsampleConv2d
 
 __all__ = ["BatchNorm", "Conv2d", "Flatten", "Layer", "LeakyReLU", "Linear", "Reshape", "Sequential", "Sigmoid",
            "Upsample", "sigmoid", "softplus"]

@@ -16,8 +16,12 @@ from .layer import Layer
 
 
 def _pair(value, name):
-    pair = (value, value) if isinstance(value, (int, numpy.integer)) else tuple(value)
-    if len(pair) != 2 or any(int(v) != v for v in pair):
+    try:
+        pair = (value, value) if isinstance(value, (int, numpy.integer)) else tuple(value)
+        ok = len(pair) == 2 and all(int(v) == v for v in pair)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"Conv2d {name}={value!r}: expected an int or a pair of ints")
     return int(pair[0]), int(pair[1])
 

@@ -16,6 +16,8 @@ statistics in BatchNorm and is ignored by other layers.
 
 from __future__ import annotations
 
+from ..backend import array_module, to_device, to_host
+
 
 class Layer:
     def __init__(self):
@@ -77,10 +79,11 @@ class Layer:
         if missing or unexpected:
             raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
         for name, target in own.items():
-            value = state[name]
-            if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"state dict entry {name!r}: expected shape {tuple(target.shape)}, got {tuple(value.shape)}")
-            target[...] = value
+            if tuple(state[name].shape) != tuple(target.shape):
+                raise ValueError(f"state dict entry {name!r}: expected shape {tuple(target.shape)}, "
+                                 f"got {tuple(state[name].shape)}")
+        for name, target in own.items():  # host or device values, onto this layer's backend
+            target[...] = to_device(to_host(state[name]), array_module(target), target.dtype)
 
     def zero_grad(self) -> None:
         for _, _, g in self.named_parameters():

@@ -1,0 +1,263 @@
+"""UpsampleConv2d: nearest x2 upsample then a 3x3, stride-1, pad-1 conv, computed on the low-resolution input.
+
+Equal to ``Sequential(Upsample(2), Conv2d(C, O, 3, stride=1, padding=1))`` (forward, dx,
+weight and bias gradients; same parameter names and shapes, so state dicts are
+interchangeable), without ever building the 2H x 2W image or its 4x larger im2col matrix.
+
+Derivation, along one axis (the other is the same). The upsampled row is u[2i + a] = x[i],
+a in {0, 1}; the conv is y[r] = sum_k w[k] u[r + k - 1], k = 0, 1, 2, with u = 0 outside
+[0, 2H). Split the output by phase, r = 2i + p:
+
+  p = 0: y[2i]     = w[0] u[2i-1] + w[1] u[2i] + w[2] u[2i+1] = w[0] x[i-1] + (w[1] + w[2]) x[i]
+  p = 1: y[2i + 1] = w[0] u[2i] + w[1] u[2i+1] + w[2] u[2i+2] = (w[0] + w[1]) x[i] + w[2] x[i+1]
+
+and x = 0 outside [0, H) (u's zero padding is x's). So phase p is a 2-tap correlation
+of the low-resolution x with taps K_p[t] = sum_k TAPS[p, t, k] w[k], read at
+x[i + p + t - 1], t = 0, 1:
+
+  TAPS[0] = [[1, 0, 0],    (t = 0 reads x[i-1]: w[0])
+             [0, 1, 1]]    (t = 1 reads x[i]:   w[1] + w[2])
+  TAPS[1] = [[1, 1, 0],    (t = 0 reads x[i]:   w[0] + w[1])
+             [0, 0, 1]]    (t = 1 reads x[i+1]: w[2])
+
+In 2-D each output phase (p, q) is a 2x2 conv of x with the summed kernel
+K[p, q, o, c, t, u] = sum_{k,l} TAPS[p, t, k] TAPS[q, u, l] w[o, c, k, l]           (1)
+read at x[i + p + t - 1, j + q + u - 1], and y[n, o, 2i + p, 2j + q] is that phase. The
+kernel gradient flows back through the same sums (the transpose of the linear map (1)):
+dw[o, c, k, l] = sum_{p,q,t,u} TAPS[p, t, k] TAPS[q, u, l] dK[p, q, o, c, t, u].
+
+Two ways to evaluate the four phases, picked by which column matrix is smaller:
+
+- ``"im2col"``: one low-resolution im2col with a 3x3 pad-1 window, cols (9C, N*H*W);
+  the four 2x2 kernels are embedded in 3x3 zero kernels at offset (p, q) and stacked
+  into one (4O, 9C) matrix: one GEMM gives all phases. Backward: the transposed GEMMs
+  and a 3x3 col2im. Best when 9C <= 16O (wide outputs).
+- ``"col2im"``: one GEMM (16O, C) @ (C, N*H*W) gives every (phase, tap) product Z; each
+  phase is then the sum of its four taps' Z slices, shifted (a col2im on the output).
+  Backward: an im2col of dy into the same (16O, N*H*W) layout and the transposed GEMMs.
+  Best when 16O < 9C (narrow outputs, like the decoder's last, C-channel, layer).
+
+Large scratch arrays (the column matrices, the GEMM outputs) are kept between calls and
+reused: fresh multi-megabyte arrays cost a page fault per 4 KiB page on first touch.
+The column matrix kept for backward doubles as the output buffer of the backward GEMM
+that replaces it. Returned arrays (y, dx) are always freshly allocated.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from ..backend import array_module, to_device
+from .init import init_weight_bias
+from .layer import Layer
+
+METHODS = ("auto", "im2col", "col2im")
+
+# TAPS[p, t, k]: the 2-tap kernel of output phase p takes kernel tap k into its tap t (derivation above).
+TAPS = numpy.array([[[1, 0, 0], [0, 1, 1]],
+                    [[1, 1, 0], [0, 0, 1]]])
+# Eq. (1) as one (9, 16) matrix: rows (k, l), columns (p, q, t, u), entries TAPS[p, t, k] TAPS[q, u, l].
+PHASE_MAP = numpy.einsum("ptk,qul->klpqtu", TAPS, TAPS).reshape(9, 16)
+
+
+def phase_kernels(weight):
+    """weight: (O, C, 3, 3) -> K: (2, 2, O, C, 2, 2), the summed 2x2 kernel of each output phase, eq. (1)."""
+    o, c = weight.shape[:2]
+    phase_map = to_device(PHASE_MAP, array_module(weight), weight.dtype)
+    return (weight.reshape(o * c, 9) @ phase_map).reshape(o, c, 2, 2, 2, 2).transpose(2, 3, 0, 1, 4, 5)
+
+
+def phase_kernels_transpose(dk):
+    """dK: (2, 2, O, C, 2, 2) -> dw: (O, C, 3, 3), the transpose of :func:`phase_kernels`."""
+    o, c = dk.shape[2:4]
+    phase_map = to_device(PHASE_MAP, array_module(dk), dk.dtype)
+    return (dk.transpose(2, 3, 0, 1, 4, 5).reshape(o * c, 16) @ phase_map.T).reshape(o, c, 3, 3)
+
+
+def _shift_slices(d, size):
+    """(dst, src) slices with dst[i] = src[i + d] for every i where 0 <= i + d < size."""
+    return slice(max(0, -d), max(0, size - max(0, d))), slice(min(size, max(0, d)), size + min(0, d))
+
+
+def _shift(dst, src, di, dj, add=False):
+    """dst[..., i, j] = src[..., i + di, j + dj] (``+=`` with add) where in range.
+
+    dst, src: (..., H, W). Without ``add``, the rest of dst (the zero padding) is set to 0.
+    """
+    h, w = dst.shape[-2:]
+    (rows_dst, rows_src), (cols_dst, cols_src) = _shift_slices(di, h), _shift_slices(dj, w)
+    if add:
+        dst[..., rows_dst, cols_dst] += src[..., rows_src, cols_src]
+        return
+    dst[..., rows_dst, cols_dst] = src[..., rows_src, cols_src]
+    for outside in (slice(0, rows_dst.start), slice(rows_dst.stop, h)):
+        dst[..., outside, :] = 0
+    for outside in (slice(0, cols_dst.start), slice(cols_dst.stop, w)):
+        dst[..., :, outside] = 0
+
+
+class UpsampleConv2d(Layer):
+    """x: (N, C, H, W) -> y: (N, O, 2H, 2W); Upsample(2) then Conv2d(C, O, 3, stride=1, padding=1).
+
+    ``method``: ``"im2col"``, ``"col2im"`` (see the module docstring; identical results up to
+    rounding) or ``"auto"`` (the one with the smaller column matrix: im2col iff 9C <= 16O).
+    """
+
+    def __init__(self, in_channels, out_channels, *, rng, xp=numpy, dtype=numpy.float32, init="torch",
+                 method="auto"):
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"UpsampleConv2d(in_channels={in_channels}, out_channels={out_channels}): "
+                             "both must be >= 1")
+        if method not in METHODS:
+            raise ValueError(f"UpsampleConv2d method={method!r}: expected one of {', '.join(METHODS)}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        if method == "auto":
+            method = "im2col" if 9 * in_channels <= 16 * out_channels else "col2im"
+        self.method = method
+        # Same draw as Conv2d(in_channels, out_channels, 3): equal weights for equal generators.
+        weight, bias = init_weight_bias(rng, (out_channels, in_channels, 3, 3), xp, dtype, init)
+        self.params = {"weight": weight, "bias": bias}
+        self.grads = {"weight": xp.zeros_like(weight), "bias": xp.zeros_like(bias)}
+        self._scratch = {}
+
+    def output_shape(self, x_shape):
+        if len(x_shape) != 4 or x_shape[1] != self.in_channels:
+            raise ValueError(f"UpsampleConv2d expected x of shape (N, C={self.in_channels}, H, W), got {tuple(x_shape)}")
+        n, _, h, w = x_shape
+        return (n, self.out_channels, 2 * h, 2 * w)
+
+    def _buffer(self, name, shape, dtype, xp):
+        """The scratch array ``name``: the kept one when shape, dtype and backend fit, else a new (kept) one.
+
+        Safe because scratch is only read by the backward of the latest cached forward, and
+        every forward replaces (cache=True) or drops (cache=False) that cache.
+        """
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or array_module(buf) is not xp:
+            buf = self._scratch[name] = xp.empty(shape, dtype=dtype)
+        return buf
+
+    def forward(self, x, cache=True):
+        n, o, _, _ = self.output_shape(x.shape)
+        xp = array_module(x)
+        dtype = numpy.result_type(x.dtype, self.params["weight"].dtype)
+        if self.method == "im2col":
+            y, saved = self._forward_im2col(x, xp, dtype)
+        else:
+            y, saved = self._forward_col2im(x, xp, dtype)
+        self._cache = (saved, x.shape) if cache else None
+        return y
+
+    def backward(self, dy):
+        saved, x_shape = self._take_cache()
+        expected = self.output_shape(x_shape)
+        if tuple(dy.shape) != expected:
+            raise ValueError(f"UpsampleConv2d.backward expected dy of shape {expected}, got {tuple(dy.shape)}")
+        if self.method == "im2col":
+            return self._backward_im2col(dy, saved, x_shape)
+        return self._backward_col2im(dy, saved, x_shape)
+
+    # ------------------------------------------------------------ method "im2col"
+
+    def _embedded_kernels(self):
+        """(2, 2, O, C, 3, 3): phase (p, q)'s 2x2 kernel placed at offset (p, q) in a 3x3 window of x."""
+        xp = array_module(self.params["weight"])
+        k = phase_kernels(self.params["weight"])
+        e = xp.zeros(k.shape[:4] + (3, 3), dtype=k.dtype)
+        for p in (0, 1):
+            for q in (0, 1):
+                e[p, q, :, :, p : p + 2, q : q + 2] = k[p, q]
+        return e
+
+    def _forward_im2col(self, x, xp, dtype):
+        n, c, h, w = x.shape
+        o = self.out_channels
+        # cols[c, a, b, n, i, j] = x[n, c, i + a - 1, j + b - 1]: a 3x3 pad-1 im2col of the low-res x
+        cols = self._buffer("cols", (c, 3, 3, n, h, w), dtype, xp)
+        xt = x.transpose(1, 0, 2, 3)
+        for a in range(3):
+            for b in range(3):
+                _shift(cols[:, a, b], xt, a - 1, b - 1)
+        kernels = self._embedded_kernels().reshape(4 * o, 9 * c)
+        z = self._buffer("z", (4 * o, n * h * w), dtype, xp)
+        xp.matmul(kernels, cols.reshape(9 * c, n * h * w), out=z)
+        # y[n, o, 2i + p, 2j + q] = z[(p, q, o), (n, i, j)] + bias[o]
+        y = xp.empty((n, o, h, 2, w, 2), dtype=dtype)
+        xp.add(z.reshape(2, 2, o, n, h, w).transpose(3, 2, 4, 0, 5, 1), self.params["bias"][:, None, None, None, None],
+               out=y)
+        return y.reshape(n, o, 2 * h, 2 * w), (cols, kernels)
+
+    def _backward_im2col(self, dy, saved, x_shape):
+        cols, kernels = saved
+        xp = array_module(dy)
+        n, c, h, w = x_shape
+        o = self.out_channels
+        cols = cols.reshape(9 * c, n * h * w)
+        dz = self._buffer("z", (4 * o, n * h * w), cols.dtype, xp)
+        dz.reshape(2, 2, o, n, h, w)[...] = dy.reshape(n, o, h, 2, w, 2).transpose(3, 5, 1, 0, 2, 4)
+        self.grads["bias"] += dz.reshape(4, o, -1).sum(axis=(0, 2))
+        dembedded = (dz @ cols.T).reshape(2, 2, o, c, 3, 3)
+        dk = xp.stack([xp.stack([dembedded[p, q, :, :, p : p + 2, q : q + 2] for q in (0, 1)]) for p in (0, 1)])
+        self.grads["weight"] += phase_kernels_transpose(dk)
+        dcols = xp.matmul(kernels.T, dz, out=cols).reshape(c, 3, 3, n, h, w)  # cols is not needed any more
+        # col2im, the transpose of the im2col above: dx[n, c, r, s] += dcols[c, a, b, n, r - a + 1, s - b + 1]
+        dx = xp.empty((n, c, h, w), dtype=cols.dtype)
+        dxt = dx.transpose(1, 0, 2, 3)
+        dxt[...] = dcols[:, 1, 1]
+        for a in range(3):
+            for b in range(3):
+                if (a, b) != (1, 1):
+                    _shift(dxt, dcols[:, a, b], 1 - a, 1 - b, add=True)
+        return dx
+
+    # ------------------------------------------------------------ method "col2im"
+
+    def _stacked_kernels(self):
+        """(16O, C): rows (p, q, t, u, o), the 2x2 kernel taps of every phase."""
+        k = phase_kernels(self.params["weight"])  # (p, q, o, c, t, u)
+        return k.transpose(0, 1, 4, 5, 2, 3).reshape(16 * self.out_channels, self.in_channels)
+
+    def _forward_col2im(self, x, xp, dtype):
+        n, c, h, w = x.shape
+        o = self.out_channels
+        xt = self._buffer("xt", (c, n * h * w), dtype, xp)
+        xt.reshape(c, n, h, w)[...] = x.transpose(1, 0, 2, 3)
+        kernels = self._stacked_kernels()
+        # z[p, q, t, u, o, n, i, j] = sum_c K[p, q, o, c, t, u] x[n, c, i, j]
+        z = self._buffer("z", (16 * o, n * h * w), dtype, xp)
+        xp.matmul(kernels, xt, out=z)
+        z = z.reshape(2, 2, 2, 2, o, n, h, w)
+        # y[n, o, 2i + p, 2j + q] = bias[o] + sum_{t,u} z[p, q, t, u, o, n, i + p + t - 1, j + q + u - 1]
+        y = xp.empty((n, o, h, 2, w, 2), dtype=dtype)
+        for p in (0, 1):
+            for q in (0, 1):
+                phase = y[:, :, :, p, :, q].transpose(1, 0, 2, 3)  # (O, N, H, W) view
+                # tap (t, u) = (1 - p, 1 - q) reads x[i, j] itself: it covers every output, so it initialises
+                xp.add(z[p, q, 1 - p, 1 - q], self.params["bias"][:, None, None, None], out=phase)
+                for t in (0, 1):
+                    for u in (0, 1):
+                        if (t, u) != (1 - p, 1 - q):
+                            _shift(phase, z[p, q, t, u], p + t - 1, q + u - 1, add=True)
+        return y.reshape(n, o, 2 * h, 2 * w), (xt, kernels)
+
+    def _backward_col2im(self, dy, saved, x_shape):
+        xt, kernels = saved
+        xp = array_module(dy)
+        n, c, h, w = x_shape
+        o = self.out_channels
+        dy6 = dy.reshape(n, o, h, 2, w, 2)
+        self.grads["bias"] += dy6.sum(axis=(0, 2, 3, 4, 5))
+        # dz[p, q, t, u, o, n, r, s] = dy[n, o, 2(r - p - t + 1) + p, 2(s - q - u + 1) + q], 0 outside
+        dz = self._buffer("z", (16 * o, n * h * w), xt.dtype, xp)
+        dz8 = dz.reshape(2, 2, 2, 2, o, n, h, w)
+        for p in (0, 1):
+            for q in (0, 1):
+                phase = dy6[:, :, :, p, :, q].transpose(1, 0, 2, 3)
+                for t in (0, 1):
+                    for u in (0, 1):
+                        _shift(dz8[p, q, t, u], phase, 1 - p - t, 1 - q - u)
+        dk = (dz @ xt.T).reshape(2, 2, 2, 2, o, c).transpose(0, 1, 4, 5, 2, 3)
+        self.grads["weight"] += phase_kernels_transpose(dk)
+        dxt = xp.matmul(kernels.T, dz, out=xt)  # xt is not needed any more
+        return dxt.reshape(c, n, h, w).transpose(1, 0, 2, 3).copy()

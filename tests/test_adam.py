@@ -1,0 +1,155 @@
+"""Adam against torch.optim.Adam (float64), maximize, checkpoint round trip, argument errors."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refimpl.adam import Adam
+
+SHAPES = {"conv.weight": (3, 2, 3, 3), "conv.bias": (3,), "fc.weight": (4, 5), "lam": ()}
+TOL = 1e-10
+
+
+def rel_err(ours, ref):
+    scale = np.abs(ref).max()
+    return np.abs(ours - ref).max() / scale if scale > 0 else np.abs(ours - ref).max()
+
+
+def make_params(seed):
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape) for name, shape in SHAPES.items()}
+
+
+def grad_stream(seed, steps):
+    """Gradients that change every step (and in scale, so the second moment matters)."""
+    rng = np.random.default_rng(seed)
+    return [{name: rng.standard_normal(shape) * rng.uniform(0.01, 10.0) for name, shape in SHAPES.items()}
+            for _ in range(steps)]
+
+
+def run_ours(params, grads, **kwargs):
+    params = {k: v.copy() for k, v in params.items()}
+    opt = Adam(params, **kwargs)
+    history = []
+    for g in grads:
+        opt.step(g)
+        history.append({k: v.copy() for k, v in params.items()})
+    return history, opt
+
+
+def run_torch(params, grads, maximize=(), **kwargs):
+    torch = pytest.importorskip("torch")
+    tensors = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    groups = [{"params": [tensors[k] for k in tensors if k not in maximize], "maximize": False}]
+    if maximize:
+        groups.append({"params": [tensors[k] for k in maximize], "maximize": True})
+    opt = torch.optim.Adam(groups, **kwargs)
+    history = []
+    for g in grads:
+        for k, p in tensors.items():
+            p.grad = torch.tensor(g[k], dtype=torch.float64)
+        opt.step()
+        history.append({k: p.detach().numpy().copy() for k, p in tensors.items()})
+    return history
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"lr": 3e-2, "betas": (0.5, 0.9), "eps": 1e-3},
+    {"lr": 1e-4, "betas": (0.0, 0.99), "eps": 1e-6},
+    {"lr": 5e-3, "betas": (0.9, 0.999), "eps": 1e-8, "maximize": ("lam",)},
+    {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-7, "maximize": ("lam", "conv.bias")},
+])
+def test_adam_matches_torch(kwargs):
+    params, grads = make_params(0), grad_stream(1, 12)
+    ours, _ = run_ours(params, grads, **kwargs)
+    theirs = run_torch(params, grads, **kwargs)
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        for name in SHAPES:
+            err = rel_err(a[name], b[name])
+            assert err <= TOL, f"step {step + 1}, {name}: relative error {err:.3e}"
+    # the parameters did move, and a maximized one moves up its gradient on the first step
+    assert all(np.abs(ours[-1][k] - params[k]).max() > 1e-6 for k in SHAPES)
+
+
+def test_maximize_ascends_and_mirrors_minimize():
+    """Maximizing with gradient g is exactly minimizing with gradient -g."""
+    params, grads = make_params(2), grad_stream(3, 10)
+    up, _ = run_ours(params, grads, lr=1e-2, maximize=tuple(SHAPES))
+    down, _ = run_ours(params, [{k: -g for k, g in step.items()} for step in grads], lr=1e-2)
+    for a, b in zip(up, down):
+        for k in SHAPES:
+            np.testing.assert_array_equal(a[k], b[k])
+    first = up[0]["lam"] - params["lam"]
+    assert np.sign(first) == np.sign(grads[0]["lam"])  # first Adam step is lr * sign(g) (up to eps)
+    assert abs(first) == pytest.approx(1e-2, rel=1e-6)
+
+
+@given(split=st.integers(1, 11), seed=st.integers(0, 2**32 - 1))
+def test_state_dict_round_trip_continues_bit_for_bit(split, seed):
+    params, grads = make_params(seed), grad_stream(seed + 1, 12)
+    kwargs = {"lr": 2e-2, "betas": (0.7, 0.95), "eps": 1e-6, "maximize": ("lam",)}
+    straight, _ = run_ours(params, grads, **kwargs)
+
+    first = {k: v.copy() for k, v in params.items()}
+    opt = Adam(first, **kwargs)
+    for g in grads[:split]:
+        opt.step(g)
+    state = opt.state_dict()
+    # the checkpoint is a copy: further steps of the old optimiser do not change it
+    saved_m = {k: v.copy() for k, v in state["m"].items()}
+    opt.step(grads[split])
+    for k in SHAPES:
+        np.testing.assert_array_equal(state["m"][k], saved_m[k])
+
+    resumed_params = {k: straight[split - 1][k].copy() for k in SHAPES}
+    resumed = Adam(resumed_params, **kwargs)
+    resumed.load_state_dict(state)
+    assert resumed.t == split
+    for g in grads[split:]:
+        resumed.step(g)
+    for k in SHAPES:
+        np.testing.assert_array_equal(resumed_params[k], straight[-1][k])
+
+
+def test_load_state_dict_rejects_other_names():
+    params = make_params(0)
+    opt = Adam(params)
+    state = opt.state_dict()
+    state["m"] = {k: v for k, v in state["m"].items() if k != "fc.weight"}
+    with pytest.raises(ValueError, match="fc.weight"):
+        Adam(make_params(0)).load_state_dict(state)
+
+
+def test_step_without_a_gradient_names_it():
+    params = make_params(0)
+    grads = grad_stream(0, 1)[0]
+    del grads["conv.bias"]
+    with pytest.raises(ValueError, match=r"no gradient for \['conv.bias'\]"):
+        Adam(params).step(grads)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"lr": 0.0}, "lr"),
+    ({"lr": -1e-3}, "lr"),
+    ({"betas": (1.0, 0.999)}, "betas"),
+    ({"betas": (0.9, 1.0)}, "betas"),
+    ({"betas": (-0.1, 0.999)}, "betas"),
+    ({"betas": (0.9, float("nan"))}, "betas"),
+    ({"eps": 0.0}, "eps"),
+    ({"eps": -1e-8}, "eps"),
+    ({"maximize": ("lam", "nope")}, "maximize"),
+])
+def test_bad_arguments_name_the_parameter(kwargs, name):
+    with pytest.raises(ValueError, match=rf"\b{name}=") as info:
+        Adam(make_params(0), **kwargs)
+    value = kwargs[name]
+    shown = "nope" if name == "maximize" else str(value)
+    assert shown in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"lr": float("nan")}, "lr"), ({"eps": float("nan")}, "eps")])
+def test_nan_arguments_rejected(kwargs, name):
+    with pytest.raises(ValueError, match=rf"\b{name}="):
+        Adam(make_params(0), **kwargs)
