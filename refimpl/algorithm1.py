@@ -93,6 +93,7 @@ class Hyper:
             ("lambda_max", self.lambda_max >= self.lambda_min, f">= lambda_min={self.lambda_min}"),
             ("lr", self.lr > 0, "> 0"),
             ("adam_eps", self.adam_eps > 0, "> 0"),
+            ("gamma_init", True, ""),
             ("lambda_init", self.lambda_init > 0 or self.lambda_init_on == "raw", "> 0 when lambda_init_on='effective'"),
         ]
         for name, ok, expected in checks:
@@ -138,6 +139,20 @@ def lambda_gradient(lam: float, c_prime: float, hyper: Hyper) -> float:
     moves_up = grad > 0 if hyper.lambda_update == "ascent" else grad < 0
     pushes_out = (raw > hyper.lambda_max and moves_up) or (raw < hyper.lambda_min and not moves_up)
     return 0.0 if pushes_out else grad
+
+
+def gate_masks(u, gamma, k: float):
+    """l. 5-6: nu1 = 1[u > sigmoid(-k gamma)], nu2 = 1[u < sigmoid(k gamma)]. u: (S, n), gamma: (n,) -> two (S, n)."""
+    return (u > sigmoid(-k * gamma)).astype(u.dtype), (u < sigmoid(k * gamma)).astype(u.dtype)
+
+
+def arm_term(u, f1, f2, k: float):
+    """l. 29 without lambda' (carried in f): k * mean_b[(F(nu1)_b - F(nu2)_b) (u_b - 1/2)].
+
+    u: (S, n) with S = 1 or B; f1, f2: (B,) per-image objectives under nu1 and nu2 -> (n,).
+    With S = 1 this is k (mean F1 - mean F2)(u - 1/2), Eq. 13 on batch means.
+    """
+    return k * ((f1 - f2)[:, None] * (u - 0.5)).mean(axis=0)
 
 
 def per_image_error(x_rec, x, kind: str):
@@ -216,8 +231,7 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     # l. 3-10: gate masks, (S, n) with S = 1 (one u per batch) or B
     if sampling:  # l. 3
         u = uniform(rng, (samples, n), xp, dtype)  # l. 4
-        nu1 = (u > sigmoid(-h.k * gamma)).astype(dtype)  # l. 5
-        nu2 = (u < sigmoid(h.k * gamma)).astype(dtype)  # l. 6
+        nu1, nu2 = gate_masks(u, gamma, h.k)  # l. 5-6
     else:
         u = None
         nu1 = xp.ones((samples, n), dtype=dtype)  # l. 8
@@ -287,7 +301,7 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
             norm1 = xp.maximum(nu1.sum(axis=1, keepdims=True), 1) if h.kl_normalizer == "open" else norm
             f1 = f1 + (kl * nu1 / norm1).sum(axis=1)
             f2 = f2 + kl_per_image
-        arm = h.k * ((f1 - f2)[:, None] * (u - 0.5)).mean(axis=0)  # l. 29, (n,)
+        arm = arm_term(u, f1, f2, h.k)  # l. 29, (n,)
         dgamma += arm
 
     state.optimizer.step(state.gradients())  # l. 31

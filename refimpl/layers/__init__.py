@@ -11,4 +11,4 @@ from .upsample import Upsample
 from .upsample_conv2d import UpsampleConv2d
 
 __all__ = ["BatchNorm", "Conv2d", "Flatten", "Layer", "LeakyReLU", "Linear", "Reshape", "Sequential", "Sigmoid",
-           "Upsample", "sigmoid", "softplus"]
+           "Upsample", "UpsampleConv2d", "sigmoid", "softplus"]

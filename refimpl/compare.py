@@ -1,0 +1,385 @@
+"""Compare two golden traces tensor by tensor and find the first one that diverges.
+
+For every key the two traces share (see :mod:`refimpl.trace` for the keys), per step:
+
+- ``max_abs`` = max |a - b| over the tensor's elements;
+- ``max_rel`` = max_abs / max(max |a|, max |b|), the error relative to the tensor's
+  largest magnitude (0 when both are all zeros). Element-wise relative errors are not
+  used: a gradient element that is a sum with cancellation can be ~0 in both traces and
+  its element-wise relative error is noise;
+- the tensor *diverges* when max_abs > atol + rtol * max(max |a|, max |b|), when the
+  shapes differ, when NaNs sit in different places, or when the key is in one trace only.
+
+Rows are ordered by step, then within a step in Algorithm 1's line order
+(:func:`order_key`), so the first diverging row is the earliest point where the two
+computations part ways: e.g. a wrong ARM term shows as ``arm/gamma`` of the first step
+that samples gates, before the gamma gradient and the parameters after the step.
+
+Parameters and BatchNorm statistics can differ more than gradients for a benign reason
+(Adam divides by |g| + eps, so where a gradient is ~0 rounding noise is amplified by up
+to lr / eps); :func:`diagnose` notes it and ``param_rtol`` sets a separate tolerance.
+
+Command line (wired by ``refimpl.cli``): ``refimpl compare A B [--rtol R] [--atol A]
+[--param-rtol R] [--all] [--json FILE]``; exit status 0 when every tensor agrees,
+non-zero when one diverges.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy
+
+from .trace import VALUE_NAMES, Trace, read_trace, split_key
+
+DEFAULT_RTOL = 1e-8
+DEFAULT_ATOL = 0.0
+# Groups holding the state Adam carries from step to step (``param_rtol`` applies to them).
+STATE_GROUPS = ("param", "buffer", "buffer_after", "param_after")
+
+# Manifest entries that should match for a comparison to mean something.
+MANIFEST_FIELDS = ("steps", "dtype", "batch_size", "n_latent", "architecture", "hyper", "parameters", "buffers",
+                   "initial_state")
+
+
+def order_key(rel: str, parameters) -> tuple:
+    """Position of key ``rel`` (without the step prefix) within a step, in Algorithm 1's line order.
+
+    parameters: parameter names in state-dict order (the manifest's ``parameters``).
+    Parameters before the step, then l. 2-13 (inputs, gates, encoder, both decoder
+    passes, BatchNorm statistics after them), l. 14-25 (the scalars), l. 27 gradients in
+    backpropagation order (lambda, then the decoder's and the encoder's parameters from
+    the output back), l. 29 the ARM term, gamma's gradient, l. 31 parameters after.
+    Keys this function does not know go last, alphabetically.
+    """
+    group, _, name = rel.partition("/")
+    params = [p for p in parameters if p not in ("gamma", "lambda")]
+    position = {p: i for i, p in enumerate(parameters)}
+    backprop = {p: i for i, p in enumerate(["lambda"] + params[::-1])}
+    values = {v: i for i, v in enumerate(VALUE_NAMES)}
+    if group == "state":
+        return (0, ("hit", "last_constraint_met", "c_ma").index(name) if name in ("hit", "last_constraint_met", "c_ma")
+                else 99, name)
+    if group == "param":
+        return (1, position.get(name, 1 << 20), name)
+    if group == "buffer":
+        return (2, 0, name)
+    if group == "input" and name == "x":
+        return (3, 0, name)  # l. 2
+    if group == "value" and name in values:
+        v = values[name]
+        if name == "sampling":  # l. 3, before u (l. 4)
+            return (4, 0, name)
+        if name in ("nu1", "nu2"):  # l. 5-9, after u
+            return (4, 2 + v, name)
+        if name in ("mu", "s"):  # l. 11, then eps, then z
+            return (5, v, name)
+        if name == "z":
+            return (5, 50, name)
+        if name in ("x1", "e1", "E1", "x2", "e2", "E2"):  # l. 12-13
+            return (6, v, name)
+        return (8, v, name)  # l. 14-25
+    if group == "input" and name == "u":
+        return (4, 1, name)
+    if group == "input" and name == "eps":
+        return (5, 40, name)
+    if group == "buffer_after":  # running statistics: updated by the decoder passes of l. 12-13
+        return (7, 0, name)
+    if group == "grad" and name != "gamma":
+        return (9, backprop.get(name, 1 << 20), name)
+    if group == "arm":
+        return (10, 0, name)
+    if group == "grad":
+        return (11, 0, name)
+    if group == "param_after":
+        return (12, position.get(name, 1 << 20), name)
+    return (99, 0, rel)
+
+
+def sort_keys(keys, parameters) -> list:
+    """Trace keys in comparison order: ``init/`` first, then step by step in :func:`order_key` order."""
+    def key(k):
+        step, rel = split_key(k)
+        return (-1 if step is None else step, order_key(rel, parameters) if step is not None else (0, 0, rel))
+    return sorted(keys, key=key)
+
+
+@dataclass
+class Row:
+    """One tensor of one step. ``step`` is None for ``init/`` keys; ``name`` is the key without the step."""
+
+    key: str
+    step: int | None
+    name: str
+    shape: list | None
+    max_abs: float | None
+    max_rel: float | None
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class Comparison:
+    """The result of :func:`compare_traces`: rows in comparison order and the first divergence."""
+
+    a: str
+    b: str
+    rtol: float
+    atol: float
+    rows: list = field(default_factory=list)
+    manifest_differences: list = field(default_factory=list)
+    param_rtol: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    @property
+    def first_divergence(self) -> Row | None:
+        return next((r for r in self.rows if not r.ok), None)
+
+    def worst(self, step) -> Row | None:
+        rows = [r for r in self.rows if r.step == step and r.max_rel is not None]
+        return max(rows, key=lambda r: r.max_rel, default=None)
+
+    def to_dict(self) -> dict:
+        first = self.first_divergence
+        return {"a": self.a, "b": self.b, "rtol": self.rtol, "atol": self.atol, "param_rtol": self.param_rtol,
+                "ok": self.ok,
+                "tensors": len(self.rows), "diverging": sum(not r.ok for r in self.rows),
+                "first_divergence": None if first is None else _json_row(first),
+                "manifest_differences": self.manifest_differences,
+                "rows": [_json_row(r) for r in self.rows]}
+
+    def to_json(self, indent=2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def to_table(self, all_rows: bool = False, limit: int | None = 25) -> str:
+        """A text table: every row (``all_rows``), or the first ``limit`` diverging rows and each
+        step's largest error."""
+        steps = sorted({r.step for r in self.rows}, key=lambda s: -1 if s is None else s)
+        shown, bad_shown, cut = [], 0, 0
+        for step in steps:
+            rows = [r for r in self.rows if r.step == step]
+            worst = self.worst(step)
+            for r in rows:
+                if all_rows or (r.ok and r is worst and r.max_rel > 0):
+                    shown.append(r)
+                elif not r.ok:
+                    if limit is None or bad_shown < limit:
+                        shown.append(r)
+                        bad_shown += 1
+                    else:
+                        cut += 1
+        lines = [f"A: {self.a}", f"B: {self.b}",
+                 f"tolerance: max|A-B| <= {self.atol:g} + {self.rtol:g} * max(max|A|, max|B|) per tensor"]
+        if self.param_rtol is not None:
+            lines.append(f"           rtol {self.param_rtol:g} for parameters and BatchNorm statistics "
+                         f"({', '.join(g + '/' for g in STATE_GROUPS)})")
+        lines += [f"manifest differs: {d}" for d in self.manifest_differences]
+        header = f"{'step':>5}  {'tensor':<44} {'shape':<16} {'max abs err':>12} {'max rel err':>12}  status"
+        lines += ["", header, "-" * len(header)]
+        for r in shown:
+            step = "init" if r.step is None else str(r.step)
+            shape = "x".join(map(str, r.shape)) if r.shape is not None else "-"
+            shape = shape or "()"
+            status = "ok" if r.ok else "DIVERGES"
+            if r.note:
+                status += f" ({r.note})"
+            lines.append(f"{step:>5}  {r.name:<44} {shape:<16} {_fmt(r.max_abs):>12} {_fmt(r.max_rel):>12}  {status}")
+        if cut:
+            lines.append(f"  ... {cut} more diverging tensors (--all shows every tensor)")
+        lines.append("")
+        first = self.first_divergence
+        n_bad = sum(not r.ok for r in self.rows)
+        if first is None:
+            lines.append(f"all {len(self.rows)} tensors agree")
+        else:
+            where = "init" if first.step is None else f"step {first.step}"
+            lines.append(f"{n_bad} of {len(self.rows)} tensors diverge; first: {where} {first.name} "
+                         f"(max abs err {_fmt(first.max_abs)}, max rel err {_fmt(first.max_rel)}"
+                         + (f", {first.note}" if first.note else "") + ")")
+        if not all_rows:
+            most = "" if limit is None else f" (at most {limit})"
+            lines.append(f"(shown: diverging tensors{most} and each step's largest error; --all for every tensor)")
+        return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if math.isinf(v):
+        return "inf"
+    return f"{v:.3e}"
+
+
+def _json_row(r: Row) -> dict:
+    d = asdict(r)
+    for k in ("max_abs", "max_rel"):
+        if d[k] is not None and not math.isfinite(d[k]):
+            d[k] = "inf" if d[k] > 0 else "nan"
+    return d
+
+
+def tensor_errors(a, b) -> tuple:
+    """``(max_abs, scale, note)`` for two arrays; max_abs is inf when shapes or NaN positions differ."""
+    a, b = numpy.asarray(a), numpy.asarray(b)
+    if a.shape != b.shape:
+        return math.inf, 0.0, f"shape {list(a.shape)} vs {list(b.shape)}"
+    if a.size == 0:
+        return 0.0, 0.0, ""
+    a = a.astype(numpy.float64)
+    b = b.astype(numpy.float64)
+    nan_a, nan_b = numpy.isnan(a), numpy.isnan(b)
+    if (nan_a != nan_b).any():
+        return math.inf, 0.0, "NaN in one trace only"
+    keep = ~nan_a
+    if not keep.any():
+        return 0.0, 0.0, ""
+    a, b = a[keep], b[keep]
+    with numpy.errstate(invalid="ignore", over="ignore"):
+        diff = numpy.abs(a - b)
+        inf_match = numpy.isinf(a) & (a == b)
+        diff[inf_match] = 0.0
+        max_abs = float(diff.max())
+        finite = numpy.isfinite(a) & numpy.isfinite(b)
+        scale = float(max(numpy.abs(a[finite]).max(initial=0.0), numpy.abs(b[finite]).max(initial=0.0)))
+    if math.isnan(max_abs):
+        max_abs = math.inf
+    return max_abs, scale, ""
+
+
+def _as_trace(t) -> Trace:
+    return t if isinstance(t, Trace) else read_trace(t)
+
+
+def manifest_differences(ma: dict, mb: dict) -> list:
+    """One line per manifest entry of :data:`MANIFEST_FIELDS` that differs between the two traces."""
+    out = []
+    for name in MANIFEST_FIELDS:
+        va, vb = ma.get(name), mb.get(name)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            for k in sorted(set(va) | set(vb)):
+                if va.get(k) != vb.get(k):
+                    out.append(f"{name}.{k}: {va.get(k)!r} vs {vb.get(k)!r}")
+        elif va != vb:
+            out.append(f"{name}: {va!r} vs {vb!r}")
+    return out
+
+
+def compare_traces(a, b, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+                   param_rtol: float | None = None) -> Comparison:
+    """Compare traces ``a`` and ``b`` (paths or :class:`refimpl.trace.Trace`) tensor by tensor.
+
+    ``param_rtol``: if given, the relative tolerance for the state Adam carries from step
+    to step (``param/``, ``param_after/``, ``buffer/``, ``buffer_after/``), where rounding
+    noise can be amplified (see :func:`diagnose`); ``rtol`` for everything else.
+    Returns a :class:`Comparison`: ``rows`` (one per key, in comparison order),
+    ``first_divergence``, ``ok``, ``to_table()``, ``to_json()``.
+    """
+    if not (rtol >= 0 and atol >= 0 and (param_rtol is None or param_rtol >= 0)):
+        raise ValueError(f"rtol={rtol}, atol={atol}, param_rtol={param_rtol}: expected all >= 0")
+    ta, tb = _as_trace(a), _as_trace(b)
+    result = Comparison(str(ta.path), str(tb.path), float(rtol), float(atol),
+                        manifest_differences=manifest_differences(ta.manifest, tb.manifest),
+                        param_rtol=None if param_rtol is None else float(param_rtol))
+    parameters = ta.manifest.get("parameters") or tb.manifest.get("parameters") or []
+    for key in sort_keys(set(ta.keys()) | set(tb.keys()), parameters):
+        step, name = split_key(key)
+        if key not in tb or key not in ta:
+            where = "B" if key not in tb else "A"
+            shape = list((ta if key in ta else tb)[key].shape)
+            result.rows.append(Row(key, step, name, shape, math.inf, math.inf, False, f"missing in {where}"))
+            continue
+        r = rtol if param_rtol is None or name.partition("/")[0] not in STATE_GROUPS else param_rtol
+        max_abs, scale, note = tensor_errors(ta[key], tb[key])
+        max_rel = (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf))
+        ok = max_abs <= atol + r * scale
+        if not ok and not note:
+            note = diagnose(ta, tb, step, name, rtol, atol, scale)
+        result.rows.append(Row(key, step, name, list(ta[key].shape), max_abs, max_rel, bool(ok), note))
+    return result
+
+
+def diagnose(ta: Trace, tb: Trace, step, name: str, rtol: float, atol: float, scale: float) -> str:
+    """A note on why a tensor that carries state across steps diverges, or "".
+
+    - ``param/`` or ``buffer/`` equal in each trace to the previous step's ``*_after``:
+      the difference was carried over from there.
+    - ``param_after/<p>`` whose gradient agrees, but which differs only at elements
+      with |grad| < 1e3 * adam_eps: Adam's first update is lr * g / (|g| + eps), so
+      where the gradient is ~0 (e.g. a conv bias followed by BatchNorm, in a channel
+      whose pre-activations share one sign over the batch: mathematically 0, ~1e-14 in
+      floating point) rounding noise in g is amplified by up to lr / eps = 1e5.
+    """
+    if step is None:
+        return ""
+    group, _, pname = name.partition("/")
+    prefix = f"step{step:04d}/"
+    if group in ("param", "buffer") and step > 0:
+        prev = f"step{step - 1:04d}/{group}_after/{pname}"
+        if all(prev in t and numpy.array_equal(t[prev], t[prefix + name], equal_nan=True) for t in (ta, tb)):
+            return f"carried over from step {step - 1}"
+        return ""
+    if group != "param_after":
+        return ""
+    gkey = prefix + "grad/" + pname
+    if gkey not in ta or gkey not in tb:
+        return ""
+    g_abs, g_scale, g_note = tensor_errors(ta[gkey], tb[gkey])
+    if g_note or g_abs > atol + rtol * g_scale:
+        return ""
+    eps = float((ta.manifest.get("hyper") or {}).get("adam_eps", 1e-8))
+    a, b = numpy.asarray(ta[prefix + name], numpy.float64), numpy.asarray(tb[prefix + name], numpy.float64)
+    bad = numpy.abs(a - b) > atol + rtol * scale
+    g = numpy.maximum(numpy.abs(numpy.asarray(ta[gkey], numpy.float64)), numpy.abs(numpy.asarray(tb[gkey], numpy.float64)))
+    if bad.any() and (g[bad] < 1e3 * eps).all():
+        return (f"Adam-amplified rounding noise: gradient agrees; differs only where |grad| < {1e3 * eps:g} "
+                f"({int(bad.sum())} of {bad.size} elements)")
+    return ""
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: refimpl compare A B
+
+
+def add_arguments(parser) -> None:
+    """The options of ``refimpl compare``."""
+    parser.add_argument("a", metavar="A", help="trace file (e.g. from refimpl trace)")
+    parser.add_argument("b", metavar="B", help="trace file to compare with A (e.g. bench/torch_algorithm1.py's replay)")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                        help=f"relative tolerance per tensor, against its largest magnitude (default: {DEFAULT_RTOL:g})")
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default: {DEFAULT_ATOL:g})")
+    parser.add_argument("--param-rtol", type=float, default=None, metavar="R",
+                        help="relative tolerance for parameters and BatchNorm statistics (default: --rtol); Adam "
+                             "amplifies rounding noise where a gradient is ~0, see refimpl.compare.diagnose")
+    parser.add_argument("--all", action="store_true", help="print every tensor, not only diverging ones")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the full comparison as JSON ('-': stdout)")
+
+
+def run(args) -> int:
+    """``refimpl compare``: print the table (and JSON); 0 when every tensor agrees, 1 otherwise."""
+    result = compare_traces(args.a, args.b, rtol=args.rtol, atol=args.atol, param_rtol=args.param_rtol)
+    if args.json == "-":
+        print(result.to_json())
+    else:
+        print(result.to_table(all_rows=args.all))
+        if args.json:
+            Path(args.json).write_text(result.to_json() + "\n")
+    return 0 if result.ok else 1
+
+
+def main(argv=None) -> int:
+    """``python -m refimpl.compare A B ...`` (the same as ``refimpl compare A B ...``)."""
+    import sys
+
+    from .cli import main as cli_main
+
+    return cli_main(["compare", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,425 @@
+"""Golden traces: K steps of Algorithm 1 recorded tensor by tensor in one ``.npz`` file.
+
+A trace holds, for every step, every input the step consumed (images x, the noise eps,
+the uniforms u), the parameters and BatchNorm statistics before the step, every
+intermediate that Algorithm 1 names (nu1, nu2, mu, s, z, x1, x2, e1, e2, E1, E2, C,
+C_ma, C', lambda', KL_elem, the KL term, the L0 term, L), every gradient (the ARM term
+on its own as well) and the parameters after the Adam step; plus a JSON manifest.
+Two implementations that consume the same inputs can then be compared tensor by
+tensor (:mod:`refimpl.compare`); ``bench/torch_algorithm1.py`` replays a trace in
+PyTorch and writes its own trace with the same keys.
+
+Keys (``KKKK`` is the 0-based step, 4 digits; ``<p>`` a parameter name as in the
+model's state dict, plus ``lambda``, GECO's raw multiplier; ``<b>`` a buffer name):
+
+=============================  =============================================================
+``init/adam_m/<p>``            Adam's first moment before step 0 (zeros for a fresh run)
+``init/adam_v/<p>``            Adam's second moment before step 0
+``stepKKKK/state/hit``         l. 1/25: ``hit`` before the step (bool, 0-d)
+``stepKKKK/state/c_ma``        l. 15-19: C_ma before the step (float64, 0-d; NaN before step i = 0)
+``stepKKKK/state/last_constraint_met``  C <= 0 on the previous step (bool; used by hit="per_step")
+``stepKKKK/param/<p>``         parameters before the step
+``stepKKKK/buffer/<b>``        BatchNorm running statistics before the step
+``stepKKKK/input/x``           the batch (B, C, H, W)
+``stepKKKK/input/u``           l. 4: uniforms (S, n), S = 1 or B; only on steps that sample gates
+``stepKKKK/input/eps``         l. 11: standard normal noise (B, n)
+``stepKKKK/value/<v>``         intermediates, see :data:`VALUES`
+``stepKKKK/grad/<p>``          the gradient Adam is given at l. 31 (for gamma: l. 27 + the ARM term)
+``stepKKKK/arm/gamma``         l. 29: the ARM term alone (n,); only on steps that sample gates
+``stepKKKK/param_after/<p>``   parameters after the Adam step (l. 31)
+``stepKKKK/buffer_after/<b>``  BatchNorm running statistics after the step
+``manifest``                   0-d unicode array: the JSON manifest (see :func:`build_manifest`)
+=============================  =============================================================
+
+Arrays keep the run's dtype; scalars are float64 0-d arrays, flags bool 0-d arrays.
+The file is written atomically (temporary file in the same folder, then ``os.replace``).
+
+Command line (wired by ``refimpl.cli``): ``refimpl trace [DATASET] --steps K --out FILE``
+with the options of ``refimpl train``; it traces exactly the first K steps that
+``refimpl train`` with the same options would take.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy
+
+from . import __version__
+from .algorithm1 import train_step
+from .backend import to_host
+from .checkpoint import atomic_write
+
+FORMAT = "refimpl-trace"
+VERSION = 1
+DEFAULT_FILE = "trace.npz"
+
+# Intermediates under stepKKKK/value/, in Algorithm 1's line order: (name, line, meaning).
+VALUES = (
+    ("sampling", "3", "gates sampled at this step (bool): hit, or the previous step's C <= 0 with hit=per_step"),
+    ("nu1", "5/8", "gate mask of the E1 pass (S, n)"),
+    ("nu2", "6/9", "gate mask of the E2 pass (S, n)"),
+    ("mu", "11", "encoder mean (B, n)"),
+    ("s", "11", "encoder log-scale output (B, n): log sigma^2 or log sigma (Hyper.encoder_output)"),
+    ("z", "11", "z = mu + sigma * eps (B, n)"),
+    ("x1", "12", "g_dec(z * nu1) (B, C, H, W); equal to x2 on steps that do not sample gates"),
+    ("e1", "12", "per-image error of x1 (B,)"),
+    ("E1", "12", "batch mean of e1"),
+    ("x2", "13", "g_dec(z * nu2) (B, C, H, W)"),
+    ("e2", "13", "per-image error of x2 (B,)"),
+    ("E2", "13", "batch mean of e2"),
+    ("C", "14", "E2 - tau"),
+    ("C_ma", "15-19", "moving average of C after this step"),
+    ("C_prime", "20", "C + StopGradient(C_ma - C) (value: C_ma)"),
+    ("lambda_eff", "21", "lambda' = clamp(softplus(lambda)^2, lambda_min, lambda_max)"),
+    ("kl_elem", "22", "KL_elem, Eq. 15 (B, n)"),
+    ("kl", "22", "the KL term ||KL_elem * nu2||_1 / ||nu2||_0, batch mean"),
+    ("l0_added", "23", "C <= 0: the L0 term is added (bool)"),
+    ("gates_l1", "24", "the L0 term sum_j sigmoid(k gamma_j) (computed whether added or not)"),
+    ("L", "22-24", "the loss L"),
+    ("hit", "25", "hit after the step (bool)"),
+)
+VALUE_NAMES = tuple(v[0] for v in VALUES)
+FLAGS = ("sampling", "l0_added", "hit")
+
+
+class TraceError(ValueError):
+    """A trace file is missing, unreadable or malformed; the message names the file."""
+
+
+class TraceKeyError(TraceError, KeyError):
+    """A key is not in the trace; the message names the file and the key."""
+
+    def __str__(self):
+        return self.args[0] if self.args else ""
+
+
+def step_prefix(step: int) -> str:
+    """``step0003`` for step 3."""
+    return f"step{int(step):04d}"
+
+
+def split_key(key: str):
+    """``"step0003/grad/gamma"`` -> ``(3, "grad/gamma")``; ``"init/adam_m/gamma"`` -> ``(None, ...)``."""
+    head, _, rest = key.partition("/")
+    if head.startswith("step") and head[4:].isdigit():
+        return int(head[4:]), rest
+    return None, key
+
+
+def _host(a):
+    return numpy.array(to_host(a))  # always a copy
+
+
+def _scalar(value) -> numpy.ndarray:
+    return numpy.asarray(numpy.nan if value is None else float(value), dtype=numpy.float64)
+
+
+def _flag(value) -> numpy.ndarray:
+    return numpy.asarray(bool(value))
+
+
+def snapshot(params: dict, buffers: dict, hit, c_ma, last_constraint_met) -> dict:
+    """Host copies of what a step reads from the training state (``before`` / ``after`` of :func:`step_entries`)."""
+    return {"params": {k: _host(v) for k, v in params.items()},
+            "buffers": {k: _host(v) for k, v in buffers.items()},
+            "state": {"hit": bool(hit), "c_ma": c_ma, "last_constraint_met": bool(last_constraint_met)}}
+
+
+def step_entries(step: int, before: dict, record: dict, after: dict) -> dict:
+    """The trace arrays of one step.
+
+    before, after: :func:`snapshot` of the state around the step. record: the dict that
+    :func:`refimpl.algorithm1.train_step` fills (``x, u, nu1, nu2, eps, mu, s, z, x1,
+    x2, e1, e2, kl_elem, arm, grads, scalars``); ``bench/torch_algorithm1.py`` fills the
+    same dict, so both write the same keys.
+    """
+    p = step_prefix(step) + "/"
+    out = {}
+    out[p + "state/hit"] = _flag(before["state"]["hit"])
+    out[p + "state/c_ma"] = _scalar(before["state"]["c_ma"])
+    out[p + "state/last_constraint_met"] = _flag(before["state"]["last_constraint_met"])
+    out.update({p + "param/" + k: v for k, v in before["params"].items()})
+    out.update({p + "buffer/" + k: v for k, v in before["buffers"].items()})
+    out[p + "input/x"] = _host(record["x"])
+    if record.get("u") is not None:
+        out[p + "input/u"] = _host(record["u"])
+    out[p + "input/eps"] = _host(record["eps"])
+    sc = record["scalars"]
+    values = {name: record[name] for name in ("nu1", "nu2", "mu", "s", "z", "x1", "e1", "x2", "e2", "kl_elem")}
+    values.update({name: _scalar(sc[name]) for name in ("E1", "E2", "C", "C_ma", "lambda_eff", "kl", "gates_l1")})
+    values["C_prime"] = _scalar(sc.get("C_prime", sc["C_ma"]))  # refimpl: the value of C' is C_ma
+    values["L"] = _scalar(sc["loss"])
+    values["sampling"] = _flag(record.get("u") is not None)
+    values["l0_added"] = _flag(sc["l0_added"])
+    values["hit"] = _flag(sc["hit"])
+    for name in VALUE_NAMES:
+        out[p + "value/" + name] = _host(values[name])
+    out.update({p + "grad/" + k: _host(v) for k, v in record["grads"].items()})
+    if record.get("arm") is not None:
+        out[p + "arm/gamma"] = _host(record["arm"])
+    out.update({p + "param_after/" + k: v for k, v in after["params"].items()})
+    out.update({p + "buffer_after/" + k: v for k, v in after["buffers"].items()})
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (numpy.integer, numpy.floating, numpy.bool_)):
+        return value.item()
+    return value
+
+
+def build_manifest(arrays: dict, *, steps: int, writer: str, architecture: dict, hyper: dict, n_latent: int,
+                   parameters, buffers, initial_state: dict, seed=None, extra: dict | None = None) -> dict:
+    """The manifest: format, version, writer, what was run, and name/shape/dtype of every key.
+
+    ``parameters`` / ``buffers``: names in state-dict order (``lambda`` last among the
+    parameters); :mod:`refimpl.compare` orders gradients by them.
+    """
+    x = arrays.get(step_prefix(0) + "/input/x")
+    return _jsonable({
+        "format": FORMAT,
+        "version": VERSION,
+        "writer": writer,
+        "steps": int(steps),
+        "dtype": str(x.dtype) if x is not None else None,
+        "batch_size": int(x.shape[0]) if x is not None else None,
+        "n_latent": int(n_latent),
+        "architecture": architecture,
+        "hyper": hyper,
+        "seed": seed,
+        "parameters": list(parameters),
+        "buffers": list(buffers),
+        "initial_state": initial_state,
+        "values": [{"name": n, "line": line, "meaning": m} for n, line, m in VALUES],
+        "extra": extra or {},
+        "keys": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()},
+    })
+
+
+def save_trace(path, arrays: dict, manifest: dict) -> Path:
+    """Write ``arrays`` and ``manifest`` to ``path`` atomically; returns the path."""
+    path = Path(path)
+    if "manifest" in arrays:
+        raise ValueError("trace array name 'manifest' is reserved")
+    members = {**arrays, "manifest": numpy.asarray(json.dumps(manifest, sort_keys=True))}
+    atomic_write(path, lambda f: numpy.savez(f, **members))
+    return path
+
+
+def _batch_source(batches, steps: int):
+    """Yield ``steps`` batches: one array (B, C, H, W) reused every step, or the items of an iterable."""
+    if hasattr(batches, "shape") and hasattr(batches, "ndim"):
+        for _ in range(steps):
+            yield batches
+        return
+    it = iter(batches)
+    for k in range(steps):
+        try:
+            yield next(it)
+        except StopIteration:
+            raise ValueError(f"batches: ran out after {k} batches, expected steps={steps}") from None
+
+
+def write_trace(path, state, batches, rng, steps: int, *, seed=None, extra: dict | None = None) -> dict:
+    """Run ``steps`` training steps of Algorithm 1 on ``state`` and write their trace to ``path``.
+
+    state: a :class:`refimpl.algorithm1.TrainState` (it is trained: the steps are real).
+    batches: an array x: (B, C, H, W) used at every step, or an iterable of such arrays.
+    rng: the generator :func:`refimpl.algorithm1.train_step` draws u and eps from.
+    seed, extra: recorded in the manifest. Returns the manifest.
+    """
+    if not isinstance(steps, (int, numpy.integer)) or steps < 1:
+        raise ValueError(f"steps={steps!r}: expected an integer >= 1")
+    model = state.model
+
+    def buffers():
+        return dict(model.named_buffers())
+
+    opt = state.optimizer.state_dict()
+    arrays = {f"init/adam_m/{k}": v for k, v in opt["m"].items()}
+    arrays.update({f"init/adam_v/{k}": v for k, v in opt["v"].items()})
+    initial = {"step": state.step, "hit": state.hit, "c_ma": state.c_ma,
+               "last_constraint_met": state.last_constraint_met, "adam_t": opt["t"]}
+    for k, x in enumerate(_batch_source(batches, steps)):
+        before = snapshot(state.parameters(), buffers(), state.hit, state.c_ma, state.last_constraint_met)
+        record = {}
+        train_step(state, x, rng, record=record)
+        after = snapshot(state.parameters(), buffers(), state.hit, state.c_ma, state.last_constraint_met)
+        arrays.update(step_entries(k, before, record, after))
+    manifest = build_manifest(
+        arrays, steps=steps, writer=f"refimpl {__version__}", architecture=asdict(model.arch),
+        hyper=state.hyper.as_dict(), n_latent=model.n_latent, parameters=list(state.parameters()),
+        buffers=list(buffers()), initial_state=initial, seed=seed,
+        extra={"backend": type(model.params["gamma"]).__module__.split(".")[0], "fused": bool(model.fused),
+               **(extra or {})})
+    save_trace(path, arrays, manifest)
+    return manifest
+
+
+class Trace:
+    """A trace read back: ``manifest`` (dict), ``arrays`` (key -> host numpy array), ``path``.
+
+    ``trace[key]`` raises :class:`TraceKeyError` naming the file and key;
+    ``trace.step(k)`` is the dict of step k's arrays with the ``stepKKKK/`` prefix removed.
+    """
+
+    def __init__(self, path, manifest: dict, arrays: dict):
+        self.path, self.manifest, self.arrays = Path(path), manifest, arrays
+
+    @property
+    def steps(self) -> int:
+        return int(self.manifest["steps"])
+
+    def keys(self):
+        return self.arrays.keys()
+
+    def __iter__(self):
+        return iter(self.arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __contains__(self, key) -> bool:
+        return key in self.arrays
+
+    def __getitem__(self, key: str) -> numpy.ndarray:
+        try:
+            return self.arrays[key]
+        except KeyError:
+            hint = ""
+            step, rest = split_key(key)
+            if rest in ("input/u", "arm/gamma"):
+                hint = " (u and the ARM term exist only on steps that sample gates)"
+            elif step is not None and step >= self.steps:
+                hint = f" (the trace has steps 0..{self.steps - 1})"
+            raise TraceKeyError(f"{self.path}: trace has no key {key!r}{hint}") from None
+
+    def get(self, key: str, default=None):
+        return self.arrays.get(key, default)
+
+    def step(self, k: int) -> dict:
+        if not 0 <= k < self.steps:
+            raise TraceKeyError(f"{self.path}: no step {k} (the trace has steps 0..{self.steps - 1})")
+        prefix = step_prefix(k) + "/"
+        return {key[len(prefix):]: v for key, v in self.arrays.items() if key.startswith(prefix)}
+
+    def initial(self, group: str) -> dict:
+        """``init/<group>/*`` (``adam_m``, ``adam_v``) without the prefix."""
+        prefix = f"init/{group}/"
+        return {key[len(prefix):]: v for key, v in self.arrays.items() if key.startswith(prefix)}
+
+
+def read_trace(path) -> Trace:
+    """Read and validate a trace file; a :class:`TraceError` (naming the file and key) if malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"{path}: no such trace file")
+    try:
+        with numpy.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise TraceError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if "manifest" not in arrays:
+        raise TraceKeyError(f"{path}: trace has no key 'manifest'; not a {FORMAT} file")
+    try:
+        manifest = json.loads(str(arrays.pop("manifest")[()]))
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"{path}: 'manifest' is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise TraceError(f"{path}: format {got!r}, expected {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise TraceError(f"{path}: {FORMAT} version {manifest.get('version')!r}; this refimpl reads version {VERSION}")
+    for field in ("steps", "keys", "parameters", "buffers", "hyper", "architecture", "n_latent"):
+        if field not in manifest:
+            raise TraceKeyError(f"{path}: manifest has no key {field!r}")
+    for key, spec in manifest["keys"].items():
+        if key not in arrays:
+            raise TraceKeyError(f"{path}: trace has no key {key!r} (listed in its manifest)")
+        a = arrays[key]
+        if list(a.shape) != list(spec["shape"]) or str(a.dtype) != spec["dtype"]:
+            raise TraceError(f"{path}: key {key!r} has shape {list(a.shape)} {a.dtype}, manifest says "
+                             f"{spec['shape']} {spec['dtype']}")
+    unlisted = sorted(set(arrays) - set(manifest["keys"]))
+    if unlisted:
+        raise TraceError(f"{path}: key {unlisted[0]!r} is not listed in the manifest")
+    return Trace(path, manifest, arrays)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: refimpl trace
+
+
+def add_arguments(parser) -> None:
+    """The options of ``refimpl trace`` (those of ``refimpl train`` that define a run, plus --steps)."""
+    from .backend import BACKENDS, DTYPES
+    from .cli import S, _int_list, _nonnegative_int, _positive_int, add_hyper_options
+    from .data import DATASET_NAMES, DEFAULT_DATASET
+
+    parser.add_argument("dataset", nargs="?", choices=DATASET_NAMES, default=None, metavar="DATASET",
+                        help=f"one of {', '.join(DATASET_NAMES)} (default: {DEFAULT_DATASET})")
+    parser.add_argument("--steps", type=_positive_int, default=3, metavar="K", help="training steps to trace (default: 3)")
+    parser.add_argument("--out", default=DEFAULT_FILE, metavar="FILE", help=f"trace file (default: {DEFAULT_FILE})")
+    parser.add_argument("--force-hit", action="store_true",
+                        help="start with hit = True, so gates are sampled and the ARM term is active from step 0")
+    parser.add_argument("--data", default=S, metavar="PATH", help="dataset file or folder")
+    parser.add_argument("--latent", type=_positive_int, default=S, metavar="N", help="latent dimensions n (default: 10)")
+    parser.add_argument("--tau", type=float, default=S, metavar="T", help="GECO tolerance (default: as refimpl train)")
+    parser.add_argument("--batch-size", type=_positive_int, default=S, metavar="B", help="batch size (default: 64)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help="array backend (default: $REFIMPL_BACKEND or numpy)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="computation dtype (default: float64)")
+    parser.add_argument("--seed", type=_nonnegative_int, default=S, help="seed of every random stream (default: 0)")
+    parser.add_argument("--image-size", type=_positive_int, default=S, metavar="S", help="average-pool images to SxS")
+    parser.add_argument("--channels", type=_int_list, default=S, metavar="C1,C2,...", help="encoder conv widths")
+    parser.add_argument("--hidden", type=_positive_int, default=S, metavar="H", help="hidden linear units (default: 128)")
+    parser.add_argument("--holdout", type=_positive_int, default=S, metavar="N", help="held-out images (default: 1000)")
+    parser.set_defaults(hyper_names=add_hyper_options(parser))
+
+
+def run(args) -> int:
+    """``refimpl trace``: build the run ``refimpl train`` would build from the same options, trace K steps."""
+    from .cli import _given_config, _new_config
+    from .training import Run, build_architecture, fused_available
+
+    config = _new_config(_given_config(args))
+    if config.fused is None:
+        config.fused = fused_available()
+    run_ = Run(config, Path(args.out).parent, backend=args.backend)
+    run_._build(build_architecture(run_.image_shape(), config.channels, config.hidden), config.fused)
+    run_._make_batches()
+    if args.force_hit:
+        run_.state.hit = True
+    batches = (run_.images(next(run_.batches)) for _ in range(args.steps))
+    manifest = write_trace(args.out, run_.state, batches, run_.train_rng, args.steps, seed=config.seed,
+                           extra={"config": config.to_dict(), "force_hit": bool(args.force_hit)})
+    trace = read_trace(args.out)
+    sampled = [k for k in range(args.steps) if f"{step_prefix(k)}/arm/gamma" in trace]
+    nonzero = [k for k in sampled if numpy.any(trace[f"{step_prefix(k)}/arm/gamma"] != 0)]
+    print(f"traced {args.steps} steps of {config.dataset} ({'x'.join(map(str, run_.arch.image_shape))}, "
+          f"n={config.latent}, batch {config.batch_size}, {config.dtype}, tau={run_.hyper.tau:g}) to {args.out}: "
+          f"{len(manifest['keys'])} tensors; gates sampled at steps {sampled or 'none'}, "
+          f"ARM term non-zero at steps {nonzero or 'none'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m refimpl.trace ...`` (the same as ``refimpl trace ...``)."""
+    from .cli import main as cli_main
+
+    return cli_main(["trace", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

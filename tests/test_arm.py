@@ -1,0 +1,262 @@
+"""The L0-ARM gradient estimator of Algorithm 1 (l. 4-6, 28-30; Eq. 13) is unbiased.
+
+With p = sigmoid(k gamma) and gates nu ~ prod_j Ber(p_j), Eq. 13 (with the k of
+Section 3) says
+
+    d/dgamma E_nu[F(nu)] = E_u[ k (F(1[u > sigmoid(-k gamma)]) - F(1[u < sigmoid(k gamma)])) (u - 1/2) ].
+
+The left side is computed here by enumerating the 2^n gate vectors:
+dP(nu)/dgamma_j = P(nu) k (nu_j - p_j). The right side is integrated exactly: on each
+axis the two thresholds sigmoid(+-k gamma_j) cut [0, 1] into three intervals; on each
+box of the product grid both gate vectors are constant, so the estimator is a constant
+times (u - 1/2), linear in u, and its integral over the box is the box's volume times
+its value at the box's centre. The estimator is evaluated by ``train_step`` itself (the
+``arm`` entry of its record) at each box centre, with u and eps fed in by a stub
+generator, so the library's l. 5, 6 and 29 are what is tested; its gates are also read
+near the corners of every box, to confirm they are constant there (else the centre rule
+would not see a wrong threshold).
+
+``train_step`` runs with Adam's lr = 1e-300: parameters (and lambda) do not move, so
+every call sees the same model.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refimpl.algorithm1 import Hyper, init_state, train_step
+from refimpl.layers import Layer
+from refimpl.model import Architecture, ConvSpec, GatedVAE
+from refimpl.rng import generator
+
+F64 = np.float64
+FROZEN_LR = 1e-300  # Adam steps vanish below float64 resolution: the model stays put between calls
+
+
+def tiny_arch():
+    """(1, 8, 8) images, 2 encoder convs (8 -> 4 -> 2 px), 2 decoder blocks (2 -> 4 -> 8 px)."""
+    return Architecture((1, 8, 8), encoder_convs=(ConvSpec(3, 4, 2, 1), ConvSpec(4, 3, 2, 1)),
+                        decoder_convs=(ConvSpec(3, 3, 1, 1), ConvSpec(1, 3, 1, 1)), hidden=8).validate()
+
+
+class Draws:
+    """A stand-in for numpy.random.Generator: u from ``u`` (an array, or a generator to draw from), eps fixed."""
+
+    def __init__(self, u, eps):
+        self.u, self.eps = u, eps
+
+    def uniform(self, low, high, size):
+        assert (low, high) == (0.0, 1.0)
+        if isinstance(self.u, np.random.Generator):
+            return self.u.uniform(low, high, size)
+        assert tuple(size) == self.u.shape
+        return self.u
+
+    def standard_normal(self, size):
+        assert tuple(size) == self.eps.shape
+        return self.eps
+
+
+class TableDecoder(Layer):
+    """A decoder whose per-image squared error is looked up from the gate pattern it receives.
+
+    z_gated: (B, n) -> (B, 1, 8, 8) zeros except pixel (0, 0) = sqrt(table[b, index(nu_b)]),
+    where nu_b = 1[z_gated[b] != 0] (z is almost surely non-zero), index(nu) = sum_j nu_j 2^j.
+    Against all-zero images, the "sse" error of image b is table[b, index(nu_b)].
+    """
+
+    def __init__(self, table, image_shape):
+        super().__init__()
+        self.table, self.image_shape = table, image_shape
+
+    def forward(self, z_gated, cache=True):
+        nu = (z_gated != 0).astype(int)
+        index = nu @ (2 ** np.arange(nu.shape[1]))
+        out = np.zeros((z_gated.shape[0], *self.image_shape))
+        out[:, 0, 0, 0] = np.sqrt(self.table[np.arange(z_gated.shape[0]), index])
+        self._cache = z_gated.shape if cache else None
+        return out
+
+    def backward(self, dy):
+        return np.zeros(self._take_cache())
+
+
+def gate_vectors(n):
+    """All 2^n gate vectors, row i being the binary digits of i (nu_j = bit j), matching TableDecoder."""
+    return np.array([[(i >> j) & 1 for j in range(n)] for i in range(2**n)], dtype=F64)
+
+
+def enumerated_gradient(values, gamma, k):
+    """d/dgamma sum_nu P(nu) values[nu] for nu ~ prod Ber(sigmoid(k gamma)). values: (2^n,) -> (n,)."""
+    p = 1.0 / (1.0 + np.exp(-k * gamma))
+    nus = gate_vectors(len(gamma))
+    prob = np.prod(np.where(nus == 1, p, 1 - p), axis=1)
+    return ((values * prob)[:, None] * k * (nus - p)).sum(axis=0)
+
+
+def axis_intervals(gamma_j, k):
+    """The three intervals that sigmoid(-k gamma_j) and sigmoid(k gamma_j) cut [0, 1] into."""
+    a, b = 1.0 / (1.0 + math.exp(k * gamma_j)), 1.0 / (1.0 + math.exp(-k * gamma_j))
+    lo, hi = min(a, b), max(a, b)
+    return [(0.0, lo), (lo, hi), (hi, 1.0)]
+
+
+def exact_expectation(step, gamma, k, rows):
+    """E_u[arm(u)] for u: (rows, n) uniform, exactly: sum over boxes of volume * arm(box centre).
+
+    step(u) -> (arm, nu1, nu2) runs the library. The centre rule needs the library's gates to be
+    constant on each box, so they are also read near both far corners of every box and compared
+    with l. 5-6 evaluated here: nu1 = 1[u > sigmoid(-k gamma)], nu2 = 1[u < sigmoid(k gamma)].
+    """
+    n = len(gamma)
+    lower = np.tile(1.0 / (1.0 + np.exp(k * gamma)), (rows, 1))  # sigmoid(-k gamma)
+    upper = np.tile(1.0 / (1.0 + np.exp(-k * gamma)), (rows, 1))  # sigmoid(k gamma)
+    per_axis = [axis_intervals(g, k) for g in gamma] * rows
+    total = 0.0
+    for box in itertools.product(*per_axis):
+        volume = math.prod(r - l for l, r in box)
+        if volume == 0.0:
+            continue
+        left = np.array([l for l, _ in box]).reshape(rows, n)
+        right = np.array([r for _, r in box]).reshape(rows, n)
+        centre = (left + right) / 2
+        arm, nu1, nu2 = step(centre)
+        total = total + volume * arm
+        np.testing.assert_array_equal(nu1, centre > lower)
+        np.testing.assert_array_equal(nu2, centre < upper)
+        inset = 1e-6 * (right - left)
+        if inset.min() > 1e-12:  # boxes far wider than rounding in sigmoid
+            for u in (left + inset, right - inset):
+                _, nu1_u, nu2_u = step(u)
+                np.testing.assert_array_equal(nu1_u, nu1)
+                np.testing.assert_array_equal(nu2_u, nu2)
+    return total
+
+
+def make_state(n, k, gamma, hyper_kw=None, table=None, seed=0, batch=2):
+    """A float64 tiny model in the sampling phase (hit = True) with gamma set; optionally a TableDecoder."""
+    model = GatedVAE(tiny_arch(), n, rng=generator(seed), dtype=F64)
+    if table is not None:
+        model.decoder = TableDecoder(table, model.arch.image_shape)
+    state = init_state(model, Hyper(tau=0.0, k=k, lr=FROZEN_LR, **(hyper_kw or {})))
+    model.params["gamma"][...] = gamma
+    state.hit = True
+    return state
+
+
+def arm_of(state, x, u, eps):
+    """The ARM term train_step adds to gamma's gradient (l. 29) for the given u and eps, and its record."""
+    record = {}
+    train_step(state, x, Draws(u, eps), record)
+    np.testing.assert_array_equal(record["u"], u)
+    return record["arm"], record
+
+
+def stepper(state, x, eps):
+    """u -> (arm, nu1, nu2) from one train_step."""
+    def step(u):
+        arm, record = arm_of(state, x, u, eps)
+        return arm, record["nu1"], record["nu2"]
+    return step
+
+
+def softplus_sq(v):
+    return math.log1p(math.exp(v)) ** 2
+
+
+def kl_gauss(mu, log_var):
+    """KL(N(mu, sigma^2) || N(0, 1)) = log(1/sigma) + (sigma^2 + mu^2)/2 - 1/2, elementwise."""
+    return -0.5 * log_var + 0.5 * (np.exp(log_var) + mu**2) - 0.5
+
+
+@given(n=st.integers(1, 4), k=st.floats(0.5, 10.0), data=st.data(),
+       objective=st.sampled_from(["error", "loss"]), normalizer=st.sampled_from(["open", "all"]))
+def test_arm_exact_expectation_equals_enumerated_gradient(n, k, data, objective, normalizer):
+    """Eq. 13 as train_step computes it, integrated exactly over u, is d/dgamma E_nu[F] (to 1e-10)."""
+    batch = 2
+    gamma = np.array(data.draw(st.lists(st.floats(-1.0, 1.0), min_size=n, max_size=n)))
+    table = np.array(data.draw(st.lists(st.lists(st.floats(0.0, 10.0), min_size=2**n, max_size=2**n),
+                                        min_size=batch, max_size=batch)))
+    seed = data.draw(st.integers(0, 2**16))
+    state = make_state(n, k, gamma, {"arm_objective": objective, "kl_normalizer": normalizer}, table, seed, batch)
+    x = np.zeros((batch, 1, 8, 8))
+    eps = generator(seed + 1).standard_normal((batch, n))
+
+    _, record = arm_of(state, x, np.full((1, n), 0.5), eps)
+    lam = record["scalars"]["lambda_eff"]
+    assert lam == pytest.approx(softplus_sq(1.0), rel=1e-14)  # lambda = 1 raw, inside [lambda_min, lambda_max]
+
+    # F(nu) for every gate vector: lambda' times the batch-mean error (l. 29), plus the KL term for "loss" (k)
+    nus = gate_vectors(n)
+    values = lam * table.mean(axis=0)
+    if objective == "loss":
+        kl = kl_gauss(record["mu"], record["s"])  # default encoder_output: s = log sigma^2
+        count = nus.sum(axis=1) if normalizer == "open" else np.full(2**n, n)
+        kl_term = (kl @ nus.T).mean(axis=0) / np.maximum(count, 1)  # all gates closed: numerator 0, term 0
+        values = values + kl_term
+
+    expected = enumerated_gradient(values, gamma, k)
+    got = exact_expectation(stepper(state, x, eps), gamma, k, rows=1)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10)
+
+
+def test_arm_exact_expectation_per_example_gates():
+    """(i) "per_example": one u per image; the batch-mean ARM term is unbiased for d/dgamma E[lambda' mean_b e_b]."""
+    n, k, batch = 2, 3.0, 2
+    gamma = np.array([0.3, -0.45])
+    table = generator(7).uniform(0, 5, (batch, 2**n))
+    state = make_state(n, k, gamma, {"gate_samples": "per_example"}, table, seed=3, batch=batch)
+    x = np.zeros((batch, 1, 8, 8))
+    eps = generator(8).standard_normal((batch, n))
+    lam = softplus_sq(1.0)
+    expected = np.mean([enumerated_gradient(lam * table[b], gamma, k) for b in range(batch)], axis=0)
+    got = exact_expectation(stepper(state, x, eps), gamma, k, rows=batch)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10)
+
+
+def real_decoder_setup(n=3, k=7.0, batch=2, seed=11):
+    """The real tiny decoder: the batch, eps, parameters and gamma fixed; E(nu) for all 2^n gate vectors."""
+    gamma = np.array([0.12, -0.08, 0.05])[:n]
+    state = make_state(n, k, gamma, seed=seed, batch=batch)
+    x = generator(seed + 1).uniform(0, 1, (batch, 1, 8, 8))
+    eps = generator(seed + 2).standard_normal((batch, n))
+    _, record = arm_of(state, x, np.full((1, n), 0.5), eps)
+    z = record["z"]
+    decoder = state.model.decoder
+    errors = []
+    for nu in gate_vectors(n):  # E(nu): batch mean of the per-image sum of squared errors, BatchNorm on batch stats
+        x_rec = decoder.forward(z * nu, cache=False)
+        errors.append(((x_rec - x) ** 2).reshape(batch, -1).sum(axis=1).mean())
+    lam = softplus_sq(1.0)
+    expected = enumerated_gradient(lam * np.array(errors), gamma, k)
+    return state, x, eps, gamma, expected
+
+
+def test_arm_exact_expectation_real_decoder():
+    """Exact integration of train_step's ARM term with the real decoder equals the enumerated gradient."""
+    state, x, eps, gamma, expected = real_decoder_setup()
+    got = exact_expectation(stepper(state, x, eps), gamma, state.hyper.k, rows=1)
+    assert np.abs(expected).max() > 1e-3  # the check is not vacuous
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10)
+
+
+def test_arm_monte_carlo_real_decoder():
+    """Mean of train_step's ARM term over 3000 uniform draws lies within 4 standard errors of the gradient."""
+    state, x, eps, gamma, expected = real_decoder_setup()
+    draws = Draws(generator(2024), eps)
+    samples = []
+    for _ in range(3000):
+        record = {}
+        train_step(state, x, draws, record)
+        samples.append(record["arm"])
+    samples = np.array(samples)
+    mean = samples.mean(axis=0)
+    stderr = samples.std(axis=0, ddof=1) / math.sqrt(len(samples))
+    assert np.all(stderr > 0)
+    assert np.all(np.abs(mean - expected) < 4 * stderr), (mean, expected, stderr)
+    # and the estimate is informative: the gradient is many standard errors away from zero
+    assert np.abs(expected).max() > 4 * stderr.max()
