@@ -26,7 +26,7 @@ class BackendError(RuntimeError):
 
 def backend_name(name: str | None = None) -> str:
     """Resolve ``name`` (or ``$REFIMPL_BACKEND``, or ``numpy``) to a known backend name."""
-    resolved = name if name is not None else os.environ.get(ENV_VAR, "numpy")
+    resolved = name if name is not None else (os.environ.get(ENV_VAR) or "numpy")
     if resolved not in BACKENDS:
         source = "backend" if name is not None else f"${ENV_VAR}"
         raise BackendError(f"{source}={resolved!r}: expected one of {', '.join(BACKENDS)}")

@@ -1,0 +1,130 @@
+"""Training checkpoints: one ``.npz`` file, written atomically.
+
+A checkpoint holds everything that :func:`refimpl.algorithm1.train_step` and the run
+loop carry from one step to the next, so a resumed run continues bit for bit:
+
+- ``model/<name>``: every parameter and buffer of the GatedVAE (PyTorch state_dict names);
+- ``lambda``: GECO's raw multiplier (0-d);
+- ``adam/m/<name>``, ``adam/v/<name>``: Adam's moments, for the model's parameters and ``lambda``;
+- ``meta``: one JSON document (stored as uint8 bytes) with the step, Adam's step count,
+  the GECO state (``hit``, ``c_ma``, ``last_constraint_met``), the training generator's
+  state, the batch iterator's state, the run configuration (dataset, architecture,
+  Hyper, seed, ...), and ``timing`` (wall-clock seconds; not part of the training state).
+
+Floats in ``meta`` round-trip exactly (JSON writes Python's shortest repr), as do the
+128-bit integers of the PCG64 states.
+
+Writing goes to a temporary file in the same folder, which is flushed, fsynced and
+then renamed over the target with ``os.replace``: a reader (or a run killed mid-write)
+sees the old checkpoint or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy
+
+FORMAT = 1
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or not a refimpl checkpoint; the message is one line."""
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    The temporary file is removed if ``write`` raises. The folder is fsynced after the
+    rename where the platform allows it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete temporary files left by a run killed during :func:`atomic_write`; returns them."""
+    removed = []
+    for p in Path(folder).glob(TMP_PREFIX + "*"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def pack(arrays: dict, meta: dict) -> dict:
+    """The npz members for host ``arrays`` and a JSON-able ``meta``."""
+    for name in arrays:
+        if name == "meta":
+            raise ValueError("checkpoint array name 'meta' is reserved")
+    blob = json.dumps({"format": FORMAT, **meta}, sort_keys=True).encode("utf-8")
+    return {**arrays, "meta": numpy.frombuffer(blob, dtype=numpy.uint8)}
+
+
+def save(path, arrays: dict, meta: dict) -> None:
+    """Write host ``arrays`` (name -> numpy array) and ``meta`` to ``path`` atomically."""
+    members = pack(arrays, meta)
+    atomic_write(path, lambda f: numpy.savez(f, **members))
+
+
+def load(path) -> tuple[dict, dict]:
+    """Read a checkpoint: ``(arrays, meta)``; arrays are host numpy arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with numpy.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if "meta" not in arrays:
+        raise CheckpointError(f"checkpoint {path}: no 'meta' member; not a refimpl checkpoint")
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: 'meta' is not valid JSON ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: format {meta.get('format')!r}, expected {FORMAT}")
+    return arrays, meta
+
+
+def prefixed(arrays: dict, prefix: str) -> dict:
+    """The entries of ``arrays`` under ``prefix`` (e.g. ``"model/"``), with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}

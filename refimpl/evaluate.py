@@ -1,0 +1,170 @@
+"""What is done with a trained run: held-out error, reconstruction images, the pruned export.
+
+Everything here uses inference mode (Section 2.2, interpretation (j)): BatchNorm with
+running statistics, z = mu, and gates nu = 1[gamma > 0] (``GatedVAE.inference_gates``).
+The error is Algorithm 1's E with ``error="sse"``: the sum of squared pixel errors per
+image, averaged over the held-out images (the paper's "MSE" scale).
+
+Exported models (``refimpl export``) are :func:`refimpl.model.prune` of the gated model:
+a plain VAE with only the open dimensions, saved as ``model.npz`` (the state dict,
+PyTorch names) and ``model.json`` (architecture, latent size, which of the original
+dimensions were kept, and the run's configuration); :func:`load_export` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy
+
+from . import checkpoint as ckpt
+from .algorithm1 import per_image_error
+from .backend import backend_name, get_dtype, get_xp, to_device, to_host
+from .data import eval_batches
+from .model import GatedVAE, prune
+from .rng import generator
+from .training import LOG_FILE, Run, arch_from_dict, arch_to_dict, moving_average, read_log
+
+EVAL_FILE = "eval.json"
+EXPORT_FORMAT = "refimpl-export-1"
+
+
+def reconstruct_with_gates(model: GatedVAE, x, gates):
+    """x' = g_dec(mu * gates) in eval mode. x: (N, C, H, W), gates: (n,) on the backend."""
+    model.check_images(x)
+    was_training = model.training
+    model.eval()
+    try:
+        mu = model.encoder.forward(x, cache=False)[:, : model.n_latent]
+        return model.decoder.forward(mu * gates, cache=False)
+    finally:
+        model.train(was_training)
+
+
+def heldout_indices(run: Run, limit: int | None = None):
+    """The run's held-out indices (its seed's split), the first ``limit`` of them if given."""
+    held = run.split[1]
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit={limit}: expected a positive number of images")
+        held = held[:limit]
+    return held
+
+
+def evaluate(run: Run, limit: int | None = None, batch_size: int = 250) -> dict:
+    """Held-out reconstruction error with inference gates and with every gate open, and the gates."""
+    model, xp = run.model, run.xp
+    held = heldout_indices(run, limit)
+    gates = model.inference_gates()
+    ones = xp.ones_like(gates)
+    sums = {"gated": 0.0, "open": 0.0}
+    for idx in eval_batches(held, batch_size):
+        x = run.images(idx)
+        sums["gated"] += float(per_image_error(reconstruct_with_gates(model, x, gates), x, "sse").sum())
+        sums["open"] += float(per_image_error(reconstruct_with_gates(model, x, ones), x, "sse").sum())
+    gates_host = to_host(gates).astype(int)
+    result = {
+        "run": str(run.out), "step": run.state.step, "dataset": run.config.dataset,
+        "image_shape": list(run.arch.image_shape), "heldout_images": int(held.size),
+        "n_latent": run.config.latent, "open_gates": int(gates_host.sum()), "gates": gates_host.tolist(),
+        "tau": run.hyper.tau,
+        "heldout_sse": sums["gated"] / held.size,
+        "heldout_sse_all_gates_open": sums["open"] / held.size,
+    }
+    log_path = run.out / LOG_FILE
+    if log_path.is_file():
+        e2 = read_log(log_path).get("E2", [])
+        if e2:
+            result["train_E2_ma95"] = moving_average(e2, 0.95)
+    return result
+
+
+def write_json(path, data: dict) -> Path:
+    path = Path(path)
+    text = json.dumps(data, indent=2)
+    ckpt.atomic_write(path, lambda f: f.write(text.encode()))
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# Images
+
+
+def image_grid(rows, scale: int = 1, pad: int = 2, background: float = 0.5):
+    """A Pillow image of ``rows``: each a host array (N, C, H, W) in [0, 1], C = 1 or 3, drawn
+    left to right, rows top to bottom, ``pad`` pixels apart, every pixel ``scale`` x ``scale``."""
+    from PIL import Image
+
+    rows = [numpy.clip(numpy.asarray(r, dtype=numpy.float64), 0.0, 1.0) for r in rows]
+    if not rows or any(r.ndim != 4 for r in rows):
+        raise ValueError("image_grid: expected a non-empty list of (N, C, H, W) arrays")
+    c, h, w = rows[0].shape[1:]
+    if c not in (1, 3) or any(r.shape[1:] != (c, h, w) for r in rows):
+        raise ValueError(f"image_grid: every row must be (N, {c}, {h}, {w}) with 1 or 3 channels")
+    cols = max(r.shape[0] for r in rows)
+    canvas = numpy.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, c), background)
+    for i, r in enumerate(rows):
+        for j, img in enumerate(r):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[top:top + h, left:left + w] = img.transpose(1, 2, 0)
+    pixels = (canvas * 255 + 0.5).astype(numpy.uint8)
+    image = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
+    if scale != 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    return image
+
+
+def spread_indices(indices, count: int):
+    """``count`` entries of ``indices`` spread evenly over it (first and last included)."""
+    if count < 1:
+        raise ValueError(f"count={count}: expected >= 1")
+    idx = numpy.asarray(indices)
+    count = min(count, idx.size)
+    return idx[numpy.linspace(0, idx.size - 1, count).round().astype(int)]
+
+
+def reconstructions(run: Run, indices):
+    """(originals, reconstructions) as host arrays (N, C, H, W) for dataset ``indices``."""
+    x = run.images(numpy.asarray(indices, dtype=numpy.int64))
+    return to_host(x), to_host(run.model.reconstruct(x))
+
+
+# ----------------------------------------------------------------------------------------
+# Export
+
+
+def export(run: Run, out_dir) -> tuple[Path, Path]:
+    """Write the pruned model (``model.npz`` + ``model.json``) to ``out_dir``; returns the two paths."""
+    out_dir = Path(out_dir)
+    pruned = prune(run.model)
+    kept = [int(i) for i in numpy.nonzero(to_host(run.model.inference_gates()) > 0)[0]]
+    arrays = {k: to_host(v).copy() for k, v in pruned.state_dict().items()}
+    meta = {
+        "format": EXPORT_FORMAT, "n_latent": pruned.n_latent, "kept_dimensions": kept,
+        "original_n_latent": run.config.latent, "architecture": arch_to_dict(pruned.arch),
+        "encoder_output": run.hyper.encoder_output, "dtype": run.config.dtype, "step": run.state.step,
+        "config": run.config.to_dict(),
+    }
+    npz, js = out_dir / "model.npz", out_dir / "model.json"
+    ckpt.atomic_write(npz, lambda f: numpy.savez(f, **arrays))
+    write_json(js, meta)
+    return npz, js
+
+
+def load_export(path, backend: str | None = None) -> tuple[GatedVAE, dict]:
+    """The exported plain VAE in folder ``path`` (model.npz + model.json) and its metadata."""
+    path = Path(path)
+    js, npz = path / "model.json", path / "model.npz"
+    if not js.is_file() or not npz.is_file():
+        raise ckpt.CheckpointError(f"{path}: expected model.json and model.npz from 'refimpl export'")
+    meta = json.loads(js.read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ckpt.CheckpointError(f"{js}: format {meta.get('format')!r}, expected {EXPORT_FORMAT}")
+    xp, dtype = get_xp(backend_name(backend)), get_dtype(meta["dtype"])
+    model = GatedVAE(arch_from_dict(meta["architecture"]), meta["n_latent"], rng=generator(0), xp=xp, dtype=dtype,
+                     gated=False, fused=bool(meta["config"].get("fused")))
+    with numpy.load(npz, allow_pickle=False) as z:
+        model.load_state_dict({k: to_device(z[k], xp, dtype) for k in z.files})
+    model.eval()
+    return model, meta

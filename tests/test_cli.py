@@ -1,0 +1,257 @@
+"""The refimpl command line end to end on a tiny model: train, evaluate, export, reconstruct,
+one-line errors with the right exit codes, Ctrl-C, resume checks."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy
+import pytest
+
+from refimpl import checkpoint as ckpt
+from refimpl.algorithm1 import OPTIONS, Hyper
+from refimpl.cli import build_parser, main
+from refimpl.evaluate import load_export
+from refimpl.training import Run, read_log
+
+TINY = ["--image-size", "8", "--channels", "2", "--batch-size", "8", "--latent", "4", "--holdout", "16", "--quiet"]
+
+
+def refimpl(*args, cwd=None, env=None):
+    """``python -m refimpl ARGS`` in a subprocess: (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "refimpl", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run of 20 batches made through the CLI (in-process)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *TINY, "--tau", "40", "--batches", "20", "--checkpoint-every", "8", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_the_run_folder(trained):
+    assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.npz", "config.json", "log.csv", "summary.json"]
+    cols = read_log(trained / "log.csv")
+    assert cols["step"] == list(range(1, 21))
+    for key in ("E2", "tau", "gates_l1", "lambda_eff", "hit_fraction", "open_gates", "E1", "C", "C_ma", "loss",
+                "kl", "lambda_raw", "hit", "l0_added", "seconds"):
+        assert key in cols
+    meta = ckpt.load(trained / "checkpoint.npz")[1]
+    assert meta["step"] == 20 and meta["config"]["hyper"]["tau"] == 40.0
+    assert meta["config"]["image_size"] == 8 and meta["config"]["channels"] == [2]
+
+
+def test_python_m_refimpl_and_default_out(tmp_path):
+    code, out, err = refimpl("train", *TINY, "--batches", "3", cwd=tmp_path)
+    assert code == 0, err
+    run = tmp_path / "runs" / "synthetic-dsprites-s8-n4-tau0.46875-seed0"  # tau 30 scaled by (8/64)^2
+    assert (run / "checkpoint.npz").is_file() and str(run.relative_to(tmp_path)) in out
+    assert read_log(run / "log.csv")["tau"] == [0.46875] * 3
+
+
+def test_every_hyper_field_is_an_option():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    options = {s for a in train._actions for s in a.option_strings}
+    for f in dataclasses.fields(Hyper):
+        assert f"--{f.name.replace('_', '-')}" in options
+        assert f"--{f.name}" in options
+    for name, choices in OPTIONS.items():
+        action = next(a for a in train._actions if a.dest == name)
+        assert tuple(action.choices) == choices
+
+
+def test_hyper_options_reach_the_run(tmp_path):
+    out = tmp_path / "r"
+    code = main(["train", *TINY, "--tau", "12", "--batches", "2", "--out", str(out), "--lambda-max", "3",
+                 "--lambda_min", "0.001", "--error", "l2", "--betas", "0.8,0.99", "--gate-samples", "per_example"])
+    assert code == 0
+    run = Run.load(out, for_training=False)
+    h = run.hyper
+    assert (h.tau, h.lambda_max, h.lambda_min, h.error, h.betas, h.gate_samples) == (
+        12.0, 3.0, 0.001, "l2", (0.8, 0.99), "per_example")
+    assert run.state.optimizer.betas == (0.8, 0.99)
+
+
+def test_evaluate_prints_and_writes_json(trained, capsys):
+    assert main(["evaluate", str(trained), "--limit", "10", "--batch-size", "4"]) == 0
+    result = json.loads((trained / "eval.json").read_text())
+    printed = capsys.readouterr().out
+    run = Run.load(trained, for_training=False)
+    assert result["heldout_images"] == 10 and result["step"] == 20
+    assert result["open_gates"] == run.model.open_gates() == sum(result["gates"])
+    assert result["heldout_sse"] > 0 and result["heldout_sse_all_gates_open"] > 0
+    assert f"{result['open_gates']}/4" in printed and "held-out error" in printed
+    # the error is the mean summed squared error of the held-out images' inference reconstructions
+    x = run.images(run.split[1][:10])
+    expected = ((run.model.reconstruct(x) - x) ** 2).reshape(10, -1).sum(axis=1).mean()
+    assert result["heldout_sse"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_export_is_the_pruned_model(trained, tmp_path):
+    run = Run.load(trained, for_training=False)
+    gamma = run.model.params["gamma"]
+    gamma[[1, 3]] = -0.5  # close two gates, as training would
+    run.out = tmp_path / "closed"
+    run.out.mkdir()
+    run.save_checkpoint()
+    assert main(["export", str(run.out)]) == 0
+    model, meta = load_export(run.out / "export")
+    assert meta["n_latent"] == 2 and meta["kept_dimensions"] == [0, 2] and meta["original_n_latent"] == 4
+    assert "gamma" not in model.params and model.n_latent == 2
+    x = run.images(run.split[1][:6])
+    numpy.testing.assert_allclose(model.reconstruct(x), run.model.reconstruct(x), rtol=1e-5, atol=1e-6)
+
+
+def test_reconstruct_writes_a_grid(trained, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    assert main(["reconstruct", str(trained), "--count", "5", "--scale", "3", "--out", str(out)]) == 0
+    image = Image.open(out)
+    assert image.size == (3 * (5 * (8 + 2) + 2), 3 * (2 * (8 + 2) + 2)) and image.mode == "L"
+    assert main(["reconstruct", str(trained), "--indices", "0,5,7", "--out", str(out)]) == 0
+    assert Image.open(out).size == (16 * (3 * 10 + 2), 16 * 22)  # default scale 128 // 8
+
+
+@pytest.mark.parametrize("argv,code,fragment", [
+    (["train", "--tau", "-1"], 2, "tau=-1.0"),
+    (["train", "--alpha", "1.5"], 2, "alpha=1.5"),
+    (["train", "--error", "mse"], 2, "invalid choice: 'mse'"),
+    (["train", "--latent", "0"], 2, "positive integer"),
+    (["train", "--channels", "4,x"], 2, "comma-separated integers"),
+    (["train", "--image-size", "24"], 2, "image_size=24"),
+    (["train", "--channels", "4,4"], 2, "expected 4 positive widths"),
+    (["train", "--data", "somewhere"], 2, "takes no path"),
+    (["train", "mnist", "--data", "/nonexistent/mnist"], 1, "MNIST file not found"),
+    (["train", "--backend", "cupy"], 1, "cupy"),
+    (["train", "--baseline", "--tau", "3"], 2, "--baseline trains with tau=0"),
+    (["train", "--resume", "--overwrite"], 2, "exclude each other"),
+    (["train", "--resume"], 2, "nothing to resume"),
+    (["evaluate", "/nonexistent/run"], 2, "no such run folder"),
+    (["export"], 2, "required: RUN"),
+    (["frobnicate"], 2, "invalid choice"),
+])
+def test_bad_arguments_give_one_line_errors(argv, code, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if "cupy" in argv:
+        from refimpl.backend import cuda_available
+
+        if cuda_available():
+            pytest.skip("CuPy works here")
+    try:
+        result = main(argv + ["--batches", "1"] if argv[0] == "train" else argv)
+    except SystemExit as exc:  # argparse
+        result = exc.code
+    err = capsys.readouterr().err
+    assert result == code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refimpl") and "error: " in lines[0], err
+    assert fragment in lines[0]
+    assert not list(tmp_path.iterdir())  # nothing was created
+
+
+def test_errors_from_the_environment_and_files(tmp_path):
+    code, _, err = refimpl("train", "--out", tmp_path / "r", env={"REFIMPL_BACKEND": "tpu"})
+    assert code == 1 and err.strip() == "refimpl train: error: $REFIMPL_BACKEND='tpu': expected one of numpy, cupy"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.npz").write_bytes(b"garbage")
+    code, _, err = refimpl("evaluate", tmp_path / "bad")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "not a readable .npz" in err
+    assert "Traceback" not in err
+
+
+def test_existing_run_and_resume_checks(trained, capsys):
+    assert main(["train", *TINY, "--tau", "40", "--out", str(trained), "--batches", "1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--out", str(trained), "--resume", "--tau", "30", "--latent", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "tau=30.0 (the run has 40.0)" in err and "latent" not in err  # an unchanged option is fine
+    assert main(["train", "--out", str(trained), "--resume", "--batches", "10"]) == 2
+    assert "already done 20" in capsys.readouterr().err
+
+
+def test_resume_without_batches_continues_to_the_runs_target(tmp_path):
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--tau", "40", "--batches", "9", "--out", str(out)]) == 0
+    # pretend the run was stopped at step 9 of a 14-batch target
+    arrays, meta = ckpt.load(out / "checkpoint.npz")
+    ckpt.save(out / "checkpoint.npz", arrays, {**meta, "target_batches": 14})
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert read_log(out / "log.csv")["step"] == list(range(1, 15))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_diverging_run_stops_with_one_line(tmp_path):
+    out = tmp_path / "r"
+    code, _, err = refimpl("train", *TINY, "--tau", "40", "--batches", "50", "--checkpoint-every", "1",
+                           "--lr", "1e30", "--out", out)
+    assert code == 1
+    last = err.strip().splitlines()[-1]  # numpy's overflow warnings come before
+    assert last.startswith("refimpl train: error: non-finite loss at step ") and "last good checkpoint" in last
+    step = int(last.split("at step ")[1].split()[0])
+    meta = ckpt.load(out / "checkpoint.npz")[1]
+    assert meta["step"] == step - 1
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_save_and_exit(tmp_path, sig, code):
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "refimpl", "train", *TINY, "--tau", "40", "--batches", "100000",
+                             "--checkpoint-every", "100000", "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not ((out / "log.csv").exists() and len((out / "log.csv").read_text().splitlines()) > 5):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    step = ckpt.load(out / "checkpoint.npz")[1]["step"]
+    assert step > 5 and read_log(out / "log.csv")["step"] == list(range(1, step + 1))
+    assert f"{sig.name} at step {step}; checkpoint saved" in err and "--resume" in err and "Traceback" not in err
+
+
+@pytest.mark.cuda
+def test_train_resume_evaluate_on_cupy(tmp_path):
+    out = tmp_path / "gpu"
+    assert main(["train", *TINY, "--tau", "40", "--batches", "6", "--backend", "cupy", "--out", str(out)]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--batches", "9", "--backend", "cupy", "--quiet"]) == 0
+    arrays, meta = ckpt.load(out / "checkpoint.npz")
+    assert meta["step"] == 9 and meta["timing"]["backend"] == "cupy"
+    assert all(type(a) is numpy.ndarray for a in arrays.values())  # host arrays on disk
+    assert main(["evaluate", str(out), "--limit", "8", "--backend", "cupy"]) == 0
+    assert json.loads((out / "eval.json").read_text())["heldout_images"] == 8
+    # the same checkpoint continues on NumPy
+    assert main(["train", "--out", str(out), "--resume", "--batches", "10", "--backend", "numpy", "--quiet"]) == 0
+
+
+def test_trace_and_compare_are_wired(tmp_path, capsys):
+    pytest.importorskip("refimpl.trace")
+    pytest.importorskip("refimpl.compare")
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    tiny = [o for o in TINY if o != "--quiet"]
+    assert main(["trace", *tiny, "--tau", "40", "--steps", "2", "--dtype", "float64", "--out", str(a)]) == 0
+    assert main(["trace", *tiny, "--tau", "40", "--steps", "2", "--dtype", "float64", "--out", str(b)]) == 0
+    assert main(["compare", str(a), str(b)]) == 0  # the same run traced twice agrees bit for bit
+    capsys.readouterr()
+    assert main(["compare", str(a), str(tmp_path / "missing.npz")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refimpl compare: error:")
+
+
+def test_baseline_and_float64_runs(tmp_path):
+    assert main(["train", *TINY, "--baseline", "--batches", "3", "--dtype", "float64", "--out", str(tmp_path / "b")]) == 0
+    arrays, meta = ckpt.load(tmp_path / "b" / "checkpoint.npz")
+    assert meta["config"]["baseline"] and meta["config"]["hyper"]["tau"] == 0.0 and not meta["hit"]
+    assert arrays["model/encoder.fc2.weight"].dtype == numpy.float64 and arrays["lambda"].dtype == numpy.float64
+    cols = read_log(tmp_path / "b" / "log.csv")
+    assert set(cols["tau"]) == {0.0} and set(cols["hit"]) == {0} and set(cols["open_gates"]) == {4}
