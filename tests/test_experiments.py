@@ -2,6 +2,7 @@
 agree with the runs' own logs and checkpoints, the PNGs exist, reruns reuse finished runs."""
 
 import csv
+import importlib.util
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from refimpl.experiments import figure1, figure2, figure3, table1
 from refimpl.training import Run, moving_average, read_log
 
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 TINY = ["--image-size", "8", "--channels", "2", "--batch-size", "8", "--quiet", "--checkpoint-every", "3"]
 
 
@@ -26,7 +28,10 @@ def test_figure1(tmp_path):
     assert list(rows[0]) == ["step", "E2", "tau", "gates_l1", "lambda_eff", "hit_fraction", "open_gates"]
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
     assert [float(r["E2"]) for r in rows] == log["E2"] and {float(r["tau"]) for r in rows} == {40.0}
-    assert (out / "figure1.png").stat().st_size > 0
+    if HAVE_MATPLOTLIB:  # plots are an optional extra; the CSV above is always written
+        assert (out / "figure1.png").stat().st_size > 0
+    else:
+        assert not (out / "figure1.png").exists()
     assert result["summary"]["open_gates"] == int(rows[-1]["open_gates"])
     # a second call reuses the finished run: same log, nothing retrained
     before = (out / "runs" / "run" / "log.csv").read_text()
@@ -50,7 +55,10 @@ def test_figure2(tmp_path):
     grid = Image.open(out / "figure2_reconstructions.png")  # the original and one reconstruction per tau
     scale = 96 // 8
     assert grid.size == (scale * (3 * 10 + 2), scale * (10 + 2))
-    assert (out / "figure2.png").stat().st_size > 0
+    if HAVE_MATPLOTLIB:  # plots are an optional extra; the CSV above is always written
+        assert (out / "figure2.png").stat().st_size > 0
+    else:
+        assert not (out / "figure2.png").exists()
     assert result["rows"][0]["image_index"] == int(rows[0]["image_index"])
 
 
@@ -83,7 +91,10 @@ def test_table1(tmp_path):
         assert gated["step"] == list(range(1, 9)) and gated["tau"][0] == pytest.approx(tau, rel=1e-12)
         for m in (4, 6, 8):
             assert int(r[f"open_gates_{m}"]) == gated["open_gates"][m - 1]
-    assert (out / "table1.png").stat().st_size > 0
+    if HAVE_MATPLOTLIB:  # plots are an optional extra; the CSV above is always written
+        assert (out / "table1.png").stat().st_size > 0
+    else:
+        assert not (out / "table1.png").exists()
 
 
 def test_experiment_errors_are_one_line(tmp_path):
