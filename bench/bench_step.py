@@ -24,13 +24,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy
 
 from refimpl.algorithm1 import Hyper, init_state, train_step
+from refimpl.atomic import atomic_write
 from refimpl.model import GatedVAE, paper_architecture
 from refimpl.rng import generator
 
@@ -149,10 +149,7 @@ def main(argv=None):
     rows = run(args.repeats, args.warmup, args.batch, args.latent, args.channels, dtypes)
     if args.out:
         text = to_markdown(rows, args)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)) or ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
+        atomic_write(args.out, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

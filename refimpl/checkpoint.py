@@ -22,71 +22,18 @@ sees the old checkpoint or the new one, never a torn file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy
 
+from .atomic import atomic_write, remove_stale_temporaries  # noqa: F401 (re-exported for callers)
+
 FORMAT = 1
-TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or not a refimpl checkpoint; the message is one line."""
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it to ``path``.
-
-    The temporary file is removed if ``write`` raises. The folder is fsynced after the
-    rename where the platform allows it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def remove_stale_temporaries(folder) -> list[Path]:
-    """Delete temporary files left by a run killed during :func:`atomic_write`; returns them."""
-    removed = []
-    for p in Path(folder).glob(TMP_PREFIX + "*"):
-        try:
-            p.unlink()
-            removed.append(p)
-        except OSError:
-            pass
-    return removed
 
 
 def pack(arrays: dict, meta: dict) -> dict:

@@ -40,24 +40,23 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_list(text: str) -> tuple:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def comma_list(cast, minimum, kind: str):
+    """An argparse type: comma-separated ``cast`` values, each >= ``minimum`` (e.g. "32,32,64")."""
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(cast(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got {text!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind} >= {minimum}, got {text!r}")
+        return values
+
+    return parse
 
 
-def _index_list(text: str) -> tuple:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return values
+_int_list = comma_list(int, 1, "integers")
+_index_list = comma_list(int, 0, "integers")
 
 
 def _float_pair(text: str) -> tuple:

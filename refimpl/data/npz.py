@@ -186,37 +186,28 @@ def write_npz(path: str | os.PathLike, members: dict) -> None:
     a member larger than memory can be streamed in. The file appears at ``path``
     only once complete (temporary file in the same folder, then ``os.replace``).
     """
-    import tempfile
+    from ..atomic import atomic_write
 
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for key, value in members.items():
-                    with zf.open(key + ".npy", "w", force_zip64=True) as f:
-                        if isinstance(value, numpy.ndarray):
-                            numpy.lib.format.write_array(f, value, allow_pickle=False)
-                            continue
-                        shape, dtype, chunks = value
-                        dtype = numpy.dtype(dtype)
-                        numpy.lib.format.write_array_header_1_0(
-                            f, {"descr": numpy.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                                "shape": tuple(shape)})
-                        rows = 0
-                        for chunk in chunks:
-                            chunk = numpy.ascontiguousarray(chunk, dtype=dtype)
-                            if chunk.shape[1:] != tuple(shape[1:]):
-                                raise ValueError(f"{key}: chunk of shape {chunk.shape} does not fit {tuple(shape)}")
-                            f.write(chunk.tobytes())
-                            rows += chunk.shape[0]
-                        if rows != shape[0]:
-                            raise ValueError(f"{key}: chunks gave {rows} rows, expected {shape[0]}")
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def write(raw):
+        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, value in members.items():
+                with zf.open(key + ".npy", "w", force_zip64=True) as f:
+                    if isinstance(value, numpy.ndarray):
+                        numpy.lib.format.write_array(f, value, allow_pickle=False)
+                        continue
+                    shape, dtype, chunks = value
+                    dtype = numpy.dtype(dtype)
+                    numpy.lib.format.write_array_header_1_0(
+                        f, {"descr": numpy.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                            "shape": tuple(shape)})
+                    rows = 0
+                    for chunk in chunks:
+                        chunk = numpy.ascontiguousarray(chunk, dtype=dtype)
+                        if chunk.shape[1:] != tuple(shape[1:]):
+                            raise ValueError(f"{key}: chunk of shape {chunk.shape} does not fit {tuple(shape)}")
+                        f.write(chunk.tobytes())
+                        rows += chunk.shape[0]
+                    if rows != shape[0]:
+                        raise ValueError(f"{key}: chunks gave {rows} rows, expected {shape[0]}")
+
+    atomic_write(path, write)

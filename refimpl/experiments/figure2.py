@@ -38,22 +38,13 @@ FULL = {"dataset": "mnist", "data": None, "batches": None, "batch_size": 64, "im
         "latent": 32, "taus": (3.0, 4.0, 6.0, 8.0, 10.0, 14.0, 18.0, 22.0, 26.0, 30.0), "epochs": 2000, "jobs": 1}
 
 
-def _floats(text):
-    import argparse
-
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative numbers, got {text!r}")
-    return values
-
-
 def build_parser():
+    from ..cli import comma_list
+
     p = common.parser("python -m refimpl.experiments.figure2", __doc__)
     p.add_argument("--latent", type=int, default=None, help="initial latent dimensions n (default: 10 small, 32 full)")
-    p.add_argument("--taus", type=_floats, default=None, metavar="T1,T2,...", help="the GECO tolerances to sweep")
+    p.add_argument("--taus", type=comma_list(float, 0.0, "numbers"), default=None, metavar="T1,T2,...",
+                   help="the GECO tolerances to sweep")
     p.add_argument("--image-index", type=int, default=None,
                    help="dataset index of the image to reconstruct (default: of 64 held-out images, "
                         "the one with the largest pixel sum)")
