@@ -77,12 +77,14 @@ class BatchNorm(Layer):
 
     def backward(self, dy):
         x_hat, inv_std, axes, bshape, training = self._take_cache()
-        self.grads["bias"] += dy.sum(axis=axes)
-        self.grads["weight"] += (dy * x_hat).sum(axis=axes)
-        dx_hat = dy * self.params["weight"].reshape(bshape)
+        sum_dy = dy.sum(axis=axes, keepdims=True)
+        sum_dy_x_hat = (dy * x_hat).sum(axis=axes, keepdims=True)
+        self.grads["bias"] += sum_dy.reshape(-1)
+        self.grads["weight"] += sum_dy_x_hat.reshape(-1)
+        scale = self.params["weight"].reshape(bshape) * inv_std  # dy/dx_hat * dx_hat/dx, per channel
         if not training:
-            return dx_hat * inv_std
-        # d/dx of (x - mean) / sqrt(var + eps) with mean and var taken from the batch itself
-        mean_dx_hat = dx_hat.mean(axis=axes, keepdims=True)
-        mean_dx_hat_x_hat = (dx_hat * x_hat).mean(axis=axes, keepdims=True)
-        return inv_std * (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_x_hat)
+            return dy * scale
+        # d/dx of (x - mean) / sqrt(var + eps) with mean and var taken from the batch itself:
+        # dx = w inv_std (dy - mean(dy) - x_hat mean(dy x_hat)), means over the m values of a channel
+        m = x_hat.size // self.num_features
+        return scale * (dy - sum_dy / m - x_hat * (sum_dy_x_hat / m))
