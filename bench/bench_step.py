@@ -27,14 +27,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import side_by_side  # noqa: E402,F401 (sets thread-wait policies before numpy and torch load)
+
+import numpy  # noqa: E402
 
 from refimpl.algorithm1 import Hyper, init_state, train_step
 from refimpl.atomic import atomic_write
 from refimpl.model import GatedVAE, paper_architecture
 from refimpl.rng import generator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 try:
     import torch
     import torch_algorithm1 as ta

@@ -26,16 +26,20 @@ read at x[i + p + t - 1, j + q + u - 1], and y[n, o, 2i + p, 2j + q] is that pha
 kernel gradient flows back through the same sums (the transpose of the linear map (1)):
 dw[o, c, k, l] = sum_{p,q,t,u} TAPS[p, t, k] TAPS[q, u, l] dK[p, q, o, c, t, u].
 
-Two ways to evaluate the four phases, picked by which column matrix is smaller:
+Two ways to evaluate the four phases:
 
 - ``"im2col"``: one low-resolution im2col with a 3x3 pad-1 window, cols (9C, N*H*W);
   the four 2x2 kernels are embedded in 3x3 zero kernels at offset (p, q) and stacked
   into one (4O, 9C) matrix: one GEMM gives all phases. Backward: the transposed GEMMs
-  and a 3x3 col2im. Best when 9C <= 16O (wide outputs).
+  and a 3x3 col2im. GEMM work 36 O C N H W (over half of it multiplies zeros).
 - ``"col2im"``: one GEMM (16O, C) @ (C, N*H*W) gives every (phase, tap) product Z; each
   phase is then the sum of its four taps' Z slices, shifted (a col2im on the output).
   Backward: an im2col of dy into the same (16O, N*H*W) layout and the transposed GEMMs.
-  Best when 16O < 9C (narrow outputs, like the decoder's last, C-channel, layer).
+  GEMM work 16 O C N H W, but a 16O-row column matrix instead of 9C rows.
+
+``"auto"`` takes im2col only where its column matrix is less than half of col2im's
+(9C < 8O): on every decoder block of the paper's model (C >= O) col2im was as fast or
+faster (bench/README.md).
 
 Large scratch arrays (the column matrices, the GEMM outputs) are kept between calls and
 reused: fresh multi-megabyte arrays cost a page fault per 4 KiB page on first touch.
@@ -100,7 +104,7 @@ class UpsampleConv2d(Layer):
     """x: (N, C, H, W) -> y: (N, O, 2H, 2W); Upsample(2) then Conv2d(C, O, 3, stride=1, padding=1).
 
     ``method``: ``"im2col"``, ``"col2im"`` (see the module docstring; identical results up to
-    rounding) or ``"auto"`` (the one with the smaller column matrix: im2col iff 9C <= 16O).
+    rounding) or ``"auto"`` (im2col iff 9C < 8O, else col2im).
     """
 
     def __init__(self, in_channels, out_channels, *, rng, xp=numpy, dtype=numpy.float32, init="torch",
@@ -113,7 +117,7 @@ class UpsampleConv2d(Layer):
             raise ValueError(f"UpsampleConv2d method={method!r}: expected one of {', '.join(METHODS)}")
         self.in_channels, self.out_channels = in_channels, out_channels
         if method == "auto":
-            method = "im2col" if 9 * in_channels <= 16 * out_channels else "col2im"
+            method = "im2col" if 9 * in_channels < 8 * out_channels else "col2im"
         self.method = method
         # Same draw as Conv2d(in_channels, out_channels, 3): equal weights for equal generators.
         weight, bias = init_weight_bias(rng, (out_channels, in_channels, 3, 3), xp, dtype, init)
@@ -232,13 +236,13 @@ class UpsampleConv2d(Layer):
         y = xp.empty((n, o, h, 2, w, 2), dtype=dtype)
         for p in (0, 1):
             for q in (0, 1):
-                phase = y[:, :, :, p, :, q].transpose(1, 0, 2, 3)  # (O, N, H, W) view
-                # tap (t, u) = (1 - p, 1 - q) reads x[i, j] itself: it covers every output, so it initialises
-                xp.add(z[p, q, 1 - p, 1 - q], self.params["bias"][:, None, None, None], out=phase)
+                # tap (t, u) = (1 - p, 1 - q) reads x[i, j] itself (no shift): sum the other taps into it
+                acc = z[p, q, 1 - p, 1 - q]
                 for t in (0, 1):
                     for u in (0, 1):
                         if (t, u) != (1 - p, 1 - q):
-                            _shift(phase, z[p, q, t, u], p + t - 1, q + u - 1, add=True)
+                            _shift(acc, z[p, q, t, u], p + t - 1, q + u - 1, add=True)
+                xp.add(acc.transpose(1, 0, 2, 3), self.params["bias"][:, None, None], out=y[:, :, :, p, :, q])
         return y.reshape(n, o, 2 * h, 2 * w), (xt, kernels)
 
     def _backward_col2im(self, dy, saved, x_shape):
@@ -246,17 +250,19 @@ class UpsampleConv2d(Layer):
         xp = array_module(dy)
         n, c, h, w = x_shape
         o = self.out_channels
+        self.grads["bias"] += dy.sum(axis=(0, 2, 3))
         dy6 = dy.reshape(n, o, h, 2, w, 2)
-        self.grads["bias"] += dy6.sum(axis=(0, 2, 3, 4, 5))
         # dz[p, q, t, u, o, n, r, s] = dy[n, o, 2(r - p - t + 1) + p, 2(s - q - u + 1) + q], 0 outside
         dz = self._buffer("z", (16 * o, n * h * w), xt.dtype, xp)
         dz8 = dz.reshape(2, 2, 2, 2, o, n, h, w)
         for p in (0, 1):
             for q in (0, 1):
-                phase = dy6[:, :, :, p, :, q].transpose(1, 0, 2, 3)
+                unshifted = dz8[p, q, 1 - p, 1 - q]
+                unshifted[...] = dy6[:, :, :, p, :, q].transpose(1, 0, 2, 3)
                 for t in (0, 1):
                     for u in (0, 1):
-                        _shift(dz8[p, q, t, u], phase, 1 - p - t, 1 - q - u)
+                        if (t, u) != (1 - p, 1 - q):
+                            _shift(dz8[p, q, t, u], unshifted, 1 - p - t, 1 - q - u)
         dk = (dz @ xt.T).reshape(2, 2, 2, 2, o, c).transpose(0, 1, 4, 5, 2, 3)
         self.grads["weight"] += phase_kernels_transpose(dk)
         dxt = xp.matmul(kernels.T, dz, out=xt)  # xt is not needed any more
