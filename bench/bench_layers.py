@@ -30,11 +30,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import side_by_side  # noqa: E402,F401 (sets thread-wait policies before numpy and torch load)
+import side_by_side  # noqa: E402 (sets thread-wait policies before numpy and torch load)
 
 import numpy  # noqa: E402 (after the environment above)
 
 from refimpl.atomic import atomic_write  # noqa: E402
+from refimpl.backend import get_xp, to_device  # noqa: E402
 from refimpl.layers import BatchNorm, Conv2d, LeakyReLU, Linear, Sequential, Sigmoid, Upsample  # noqa: E402
 from refimpl.layers.upsample_conv2d import UpsampleConv2d  # noqa: E402
 from refimpl.model import paper_architecture  # noqa: E402
@@ -69,17 +70,17 @@ def paper_cases(n_latent: int, image_shape=(3, 64, 64)) -> list[Case]:
     cases = []
 
     def leaky(prefix, i, shape):
-        cases.append(Case(f"{prefix}.act{i}", f"LeakyReLU {fmt(shape)}", shape, lambda d: LeakyReLU(slope),
+        cases.append(Case(f"{prefix}.act{i}", f"LeakyReLU {fmt(shape)}", shape, lambda d, xp: LeakyReLU(slope),
                           lambda: nn.LeakyReLU(slope)))
 
     def bn(name, shape):
         c = shape[0]
         cases.append(Case(name, f"BatchNorm {fmt(shape)}", shape,
-                          lambda d: BatchNorm(c, mom, eps, arch.bn_running_var, dtype=d),
+                          lambda d, xp: BatchNorm(c, mom, eps, arch.bn_running_var, xp=xp, dtype=d),
                           lambda: nn.BatchNorm2d(c, eps=eps, momentum=1 - mom)))  # torch momentum = 1 - Keras's
 
     def linear(name, fin, fout):
-        cases.append(Case(name, f"Linear {fin}->{fout}", (fin,), lambda d: Linear(fin, fout, rng=rng, dtype=d),
+        cases.append(Case(name, f"Linear {fin}->{fout}", (fin,), lambda d, xp: Linear(fin, fout, rng=rng, xp=xp, dtype=d),
                           lambda: nn.Linear(fin, fout)))
 
     # encoder: conv -> leaky ReLU -> BatchNorm, four times; flatten; linear 128; leaky ReLU; linear 2n
@@ -88,24 +89,24 @@ def paper_cases(n_latent: int, image_shape=(3, 64, 64)) -> list[Case]:
         cin, (h, w) = shape[0], shape[1:]
         out = (s.channels, (h + 2 * s.padding - s.kernel) // s.stride + 1, (w + 2 * s.padding - s.kernel) // s.stride + 1)
         cases.append(Case(f"encoder.conv{i}", f"Conv2d {cin}->{s.channels} {s.kernel}x{s.kernel}/{s.stride} {h}->{out[1]}",
-                          shape, lambda d, cin=cin, s=s: Conv2d(cin, s.channels, s.kernel, s.stride, s.padding, rng=rng,
-                                                                dtype=d),
+                          shape, lambda d, xp, cin=cin, s=s: Conv2d(cin, s.channels, s.kernel, s.stride, s.padding, rng=rng,
+                                                                xp=xp, dtype=d),
                           lambda cin=cin, s=s: nn.Conv2d(cin, s.channels, s.kernel, s.stride, s.padding)))
         shape = out
         leaky("encoder", i, shape)
         bn(f"encoder.bn{i}", shape)
     flat = math.prod(shape)
     linear("encoder.fc1", flat, arch.hidden)
-    cases.append(Case("encoder.act_fc1", f"LeakyReLU ({arch.hidden},)", (arch.hidden,), lambda d: LeakyReLU(slope),
+    cases.append(Case("encoder.act_fc1", f"LeakyReLU ({arch.hidden},)", (arch.hidden,), lambda d, xp: LeakyReLU(slope),
                       lambda: nn.LeakyReLU(slope)))
     linear("encoder.fc2", arch.hidden, 2 * n_latent)
 
     # decoder: linear n->128, leaky ReLU, linear 128->flat, leaky ReLU, reshape; 4 x [BN, up x2, conv 3x3], act
     linear("decoder.fc1", n_latent, arch.hidden)
-    cases.append(Case("decoder.act_fc1", f"LeakyReLU ({arch.hidden},)", (arch.hidden,), lambda d: LeakyReLU(slope),
+    cases.append(Case("decoder.act_fc1", f"LeakyReLU ({arch.hidden},)", (arch.hidden,), lambda d, xp: LeakyReLU(slope),
                       lambda: nn.LeakyReLU(slope)))
     linear("decoder.fc2", arch.hidden, flat)
-    cases.append(Case("decoder.act_fc2", f"LeakyReLU ({flat},)", (flat,), lambda d: LeakyReLU(slope),
+    cases.append(Case("decoder.act_fc2", f"LeakyReLU ({flat},)", (flat,), lambda d, xp: LeakyReLU(slope),
                       lambda: nn.LeakyReLU(slope)))
     last = len(arch.decoder_convs)
     for i, s in enumerate(arch.decoder_convs, start=1):
@@ -118,15 +119,15 @@ def paper_cases(n_latent: int, image_shape=(3, 64, 64)) -> list[Case]:
             return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, s.channels, 3, 1, 1))
 
         cases.append(Case(f"decoder.up{i}+conv{i}", what + " (pair)", shape,
-                          lambda d, cin=cin, s=s: Sequential(Upsample(2), Conv2d(cin, s.channels, 3, 1, 1, rng=rng, dtype=d)),
+                          lambda d, xp, cin=cin, s=s: Sequential(Upsample(2), Conv2d(cin, s.channels, 3, 1, 1, rng=rng, xp=xp, dtype=d)),
                           torch_pair, block=f"decoder block {i}", variant="pair"))
         fused_method = UpsampleConv2d(cin, s.channels, rng=generator(0)).method
         cases.append(Case(f"decoder.conv{i} fused", what + f" (fused, {fused_method})", shape,
-                          lambda d, cin=cin, s=s: UpsampleConv2d(cin, s.channels, rng=rng, dtype=d),
+                          lambda d, xp, cin=cin, s=s: UpsampleConv2d(cin, s.channels, rng=rng, xp=xp, dtype=d),
                           torch_pair, block=f"decoder block {i}", variant="fused"))
         shape = (s.channels, 2 * h, 2 * w)
         if i == last:
-            cases.append(Case(f"decoder.act{i}", f"Sigmoid {fmt(shape)}", shape, lambda d: Sigmoid(), lambda: nn.Sigmoid()))
+            cases.append(Case(f"decoder.act{i}", f"Sigmoid {fmt(shape)}", shape, lambda d, xp: Sigmoid(), lambda: nn.Sigmoid()))
         else:
             leaky("decoder", i, shape)
     return cases
@@ -136,32 +137,50 @@ def fmt(shape):
     return "x".join(str(s) for s in shape)
 
 
-def time_ours(layer, x, dy):
+def time_ours(layer, x, dy, sync):
+    sync()
     t0 = time.perf_counter()
     layer.forward(x)
     layer.backward(dy)
+    sync()
     return time.perf_counter() - t0
 
 
-def time_theirs(module, x, dy):
+def time_theirs(module, x, dy, sync):
     x.grad = None
+    sync()
     t0 = time.perf_counter()
     module(x).backward(dy)
+    sync()
     return time.perf_counter() - t0
 
 
-def run_case(case, batch, dtype, repeats, warmup, seed=0):
-    """(refimpl median ms, torch median ms or None): interleaved runs after ``warmup`` of each."""
+def nothing():
+    pass
+
+
+def run_case(case, batch, dtype, repeats, warmup, xp=numpy, seed=0):
+    """(refimpl median ms, torch median ms or None): interleaved runs after ``warmup`` of each.
+
+    With ``xp`` = cupy the refimpl layer lives on the GPU and torch's module on CUDA; each
+    timed call ends with a synchronize of its own side.
+    """
+    gpu = xp is not numpy
     rng = numpy.random.default_rng(seed)
-    layer = case.ours(dtype)
-    x = rng.standard_normal((batch, *case.x_shape)).astype(dtype)
-    dy = rng.standard_normal(layer.forward(x, cache=False).shape).astype(dtype)
-    runs = [lambda: time_ours(layer, x, dy)]
+    layer = case.ours(dtype, xp)
+    x_host = rng.standard_normal((batch, *case.x_shape)).astype(dtype)
+    x = to_device(x_host, xp)
+    dy_host = rng.standard_normal(layer.forward(x, cache=False).shape).astype(dtype)
+    dy = to_device(dy_host, xp)
+    sync_ours = xp.cuda.Device().synchronize if gpu else nothing
+    runs = [lambda: time_ours(layer, x, dy, sync_ours)]
     if torch is not None:
-        module = case.theirs().to(torch.float32 if dtype == numpy.float32 else torch.float64).train()
-        xt = torch.from_numpy(x.copy()).requires_grad_(True)
-        dyt = torch.from_numpy(dy.copy())
-        runs.append(lambda: time_theirs(module, xt, dyt))
+        device = "cuda" if gpu else "cpu"
+        module = case.theirs().to(device=device, dtype=torch.float32 if dtype == numpy.float32 else torch.float64).train()
+        xt = torch.from_numpy(x_host.copy()).to(device).requires_grad_(True)
+        dyt = torch.from_numpy(dy_host.copy()).to(device)
+        sync_theirs = torch.cuda.synchronize if gpu else nothing
+        runs.append(lambda: time_theirs(module, xt, dyt, sync_theirs))
     times = [[] for _ in runs]
     gc.collect()
     gc.disable()
@@ -254,6 +273,8 @@ def environment(args):
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}",
+        "backend": args.backend + ("" if args.backend == "numpy" else
+                                   f": {side_by_side.gpu_setup(torch)}; refimpl on CuPy, torch on CUDA"),
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "numpy BLAS": blas,
@@ -333,6 +354,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per layer and side (median; >= 1)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per layer and side first")
     parser.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                        help="numpy: against PyTorch CPU; cupy: against PyTorch CUDA on the same GPU")
     parser.add_argument("--n-latent", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None,
                         help="BLAS and torch intra-op threads (default: as loaded; torch is matched to the BLAS)")
@@ -361,13 +384,14 @@ def main(argv=None):
         env["warning"] = f"1-minute load average {busy:.2f} at start: other processes compete for the CPUs"
         print(f"warning: {env['warning']}; timings (and torch's more than numpy's) will be inflated", file=sys.stderr)
 
+    xp = get_xp(args.backend)
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
     cases = [c for c in paper_cases(args.n_latent) if args.only is None or args.only in c.name]
     results, loads = {}, [os.getloadavg()[0]]
     start = time.perf_counter()
     for dtype in dtypes:
         for case in cases:
-            ours, theirs = run_case(case, args.batch, numpy.dtype(dtype).type, args.repeats, args.warmup)
+            ours, theirs = run_case(case, args.batch, numpy.dtype(dtype).type, args.repeats, args.warmup, xp)
             results[(case, dtype)] = (ours, theirs)
             loads.append(os.getloadavg()[0])
             print(f"{case.name:24s} {case.what:48s} {dtype:8s} refimpl {ms(ours):>8s} ms  torch {ms(theirs):>8s} ms  "
@@ -379,7 +403,8 @@ def main(argv=None):
     print()
     print("\n".join(lines))
     if args.out:
-        header = ["# Per-layer forward+backward time: refimpl (NumPy) vs PyTorch CPU", "",
+        peer = "(NumPy) vs PyTorch CPU" if args.backend == "numpy" else "(CuPy) vs PyTorch CUDA"
+        header = [f"# Per-layer forward+backward time: refimpl {peer}", "",
                   "Generated by `bench/bench_layers.py` (see bench/README.md). Each time is one training-mode forward "
                   "plus one backward (dx and parameter gradients) of one layer at its shape in the paper's 64x64x3 "
                   f"model, n = {args.n_latent}.", ""]

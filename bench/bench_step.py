@@ -1,4 +1,4 @@
-"""One training step of Algorithm 1 (both decoder passes) and one plain VAE step: refimpl vs PyTorch CPU.
+"""One training step of Algorithm 1 (both decoder passes) and one plain VAE step: refimpl vs PyTorch.
 
 Model: Section 4's 64x64 network (``refimpl.model.paper_architecture``), batch 64, n = 10
 latent dimensions, float32 and float64. The torch side is the same network from
@@ -12,8 +12,14 @@ gradient and ``torch.optim.Adam``; its bookkeeping is kept to what refimpl does.
   one decoder pass, since E1 = E2 (INTERPRETATIONS.md (l)).
 
 Both sides run in one process, interleaved, on the same batch; the table gives medians.
+``--backend numpy`` compares with PyTorch on the CPU (same thread count); ``--backend cupy``
+with PyTorch on the same CUDA device, TF32 off on both (CuPy's default; torch's flags set
+here), each side synchronised before its clock stops. On the GPU the table also gives each
+side's peak device memory: CuPy's memory pool (``total_bytes``, what the pool holds) and
+torch's ``max_memory_reserved``, both after the timed runs.
 
     .venv/bin/python bench/bench_step.py --repeats 30 --out bench/results/step_cpu.md
+    python bench/bench_step.py --backend cupy --repeats 100 --out bench/results/step_gpu.md
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import side_by_side  # noqa: E402,F401 (sets thread-wait policies before numpy and torch load)
+import side_by_side  # noqa: E402 (sets thread-wait policies before numpy and torch load)
 
 import numpy  # noqa: E402
 
 from refimpl.algorithm1 import Hyper, init_state, train_step
 from refimpl.atomic import atomic_write
+from refimpl.backend import get_xp, to_device, to_host
 from refimpl.model import GatedVAE, paper_architecture
 from refimpl.rng import generator
 
@@ -45,34 +52,36 @@ except ImportError as exc:
     TORCH_MISSING = f"PyTorch is not importable ({exc}); timing refimpl only"
 
 
-def refimpl_step(dtype, gated, n_latent, x_host, seed=0):
-    """A closure running one refimpl training step on x."""
-    model = GatedVAE(paper_architecture(x_host.shape[1:]), n_latent, rng=generator(seed), dtype=dtype)
+def refimpl_step(dtype, gated, n_latent, x_host, xp, seed=0, fused=None):
+    """A closure running one refimpl training step on x, on backend ``xp``."""
+    model = GatedVAE(paper_architecture(x_host.shape[1:]), n_latent, rng=generator(seed), xp=xp, dtype=dtype,
+                     fused=fused)
     state = init_state(model, Hyper(tau=1e9 if gated else 0.0))
     state.hit = gated
-    rng, x = generator(seed + 1), x_host.astype(dtype)
+    rng, x = generator(seed + 1), to_device(x_host, xp, dtype)
     return model, lambda: train_step(state, x, rng)
 
 
-def torch_step(model_np, dtype, gated, x_host, k=7.0, tau=1e9):
-    """A closure running the same step in PyTorch on a copy of refimpl's initial weights."""
+def torch_step(model_np, dtype, gated, x_host, device, k=7.0, tau=1e9):
+    """A closure running the same step in PyTorch on ``device`` from a copy of refimpl's initial weights."""
     tdtype = {numpy.float32: torch.float32, numpy.float64: torch.float64}[numpy.dtype(dtype).type]
-    model = ta.GatedVAE(ta.paper_architecture(channels=x_host.shape[1]), model_np.n_latent, dtype=tdtype)
-    model.load_arrays({k_: numpy.asarray(v) for k_, v in model_np.state_dict().items()})
-    lam = torch.nn.Parameter(torch.tensor(1.0, dtype=tdtype))
+    model = ta.GatedVAE(ta.paper_architecture(channels=x_host.shape[1]), model_np.n_latent, dtype=tdtype).to(device)
+    model.load_arrays({k_: to_host(v) for k_, v in model_np.state_dict().items()})
+    lam = torch.nn.Parameter(torch.tensor(1.0, dtype=tdtype, device=device))
     opt = torch.optim.Adam([{"params": list(model.parameters())}, {"params": [lam], "maximize": True}], lr=1e-3)
-    x = torch.from_numpy(x_host.astype(dtype))
-    n, gen = model.n_latent, torch.Generator().manual_seed(1)
+    x = torch.from_numpy(x_host.astype(dtype)).to(device)
+    n, gen = model.n_latent, torch.Generator(device=device).manual_seed(1)
     model.gamma.grad = torch.zeros_like(model.gamma)  # gamma is outside the graph; its gradient is the ARM term
+    on = {"dtype": tdtype, "device": device}
 
     def step():
         opt.zero_grad(set_to_none=False)
-        u = torch.rand(1, n, generator=gen, dtype=tdtype)
-        nu1 = (u > torch.sigmoid(-k * model.gamma.detach())).to(tdtype) if gated else torch.ones(1, n, dtype=tdtype)
+        u = torch.rand(1, n, generator=gen, **on)
+        nu1 = (u > torch.sigmoid(-k * model.gamma.detach())).to(tdtype) if gated else torch.ones(1, n, **on)
         nu2 = (u < torch.sigmoid(k * model.gamma.detach())).to(tdtype) if gated else nu1
         enc = model.encoder(x)
         mu, s = enc[:, :n], enc[:, n:]
-        z = mu + torch.exp(0.5 * s) * torch.randn(mu.shape, generator=gen, dtype=tdtype)
+        z = mu + torch.exp(0.5 * s) * torch.randn(mu.shape, generator=gen, **on)
         if gated:
             with torch.no_grad():
                 e1 = ((model.decoder(z * nu1) - x) ** 2).flatten(1).sum(1).mean()
@@ -93,45 +102,91 @@ def median_ms(times):
     return 1000 * statistics.median(times)
 
 
-def run(repeats, warmup, batch, n_latent, channels, dtypes):
+def nothing():
+    pass
+
+
+def device_tools(backend):
+    """(xp, torch device, refimpl sync, torch sync, peak-memory reader or None) for ``backend``.
+
+    On the GPU every timed call ends with a synchronize of its own side, and the peak
+    reader gives the MiB held by CuPy's default pool and by torch's caching allocator.
+    """
+    xp = get_xp(backend)
+    if backend == "numpy":
+        return xp, "cpu", nothing, nothing, None
+    side_by_side.gpu_setup(torch)
+    pool = xp.get_default_memory_pool()
+
+    def peaks():
+        ours = pool.total_bytes() / 2**20
+        theirs = torch.cuda.max_memory_reserved() / 2**20 if torch is not None else float("nan")
+        return ours, theirs
+
+    return xp, "cuda", xp.cuda.Device().synchronize, (torch.cuda.synchronize if torch else nothing), peaks
+
+
+def run(repeats, warmup, batch, n_latent, channels, dtypes, backend):
     rows = []
+    xp, device, sync_ours, sync_theirs, peaks = device_tools(backend)
     x = (generator(7).uniform(size=(batch, channels, 64, 64)) > 0.7).astype(numpy.float64)
     for dtype in dtypes:
         for gated in (True, False):
-            model, ours = refimpl_step(dtype, gated, n_latent, x)
-            theirs = torch_step(model, dtype, gated, x) if torch is not None else None
+            if peaks is not None:  # peak memory per configuration: start from empty pools
+                xp.get_default_memory_pool().free_all_blocks()
+                if torch is not None:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+            model, ours = refimpl_step(dtype, gated, n_latent, x, xp)
+            theirs = torch_step(model, dtype, gated, x, device) if torch is not None else None
             t_ours, t_theirs = [], []
             for i in range(warmup + repeats):
-                for fn, acc in ((ours, t_ours), (theirs, t_theirs)):
+                for fn, sync, acc in ((ours, sync_ours, t_ours), (theirs, sync_theirs, t_theirs)):
                     if fn is None:
                         continue
+                    sync()
                     t0 = time.perf_counter()
                     fn()
+                    sync()
                     if i >= warmup:
                         acc.append(time.perf_counter() - t0)
             ours_ms = median_ms(t_ours)
             theirs_ms = median_ms(t_theirs) if t_theirs else float("nan")
+            mem = peaks() if peaks is not None else (None, None)
             rows.append(("gated (2 decoder passes)" if gated else "plain (1 decoder pass)", numpy.dtype(dtype).name,
-                         ours_ms, theirs_ms, ours_ms / theirs_ms))
-            print(f"{rows[-1][0]:26s} {rows[-1][1]:8s} refimpl {ours_ms:8.1f} ms  torch {theirs_ms:8.1f} ms  "
-                  f"ratio {rows[-1][4]:.2f}", flush=True)
+                         ours_ms, theirs_ms, ours_ms / theirs_ms, *mem))
+            line = (f"{rows[-1][0]:26s} {rows[-1][1]:8s} refimpl {ours_ms:8.2f} ms  torch {theirs_ms:8.2f} ms  "
+                    f"ratio {rows[-1][4]:.2f}")
+            if peaks is not None:
+                line += f"  peak MiB refimpl {mem[0]:.0f} torch {mem[1]:.0f}"
+            print(line, flush=True)
     return rows
 
 
+def machine(backend):
+    if backend == "numpy":
+        return (f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}; numpy {numpy.__version__}, "
+                f"torch {torch.__version__ if torch else 'absent'} ({torch.get_num_threads() if torch else '-'} threads).")
+    return side_by_side.gpu_setup(torch) + f"; numpy {numpy.__version__}."
+
+
 def to_markdown(rows, args):
+    peer = "PyTorch CPU" if args.backend == "numpy" else "PyTorch CUDA"
+    gpu = args.backend == "cupy"
     lines = [
-        f"# Training step, refimpl (NumPy) vs PyTorch CPU — {datetime.date.today().isoformat()}",
+        f"# Training step, refimpl ({'NumPy' if not gpu else 'CuPy'}) vs {peer} — {datetime.date.today().isoformat()}",
         "",
-        f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; numpy {numpy.__version__}, "
-        f"torch {torch.__version__ if torch else 'absent'} ({torch.get_num_threads() if torch else '-'} threads).",
+        f"Machine: {machine(args.backend)}",
         f"Model: Section 4, 64x64x{args.channels}, n = {args.latent}, batch {args.batch}; median of {args.repeats} "
         f"interleaved runs after {args.warmup} warm-up runs. Command: `python bench/bench_step.py "
-        f"--repeats {args.repeats} --channels {args.channels}`.",
+        f"--backend {args.backend} --repeats {args.repeats} --channels {args.channels}`.",
         "",
-        "| step | dtype | refimpl ms | torch ms | ratio (refimpl / torch) |",
-        "|---|---|---:|---:|---:|",
+        "| step | dtype | refimpl ms | torch ms | ratio (refimpl / torch) |" + (" peak MiB refimpl | peak MiB torch |" if gpu else ""),
+        "|---|---|---:|---:|---:|" + ("---:|---:|" if gpu else ""),
     ]
-    lines += [f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.2f} |" for r in rows]
+    for r in rows:
+        line = f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} |"
+        lines.append(line + (f" {r[5]:.0f} | {r[6]:.0f} |" if gpu else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -143,12 +198,14 @@ def main(argv=None):
     p.add_argument("--latent", type=int, default=10)
     p.add_argument("--channels", type=int, default=3, help="image channels: 1 (dSprites) or 3")
     p.add_argument("--dtype", choices=("float32", "float64", "both"), default="both")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                   help="numpy: against PyTorch CPU; cupy: against PyTorch CUDA on the same GPU")
     p.add_argument("--out", help="write the table as markdown to this file (atomically)")
     args = p.parse_args(argv)
     if torch is None:
         print(TORCH_MISSING, file=sys.stderr)
     dtypes = [numpy.float32, numpy.float64] if args.dtype == "both" else [numpy.dtype(args.dtype).type]
-    rows = run(args.repeats, args.warmup, args.batch, args.latent, args.channels, dtypes)
+    rows = run(args.repeats, args.warmup, args.batch, args.latent, args.channels, dtypes, args.backend)
     if args.out:
         text = to_markdown(rows, args)
         atomic_write(args.out, lambda f: f.write(text.encode()))

@@ -12,3 +12,27 @@ import os
 
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def gpu_setup(torch=None) -> str:
+    """Prepare a fair CuPy-vs-torch GPU comparison and describe the device, in one line.
+
+    TF32 is off on both sides: CuPy computes float32 GEMMs in full float32 unless
+    ``CUPY_TF32=1`` is set; torch's two TF32 flags are switched off here.
+    """
+    import cupy
+
+    if torch is not None:
+        if not torch.cuda.is_available():
+            raise SystemExit("backend cupy: torch sees no CUDA device; PyTorch's CUDA build is needed beside CuPy")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    if os.environ.get("CUPY_TF32", "0") != "0":
+        raise SystemExit("CUPY_TF32 is set: unset it so that CuPy's float32 GEMMs are full float32, like torch's here")
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    torch_part = "torch absent" if torch is None else (
+        f"torch {torch.__version__} (cuDNN {torch.backends.cudnn.version()}, cudnn.benchmark "
+        f"{torch.backends.cudnn.benchmark})")
+    return (f"{props['name'].decode()} ({props['totalGlobalMem'] / 2**30:.0f} GiB), CUDA runtime "
+            f"{cupy.cuda.runtime.runtimeGetVersion()}, driver {cupy.cuda.runtime.driverGetVersion()}; "
+            f"cupy {cupy.__version__}; {torch_part}; TF32 off on both")

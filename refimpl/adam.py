@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 from .backend import array_module, to_device, to_host
+from .kernels import adam_update, on_gpu
 
 
 class Adam:
@@ -48,8 +49,12 @@ class Adam:
         correction1 = 1 - b1**self.t
         correction2 = 1 - b2**self.t
         for name, p in self.params.items():
-            g = -grads[name] if name in self.maximize else grads[name]
             m, v = self.m[name], self.v[name]
+            if on_gpu(p):  # the same formulas as below, as one CUDA kernel (refimpl/kernels.py)
+                adam_update(p, grads[name], m, v, sign=-1.0 if name in self.maximize else 1.0, b1=b1, b2=b2,
+                            sqrt_c2=math.sqrt(correction2), eps=self.eps, step_size=self.lr / correction1)
+                continue
+            g = -grads[name] if name in self.maximize else grads[name]
             m *= b1
             m += (1 - b1) * g
             v *= b2

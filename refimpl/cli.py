@@ -94,7 +94,8 @@ S = argparse.SUPPRESS
 # RunConfig fields that train's options set, and their defaults (options default to
 # SUPPRESS, so that resume can tell given options from defaults).
 CONFIG_DEFAULTS = {"dataset": DEFAULT_DATASET, "data": None, "latent": 10, "batch_size": 64, "dtype": "float32",
-                   "seed": 0, "image_size": None, "channels": None, "hidden": 128, "holdout": 1000, "baseline": False}
+                   "seed": 0, "image_size": None, "channels": None, "hidden": 128, "holdout": 1000, "baseline": False,
+                   "fused": None}
 DEFAULT_BATCHES = 5000
 DEFAULT_CHECKPOINT_EVERY = 100
 
@@ -164,6 +165,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--hidden", type=_positive_int, default=S, metavar="H", help="hidden linear units (default: 128)")
     p.add_argument("--holdout", type=_positive_int, default=S, metavar="N",
                    help="held-out images for evaluate/reconstruct (default: 1000)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=S,
+                   help="decoder blocks as one fused upsample+conv layer, or as upsample then conv (same "
+                        "numbers; default: fused on numpy, the pair on cupy, the faster on each)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     hyper_names = add_hyper_options(p)
     p.set_defaults(func=cmd_train, hyper_names=hyper_names)
@@ -201,28 +205,20 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default=None)
     p.set_defaults(func=cmd_reconstruct)
 
-    _add_optional_commands(sub)
+    _add_trace_commands(sub)
     return parser
 
 
-def _add_optional_commands(sub) -> None:
-    """``trace`` and ``compare``, from refimpl/trace.py and refimpl/compare.py when they exist."""
-    import importlib
-    import importlib.util
+def _add_trace_commands(sub) -> None:
+    """``trace`` and ``compare``: their options and runners live in refimpl/trace.py and refimpl/compare.py."""
+    from . import compare, trace
 
-    for name in ("trace", "compare"):
-        if importlib.util.find_spec(f"refimpl.{name}") is None:
-            continue
-        module = importlib.import_module(f"refimpl.{name}")
-        add = getattr(module, "add_arguments", None)
-        run = getattr(module, "run", None) or getattr(module, "main_args", None)
-        if add is None or run is None:
-            continue
-        doc = (module.__doc__ or name).strip().splitlines()[0]
+    for name, module in (("trace", trace), ("compare", compare)):
+        doc = module.__doc__.strip().splitlines()[0]
         p = sub.add_parser(name, help=doc, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        add(p)
-        p.set_defaults(func=lambda args, _run=run: _run(args))
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
 
 
 # ----------------------------------------------------------------------------------------

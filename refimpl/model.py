@@ -157,19 +157,32 @@ def build_decoder(arch: Architecture, n_latent: int, *, rng, xp, dtype, fused: b
     return Sequential(*layers)
 
 
+def default_fused(xp) -> bool:
+    """Whether decoder blocks use the fused ``UpsampleConv2d`` by default on backend ``xp``.
+
+    NumPy: yes (2-22x faster than the pair on the CPU). CuPy: no, the plain pair; at the
+    paper's sizes the GPU time is per-kernel overhead, and the fused layer's dozen small
+    shifted-slice kernels took twice the pair's time on an H100 (bench/NOTES.md).
+    """
+    return xp.__name__ == "numpy"
+
+
 class GatedVAE(Layer):
     """Encoder, decoder and (optionally) the gate logits ``gamma`` (n,).
 
     Parameter names: ``encoder.*``, ``decoder.*``, ``gamma``. A model without gates
     (``gated=False``) is a plain VAE: the baseline of Table 1 and the pruned export.
+    ``fused``: decoder blocks as one ``UpsampleConv2d`` (True) or ``Upsample`` then
+    ``Conv2d`` (False); same parameters and outputs. None: :func:`default_fused`.
     """
 
     def __init__(self, arch: Architecture, n_latent: int, *, rng, xp=numpy, dtype=numpy.float32, gated=True,
-                 gamma_init=0.42, fused=True):
+                 gamma_init=0.42, fused=None):
         super().__init__()
         if int(n_latent) != n_latent or n_latent < 1:
             raise ValueError(f"n_latent={n_latent!r}: expected an integer >= 1")
         arch.validate()
+        fused = default_fused(xp) if fused is None else bool(fused)
         self.arch, self.n_latent, self.gated, self.fused = arch, int(n_latent), gated, fused
         self.xp, self.dtype = xp, numpy.dtype(dtype)
         self.encoder = build_encoder(arch, self.n_latent, rng=rng, xp=xp, dtype=dtype)

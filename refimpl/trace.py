@@ -391,12 +391,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """``refimpl trace``: build the run ``refimpl train`` would build from the same options, trace K steps."""
     from .cli import _given_config, _new_config
-    from .training import Run, build_architecture, fused_available
+    from .model import default_fused
+    from .training import Run, build_architecture
 
     config = _new_config(_given_config(args))
-    if config.fused is None:
-        config.fused = fused_available()
     run_ = Run(config, Path(args.out).parent, backend=args.backend)
+    if config.fused is None:
+        config.fused = default_fused(run_.xp)
     run_._build(build_architecture(run_.image_shape(), config.channels, config.hidden), config.fused)
     run_._make_batches()
     if args.force_hit:

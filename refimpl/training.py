@@ -27,7 +27,6 @@ the paper's encoder/decoder to that size; ``channels`` sets the conv widths.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from . import checkpoint as ckpt
 from .algorithm1 import Hyper, init_state, train_step
 from .backend import backend_name, get_dtype, get_xp, to_device, to_host
 from .data import BatchIterator, DEFAULT_DATASET, open_dataset, split_indices
-from .model import Architecture, ConvSpec, GatedVAE
+from .model import Architecture, ConvSpec, GatedVAE, default_fused
 from .rng import generator, get_state, set_state
 
 CONFIG_FILE = "config.json"
@@ -140,11 +139,6 @@ def arch_from_dict(d: dict) -> Architecture:
     return Architecture(**d).validate()
 
 
-def fused_available() -> bool:
-    """True once refimpl/layers/upsample_conv2d.py exists (GatedVAE(fused=True) needs it)."""
-    return importlib.util.find_spec("refimpl.layers.upsample_conv2d") is not None
-
-
 def downsample(x, factor: int):
     """Average-pool images x: (B, C, H, W) by ``factor`` in both directions -> (B, C, H/f, W/f)."""
     if factor == 1:
@@ -165,8 +159,9 @@ class RunConfig:
     plain VAE: the gated model with tau = 0, so C = E2 > 0 on every step, l. 23 never
     holds, no gate is ever sampled and gamma never moves (all n dimensions stay open).
     ``image_size``: None for the dataset's own size. ``channels``: None for the default
-    widths of :func:`build_architecture`. ``fused``: None picks fused upsample+conv when
-    refimpl.layers.upsample_conv2d exists; the resolved value is stored.
+    widths of :func:`build_architecture`. ``fused``: decoder blocks as one fused
+    upsample+conv layer or as the pair; None picks by backend (``model.default_fused``) and
+    the resolved value is stored.
     """
 
     dataset: str = DEFAULT_DATASET
@@ -493,11 +488,11 @@ class Run:
         if (out / CHECKPOINT_FILE).exists() and not overwrite:
             raise FileExistsError(f"{out} already holds a run ({CHECKPOINT_FILE}); continue it with --resume, "
                                   f"start afresh with --overwrite, or choose another --out")
-        if config.fused is None:
-            config.fused = fused_available()
         if "tau" not in config.hyper and not config.baseline:
             raise ValueError("config.hyper needs 'tau' (or baseline=True)")
         run = cls(config, out, backend)
+        if config.fused is None:
+            config.fused = default_fused(run.xp)
         arch = build_architecture(run.image_shape(), config.channels, config.hidden)
         run._build(arch, config.fused)
         run._make_batches()
@@ -674,4 +669,4 @@ def config_differences(stored: RunConfig, given: dict) -> list[str]:
 
 __all__ = ["CsvLog", "DEFAULT_TAU", "NonFiniteLoss", "Progress", "Run", "RunConfig", "TrainingInterrupted",
            "arch_from_dict", "arch_to_dict", "build_architecture", "config_differences", "default_tau",
-           "downsample", "fused_available", "moving_average", "read_log", "stream"]
+           "downsample", "moving_average", "read_log", "stream"]

@@ -14,6 +14,7 @@ import pytest
 
 from refimpl import checkpoint as ckpt
 from refimpl.algorithm1 import OPTIONS, Hyper
+from refimpl.backend import to_host
 from refimpl.cli import build_parser, main
 from refimpl.evaluate import load_export
 from refimpl.training import Run, read_log
@@ -107,7 +108,7 @@ def test_export_is_the_pruned_model(trained, tmp_path):
     assert meta["n_latent"] == 2 and meta["kept_dimensions"] == [0, 2] and meta["original_n_latent"] == 4
     assert "gamma" not in model.params and model.n_latent == 2
     x = run.images(run.split[1][:6])
-    numpy.testing.assert_allclose(model.reconstruct(x), run.model.reconstruct(x), rtol=1e-5, atol=1e-6)
+    numpy.testing.assert_allclose(to_host(model.reconstruct(x)), to_host(run.model.reconstruct(x)), rtol=1e-5, atol=1e-6)
 
 
 def test_reconstruct_writes_a_grid(trained, tmp_path):
@@ -230,8 +231,24 @@ def test_train_resume_evaluate_on_cupy(tmp_path):
     assert all(type(a) is numpy.ndarray for a in arrays.values())  # host arrays on disk
     assert main(["evaluate", str(out), "--limit", "8", "--backend", "cupy"]) == 0
     assert json.loads((out / "eval.json").read_text())["heldout_images"] == 8
-    # the same checkpoint continues on NumPy
+    # the same checkpoint continues on NumPy, with the decoder blocks it was created with (the pair, on cupy)
+    assert json.loads((out / "config.json").read_text())["config"]["fused"] is False
     assert main(["train", "--out", str(out), "--resume", "--batches", "10", "--backend", "numpy", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("flag, fused", [([], True), (["--fused"], True), (["--no-fused"], False)])
+def test_fused_decoder_choice_is_stored(tmp_path, capsys, flag, fused):
+    """numpy defaults to the fused upsample+conv layer; --no-fused builds the plain pair; a resume keeps it."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--tau", "40", "--batches", "2", "--backend", "numpy", *flag, "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["fused"] is fused
+    run = Run.load(out, for_training=False)
+    assert run.model.fused is fused
+    assert main(["train", "--out", str(out), "--resume", "--batches", "3", "--quiet"]) == 0
+    flipped = "--fused" if not fused else "--no-fused"
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--batches", "4", flipped, "--quiet"]) == 2
+    assert f"fused={not fused!r} (the run has {fused!r})" in capsys.readouterr().err
 
 
 def test_trace_and_compare_are_wired(tmp_path, capsys):

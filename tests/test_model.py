@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refimpl.layers import BatchNorm, Conv2d, LeakyReLU, Linear, Sigmoid, Upsample
-from refimpl.model import Architecture, ConvSpec, GatedVAE, paper_architecture, prune
+from refimpl.model import Architecture, ConvSpec, GatedVAE, default_fused, paper_architecture, prune
 from refimpl.rng import generator
 
 F64 = np.float64
@@ -23,6 +23,24 @@ def tiny_arch():
 
 def layers_of(seq, kind):
     return [layer for _, layer in seq.children() if isinstance(layer, kind)]
+
+
+def test_default_decoder_blocks_follow_the_backend():
+    """fused=None: the fused layer on NumPy (faster on the CPU), the pair on CuPy (faster on a GPU)."""
+    assert default_fused(np) is True
+    assert GatedVAE(tiny_arch(), 2, rng=generator(0)).fused is True
+    assert GatedVAE(tiny_arch(), 2, rng=generator(0), fused=False).fused is False
+
+
+@pytest.mark.cuda
+def test_default_decoder_blocks_on_cupy():
+    from refimpl.backend import get_xp
+
+    cp = get_xp("cupy")
+    assert default_fused(cp) is False
+    model = GatedVAE(tiny_arch(), 2, rng=generator(0), xp=cp)
+    assert model.fused is False and not any(type(layer).__name__ == "UpsampleConv2d"
+                                            for _, layer in model.decoder.children())
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from refimpl.algorithm1 import Hyper, init_state, train_step
+from refimpl.backend import to_host
 from refimpl.cli import main as cli_main
 from refimpl.compare import compare_traces, order_key, sort_keys
 from refimpl.model import GatedVAE
@@ -233,7 +234,7 @@ def test_cli_trace_records_the_steps_refimpl_train_takes(tmp_path, capsys):
     run = Run.create(config, tmp_path / "run")
     run.train(2, checkpoint_every=None, progress=False)
     for name, p in run.state.parameters().items():
-        np.testing.assert_array_equal(trace[f"step0001/param_after/{name}"], p)
+        np.testing.assert_array_equal(trace[f"step0001/param_after/{name}"], to_host(p))
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 from refimpl import checkpoint as ckpt
 from refimpl import training
 from refimpl.algorithm1 import Hyper
+from refimpl.backend import to_host
 from refimpl.model import paper_architecture
 from refimpl.training import (CsvLog, NonFiniteLoss, Run, RunConfig, TrainingInterrupted, build_architecture,
                               config_differences, downsample, moving_average, read_log, stream)
@@ -162,7 +163,7 @@ def test_run_writes_log_checkpoint_summary(tmp_path):
     arrays, meta = ckpt.load(tmp_path / "r" / "checkpoint.npz")
     assert meta["step"] == 12 and meta["adam_t"] == 12 and meta["target_batches"] == 12
     assert meta["c_ma"] == run.state.c_ma and meta["hit"] == run.state.hit
-    numpy.testing.assert_array_equal(arrays["model/gamma"], run.model.params["gamma"])
+    numpy.testing.assert_array_equal(arrays["model/gamma"], to_host(run.model.params["gamma"]))
     assert set(k[len("adam/m/"):] for k in arrays if k.startswith("adam/m/")) == set(run.state.optimizer.params)
     assert summary["step"] == 12 and summary["E2_last"] == cols["E2"][-1]
     assert summary["E2_ma95"] == pytest.approx(moving_average(cols["E2"]), rel=1e-12)
@@ -288,7 +289,7 @@ def test_baseline_never_samples_gates(tmp_path):
     assert set(cols["hit"]) == {0} and set(cols["l0_added"]) == {0}
     assert cols["E1"] == cols["E2"]  # nu1 = nu2 = 1 on every step
     assert set(cols["open_gates"]) == {4}
-    numpy.testing.assert_array_equal(run.model.params["gamma"], numpy.full(4, Hyper(tau=0).gamma_init, numpy.float32))
+    numpy.testing.assert_array_equal(to_host(run.model.params["gamma"]), numpy.full(4, Hyper(tau=0).gamma_init, numpy.float32))
     with pytest.raises(ValueError, match="baseline"):
         RunConfig(**TINY, baseline=True, hyper={"tau": 3.0})
 
