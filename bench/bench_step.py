@@ -14,9 +14,11 @@ gradient and ``torch.optim.Adam``; its bookkeeping is kept to what refimpl does.
 Both sides run in one process, interleaved, on the same batch; the table gives medians.
 ``--backend numpy`` compares with PyTorch on the CPU (same thread count); ``--backend cupy``
 with PyTorch on the same CUDA device, TF32 off on both (CuPy's default; torch's flags set
-here), each side synchronised before its clock stops. On the GPU the table also gives each
-side's peak device memory: CuPy's memory pool (``total_bytes``, what the pool holds) and
-torch's ``max_memory_reserved``, both after the timed runs.
+here), each side synchronised before its clock stops. The table also gives each side's peak
+memory: on the CPU the peak resident size of a fresh process running only that side
+(bench/step_memory.py; torch's includes its ~220 MiB import); on the GPU CuPy's memory
+pool (``total_bytes``, what the pool holds) and torch's ``max_memory_reserved``, both
+after the timed runs.
 
     .venv/bin/python bench/bench_step.py --repeats 30 --out bench/results/step_cpu.md
     python bench/bench_step.py --backend cupy --repeats 100 --out bench/results/step_gpu.md
@@ -29,6 +31,7 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,36 +110,51 @@ def nothing():
 
 
 def device_tools(backend):
-    """(xp, torch device, refimpl sync, torch sync, peak-memory reader or None) for ``backend``.
+    """(xp, torch device, refimpl sync, torch sync) for ``backend``.
 
-    On the GPU every timed call ends with a synchronize of its own side, and the peak
-    reader gives the MiB held by CuPy's default pool and by torch's caching allocator.
+    On the GPU every timed call ends with a synchronize of its own side.
     """
     xp = get_xp(backend)
     if backend == "numpy":
-        return xp, "cpu", nothing, nothing, None
+        return xp, "cpu", nothing, nothing
     side_by_side.gpu_setup(torch)
-    pool = xp.get_default_memory_pool()
-
-    def peaks():
-        ours = pool.total_bytes() / 2**20
-        theirs = torch.cuda.max_memory_reserved() / 2**20 if torch is not None else float("nan")
-        return ours, theirs
-
-    return xp, "cuda", xp.cuda.Device().synchronize, (torch.cuda.synchronize if torch else nothing), peaks
+    return xp, "cuda", xp.cuda.Device().synchronize, (torch.cuda.synchronize if torch else nothing)
 
 
-def run(repeats, warmup, batch, n_latent, channels, dtypes, backend):
+def reset_gpu_peaks(xp):
+    """Empty both allocators' pools and torch's peak counter, so each table row measures its own peak."""
+    xp.get_default_memory_pool().free_all_blocks()
+    if torch is not None:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peaks(xp):
+    """(refimpl, torch) MiB held: CuPy's default pool and torch's caching allocator (its peak)."""
+    theirs = torch.cuda.max_memory_reserved() / 2**20 if torch is not None else float("nan")
+    return xp.get_default_memory_pool().total_bytes() / 2**20, theirs
+
+
+def cpu_peaks(dtype, gated, batch, n_latent, channels):
+    """(refimpl, torch) peak resident MiB of a CPU step, each side alone in a fresh process."""
+    peaks = []
+    for side in ("refimpl", "torch") if torch is not None else ("refimpl",):
+        args = [side, numpy.dtype(dtype).name, "gated" if gated else "plain", str(batch), str(n_latent), str(channels)]
+        out = subprocess.run([sys.executable, str(Path(__file__).with_name("step_memory.py")), *args],
+                             capture_output=True, text=True, check=True).stdout
+        peaks.append(float(out.split()[1]))
+    return (*peaks, float("nan"))[:2]
+
+
+def run(repeats, warmup, batch, n_latent, channels, dtypes, backend, memory=True):
     rows = []
-    xp, device, sync_ours, sync_theirs, peaks = device_tools(backend)
+    xp, device, sync_ours, sync_theirs = device_tools(backend)
+    gpu = backend != "numpy"
     x = (generator(7).uniform(size=(batch, channels, 64, 64)) > 0.7).astype(numpy.float64)
     for dtype in dtypes:
         for gated in (True, False):
-            if peaks is not None:  # peak memory per configuration: start from empty pools
-                xp.get_default_memory_pool().free_all_blocks()
-                if torch is not None:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
+            if gpu:
+                reset_gpu_peaks(xp)
             model, ours = refimpl_step(dtype, gated, n_latent, x, xp)
             theirs = torch_step(model, dtype, gated, x, device) if torch is not None else None
             t_ours, t_theirs = [], []
@@ -152,12 +170,15 @@ def run(repeats, warmup, batch, n_latent, channels, dtypes, backend):
                         acc.append(time.perf_counter() - t0)
             ours_ms = median_ms(t_ours)
             theirs_ms = median_ms(t_theirs) if t_theirs else float("nan")
-            mem = peaks() if peaks is not None else (None, None)
+            if gpu:
+                mem = gpu_peaks(xp)
+            else:
+                mem = cpu_peaks(dtype, gated, batch, n_latent, channels) if memory else (None, None)
             rows.append(("gated (2 decoder passes)" if gated else "plain (1 decoder pass)", numpy.dtype(dtype).name,
                          ours_ms, theirs_ms, ours_ms / theirs_ms, *mem))
             line = (f"{rows[-1][0]:26s} {rows[-1][1]:8s} refimpl {ours_ms:8.2f} ms  torch {theirs_ms:8.2f} ms  "
                     f"ratio {rows[-1][4]:.2f}")
-            if peaks is not None:
+            if mem[0] is not None:
                 line += f"  peak MiB refimpl {mem[0]:.0f} torch {mem[1]:.0f}"
             print(line, flush=True)
     return rows
@@ -165,14 +186,19 @@ def run(repeats, warmup, batch, n_latent, channels, dtypes, backend):
 
 def machine(backend):
     if backend == "numpy":
-        return (f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}; numpy {numpy.__version__}, "
-                f"torch {torch.__version__ if torch else 'absent'} ({torch.get_num_threads() if torch else '-'} threads).")
+        from bench_layers import blas_info, cpu_model
+
+        blas, threads = blas_info()
+        return (f"{os.cpu_count()} cores, {cpu_model()}; numpy {numpy.__version__} with {blas}, {threads} BLAS "
+                f"threads; torch {torch.__version__ if torch else 'absent'} "
+                f"({torch.get_num_threads() if torch else '-'} threads).")
     return side_by_side.gpu_setup(torch) + f"; numpy {numpy.__version__}."
 
 
 def to_markdown(rows, args):
     peer = "PyTorch CPU" if args.backend == "numpy" else "PyTorch CUDA"
     gpu = args.backend == "cupy"
+    mem = rows and rows[0][5] is not None
     lines = [
         f"# Training step, refimpl ({'NumPy' if not gpu else 'CuPy'}) vs {peer} — {datetime.date.today().isoformat()}",
         "",
@@ -181,12 +207,12 @@ def to_markdown(rows, args):
         f"interleaved runs after {args.warmup} warm-up runs. Command: `python bench/bench_step.py "
         f"--backend {args.backend} --repeats {args.repeats} --channels {args.channels}`.",
         "",
-        "| step | dtype | refimpl ms | torch ms | ratio (refimpl / torch) |" + (" peak MiB refimpl | peak MiB torch |" if gpu else ""),
-        "|---|---|---:|---:|---:|" + ("---:|---:|" if gpu else ""),
+        "| step | dtype | refimpl ms | torch ms | ratio (refimpl / torch) |" + (" peak MiB refimpl | peak MiB torch |" if mem else ""),
+        "|---|---|---:|---:|---:|" + ("---:|---:|" if mem else ""),
     ]
     for r in rows:
         line = f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} |"
-        lines.append(line + (f" {r[5]:.0f} | {r[6]:.0f} |" if gpu else ""))
+        lines.append(line + (f" {r[5]:.0f} | {r[6]:.0f} |" if mem else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -200,12 +226,14 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "float64", "both"), default="both")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                    help="numpy: against PyTorch CPU; cupy: against PyTorch CUDA on the same GPU")
+    p.add_argument("--no-memory", action="store_true", help="CPU: skip the peak-memory processes")
     p.add_argument("--out", help="write the table as markdown to this file (atomically)")
     args = p.parse_args(argv)
     if torch is None:
         print(TORCH_MISSING, file=sys.stderr)
     dtypes = [numpy.float32, numpy.float64] if args.dtype == "both" else [numpy.dtype(args.dtype).type]
-    rows = run(args.repeats, args.warmup, args.batch, args.latent, args.channels, dtypes, args.backend)
+    rows = run(args.repeats, args.warmup, args.batch, args.latent, args.channels, dtypes, args.backend,
+               memory=not args.no_memory)
     if args.out:
         text = to_markdown(rows, args)
         atomic_write(args.out, lambda f: f.write(text.encode()))
