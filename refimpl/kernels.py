@@ -7,7 +7,10 @@ function here replaces one such chain with a single ``cupy.ElementwiseKernel``:
 - :func:`adam_update`: Adam's ~13 array operations per parameter (refimpl/adam.py);
 - :func:`im2col` and :func:`col2im`: the pad and the ``kh * kw`` slice copies or adds of
   refimpl/layers/im2col.py, as one gather each (every output element reads its inputs;
-  no atomics, and col2im sums its terms in the reference's order).
+  no atomics, and col2im sums its terms in the reference's order);
+- BatchNorm's elementwise chains (refimpl/layers/batchnorm.py): the per-channel running
+  statistics and 1/sqrt(var + eps), the normalisation with the affine map, and the
+  training-mode input gradient; its reductions stay CuPy's.
 
 The plain array code stays the reference and runs on NumPy; callers use these only when
 :func:`on_gpu` says their arrays are CuPy's and :data:`ENABLED` is true (the environment
@@ -96,6 +99,32 @@ _SOURCES = {
         dx = acc;
         """,
     ),
+    # refimpl/layers/batchnorm.py: per channel, the running statistics (in place) ...
+    "bn_running": (
+        "T mean, T var, T m, T one_minus_m, T var_scale",
+        "T running_mean, T running_var",
+        """
+        running_mean = m * running_mean + one_minus_m * mean;
+        running_var = m * running_var + one_minus_m * (var * var_scale);
+        """,
+    ),
+    # ... and 1 / sqrt(var + eps)
+    "bn_inv_std": ("T var, T eps", "T inv_std", "inv_std = (T)1 / sqrt(var + eps);"),
+    # x_hat and y = w x_hat + b; per-channel operands broadcast as (1, C, 1, 1) or (1, C)
+    "bn_normalize": (
+        "T x, T mean, T inv_std, T w, T b",
+        "T x_hat, T y",
+        """
+        x_hat = (x - mean) * inv_std;
+        y = w * x_hat + b;
+        """,
+    ),
+    # training mode: dx = w inv_std (dy - sum(dy) / m - x_hat sum(dy x_hat) / m)
+    "bn_backward": (
+        "T dy, T x_hat, T w, T inv_std, T sum_dy, T sum_dy_x_hat, T m",
+        "T dx",
+        "dx = (w * inv_std) * ((dy - sum_dy / m) - x_hat * (sum_dy_x_hat / m));",
+    ),
 }
 
 
@@ -126,3 +155,27 @@ def col2im(cols, x_shape, kernel, stride, padding, out_size):
     dx = xp.empty((n, c, h, w), dtype=cols.dtype)
     _kernel("col2im")(xp.ascontiguousarray(cols), n, c, h, w, kh, kw, ho, wo, sh, sw, ph, pw, dx)
     return dx
+
+
+def batchnorm_running_update(running_mean, running_var, mean, var, *, momentum, var_scale) -> None:
+    """In place: running = momentum running + (1 - momentum) batch, for the mean and var * var_scale.
+
+    running_*: (C,); mean, var: (C,) (callers flatten their (1, C, 1, 1) statistics).
+    """
+    t = running_mean.dtype.type
+    _kernel("bn_running")(mean, var, t(momentum), t(1 - momentum), t(var_scale), running_mean, running_var)
+
+
+def batchnorm_inv_std(var, eps):
+    """1 / sqrt(var + eps), elementwise."""
+    return _kernel("bn_inv_std")(var, var.dtype.type(eps))
+
+
+def batchnorm_normalize(x, mean, inv_std, weight, bias):
+    """(x_hat, y): x_hat = (x - mean) inv_std, y = weight x_hat + bias; per-channel arrays shaped to broadcast."""
+    return _kernel("bn_normalize")(x, mean, inv_std, weight, bias)
+
+
+def batchnorm_backward(dy, x_hat, weight, inv_std, sum_dy, sum_dy_x_hat, m):
+    """Training-mode dx of BatchNorm from the per-channel sums of dy and dy x_hat over m values."""
+    return _kernel("bn_backward")(dy, x_hat, weight, inv_std, sum_dy, sum_dy_x_hat, dy.dtype.type(m))

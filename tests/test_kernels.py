@@ -95,3 +95,33 @@ def test_adam_kernel_equals_the_reference(dtype, ulps):
                                 ("v", device_opt.v[k], host_opt.v[k])):
             tol = ulps * np.spacing(np.abs(ref).astype(dtype)).max()
             np.testing.assert_allclose(to_host(ours), ref, rtol=0, atol=tol, err_msg=f"{name} of {k}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@given(n=st.integers(2, 5), c=st.integers(1, 4), hw=st.sampled_from([None, (1, 3), (4, 5)]),
+       training=st.booleans(), running_var=st.sampled_from(["biased", "unbiased"]), seed=st.integers(0, 2**32 - 1))
+def test_batchnorm_kernels_equal_the_plain_code_on_the_gpu(dtype, rtol, n, c, hw, training, running_var, seed):
+    """BatchNorm with the fused kernels and with kernels.ENABLED = False, on the same CuPy inputs."""
+    from refimpl.layers import BatchNorm
+
+    cp = get_xp("cupy")
+    rng = np.random.default_rng(seed)
+    shape = (n, c) if hw is None else (n, c, *hw)
+    x, dy = rng.standard_normal(shape) * 3 + 1, rng.standard_normal(shape)
+    state = {"weight": rng.uniform(-2, 2, c), "bias": rng.standard_normal(c),
+             "running_mean": rng.standard_normal(c), "running_var": rng.uniform(0.5, 2.0, c)}
+    results = []
+    for enabled in (True, False):
+        kernels.ENABLED = enabled
+        try:
+            layer = BatchNorm(c, 0.8, 1e-3, running_var, xp=cp, dtype=dtype).train(training)
+            layer.load_state_dict(state)
+            y = layer.forward(to_device(x, cp, dtype))
+            dx = layer.backward(to_device(dy, cp, dtype))
+            results.append({"y": y, "dx": dx, **layer.gradients(), **dict(layer.named_buffers())})
+        finally:
+            kernels.ENABLED = True
+    fused, plain = results
+    for key in plain:
+        np.testing.assert_allclose(to_host(fused[key]), to_host(plain[key]), rtol=rtol, atol=rtol, err_msg=key)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy
 
+from .. import kernels
 from .layer import Layer
 
 RUNNING_VARS = ("biased", "unbiased")
@@ -55,6 +56,7 @@ class BatchNorm(Layer):
 
     def forward(self, x, cache=True):
         axes, bshape = self._axes_and_shape(x)
+        gpu = kernels.on_gpu(x)  # CuPy: the elementwise chains below as fused kernels (refimpl/kernels.py)
         if self.training:
             count = x.size // self.num_features
             if count < 2:
@@ -63,17 +65,31 @@ class BatchNorm(Layer):
             centred = x - mean
             var = (centred * centred).mean(axis=axes, keepdims=True)
             if self.update_running:
-                stored_var = var if self.running_var == "biased" else var * (count / (count - 1))
-                m = self.momentum
-                self.buffers["running_mean"][...] = m * self.buffers["running_mean"] + (1 - m) * mean.reshape(-1)
-                self.buffers["running_var"][...] = m * self.buffers["running_var"] + (1 - m) * stored_var.reshape(-1)
+                var_scale = 1.0 if self.running_var == "biased" else count / (count - 1)
+                self._update_running(mean.reshape(-1), var.reshape(-1), var_scale, gpu)
         else:
-            centred = x - self.buffers["running_mean"].reshape(bshape)
+            mean = self.buffers["running_mean"].reshape(bshape)
             var = self.buffers["running_var"].reshape(bshape)
-        inv_std = 1.0 / (var + self.eps) ** 0.5
-        x_hat = centred * inv_std
+            centred = None if gpu else x - mean
+        weight, bias = self.params["weight"].reshape(bshape), self.params["bias"].reshape(bshape)
+        if gpu:
+            inv_std = kernels.batchnorm_inv_std(var, self.eps)
+            x_hat, y = kernels.batchnorm_normalize(x, mean, inv_std, weight, bias)
+        else:
+            inv_std = 1.0 / (var + self.eps) ** 0.5
+            x_hat = centred * inv_std
+            y = weight * x_hat + bias
         self._cache = (x_hat, inv_std, axes, bshape, self.training) if cache else None
-        return self.params["weight"].reshape(bshape) * x_hat + self.params["bias"].reshape(bshape)
+        return y
+
+    def _update_running(self, mean, var, var_scale, gpu):
+        """running = momentum * running + (1 - momentum) * batch; the variance stored is var * var_scale."""
+        m, running_mean, running_var = self.momentum, self.buffers["running_mean"], self.buffers["running_var"]
+        if gpu:
+            kernels.batchnorm_running_update(running_mean, running_var, mean, var, momentum=m, var_scale=var_scale)
+            return
+        running_mean[...] = m * running_mean + (1 - m) * mean
+        running_var[...] = m * running_var + (1 - m) * (var * var_scale)
 
     def backward(self, dy):
         x_hat, inv_std, axes, bshape, training = self._take_cache()
@@ -81,10 +97,13 @@ class BatchNorm(Layer):
         sum_dy_x_hat = (dy * x_hat).sum(axis=axes, keepdims=True)
         self.grads["bias"] += sum_dy.reshape(-1)
         self.grads["weight"] += sum_dy_x_hat.reshape(-1)
-        scale = self.params["weight"].reshape(bshape) * inv_std  # dy/dx_hat * dx_hat/dx, per channel
+        weight = self.params["weight"].reshape(bshape)
+        m = x_hat.size // self.num_features
+        if training and kernels.on_gpu(dy):  # the expression below as one kernel
+            return kernels.batchnorm_backward(dy, x_hat, weight, inv_std, sum_dy, sum_dy_x_hat, m)
+        scale = weight * inv_std  # dy/dx_hat * dx_hat/dx, per channel
         if not training:
             return dy * scale
         # d/dx of (x - mean) / sqrt(var + eps) with mean and var taken from the batch itself:
         # dx = w inv_std (dy - mean(dy) - x_hat mean(dy x_hat)), means over the m values of a channel
-        m = x_hat.size // self.num_features
         return scale * (dy - sum_dy / m - x_hat * (sum_dy_x_hat / m))
