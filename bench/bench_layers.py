@@ -301,6 +301,22 @@ def ms(v):
     return f"{v:.2f}" if v is not None else "n/a"
 
 
+def model_sums(results, dtype):
+    """(refimpl with fused decoder blocks, refimpl with the reference pairs, torch or None): summed ms of
+    every layer's forward+backward; torch counts each decoder block once, the mean of its two rows."""
+    rows = [(c, v) for (c, d), v in results.items() if d == dtype]
+    fused = sum(o for c, (o, _) in rows if c.variant != "pair")
+    pairs = sum(o for c, (o, _) in rows if c.variant != "fused")
+    if any(t is None for _, (_, t) in rows):
+        return fused, pairs, None
+    block_t = {}
+    for c, (_, t) in rows:
+        if c.block:
+            block_t.setdefault(c.block, []).append(t)
+    theirs = sum(t for c, (_, t) in rows if not c.block) + sum(statistics.mean(ts) for ts in block_t.values())
+    return fused, pairs, theirs
+
+
 def tables(results, dtypes, totals=True):
     """Markdown lines: the per-layer table, the pair-vs-fused table and (``totals``) per-dtype sums."""
     lines = ["| layer | shape / op | dtype | refimpl ms | torch ms | ratio (refimpl/torch) |",
@@ -331,21 +347,33 @@ def tables(results, dtypes, totals=True):
               "| dtype | refimpl, fused decoder ms | refimpl, reference pairs ms | torch ms | ratio (fused/torch) |"
               " ratio (pairs/torch) |", "|---|---:|---:|---:|---:|---:|"]
     for dtype in dtypes:
-        rows = [(c, v) for (c, d), v in results.items() if d == dtype]
-        fused = sum(o for c, (o, _) in rows if c.variant != "pair")
-        pairs = sum(o for c, (o, _) in rows if c.variant != "fused")
-        if all(t is not None for _, (_, t) in rows):
-            plain = sum(t for c, (_, t) in rows if not c.block)
-            block_t = {}
-            for c, (_, t) in rows:
-                if c.block:
-                    block_t.setdefault(c.block, []).append(t)
-            theirs = plain + sum(statistics.mean(ts) for ts in block_t.values())
-        else:
-            theirs = None
+        fused, pairs, theirs = model_sums(results, dtype)
         lines.append(f"| {dtype} | {ms(fused)} | {ms(pairs)} | {ms(theirs)} | {ratio(fused, theirs) if theirs else 'n/a'} | "
                      f"{ratio(pairs, theirs) if theirs else 'n/a'} |")
     return lines
+
+
+def prepare(args) -> dict:
+    """Set the thread counts (``args.threads``, torch matched to the BLAS), print and return the environment."""
+    if torch is None:
+        print(TORCH_MISSING, file=sys.stderr)
+    if args.threads is not None:
+        if not set_blas_threads(args.threads):
+            print(f"--threads {args.threads}: cannot set numpy's BLAS threads (no threadpoolctl, no OpenBLAS); "
+                  "set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS instead", file=sys.stderr)
+        if torch is not None:
+            torch.set_num_threads(args.threads)
+    env, blas_threads = environment(args)
+    if torch is not None and blas_threads is not None and torch.get_num_threads() != blas_threads:
+        torch.set_num_threads(blas_threads)  # same thread count on both sides
+        env["torch threads"] = f"{torch.get_num_threads()} (set to match the BLAS)"
+    for key, value in env.items():
+        print(f"{key}: {value}")
+    busy = os.getloadavg()[0]
+    if busy > 0.5 * len(os.sched_getaffinity(0)):
+        env["warning"] = f"1-minute load average {busy:.2f} at start: other processes compete for the CPUs"
+        print(f"warning: {env['warning']}; timings (and torch's more than numpy's) will be inflated", file=sys.stderr)
+    return env
 
 
 def main(argv=None):
@@ -365,24 +393,7 @@ def main(argv=None):
     if args.batch < 2 or args.repeats < 1 or args.warmup < 0 or args.n_latent < 1 or (args.threads or 1) < 1:
         parser.error("--batch must be >= 2 (BatchNorm), --repeats >= 1, --warmup >= 0, --n-latent >= 1, --threads >= 1")
 
-    if torch is None:
-        print(TORCH_MISSING, file=sys.stderr)
-    if args.threads is not None:
-        if not set_blas_threads(args.threads):
-            print(f"--threads {args.threads}: cannot set numpy's BLAS threads (no threadpoolctl, no OpenBLAS); "
-                  "set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS instead", file=sys.stderr)
-        if torch is not None:
-            torch.set_num_threads(args.threads)
-    env, blas_threads = environment(args)
-    if torch is not None and blas_threads is not None and torch.get_num_threads() != blas_threads:
-        torch.set_num_threads(blas_threads)  # same thread count on both sides
-        env["torch threads"] = f"{torch.get_num_threads()} (set to match the BLAS)"
-    for key, value in env.items():
-        print(f"{key}: {value}")
-    busy = os.getloadavg()[0]
-    if busy > 0.5 * len(os.sched_getaffinity(0)):
-        env["warning"] = f"1-minute load average {busy:.2f} at start: other processes compete for the CPUs"
-        print(f"warning: {env['warning']}; timings (and torch's more than numpy's) will be inflated", file=sys.stderr)
+    env = prepare(args)
 
     xp = get_xp(args.backend)
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
