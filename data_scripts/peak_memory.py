@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     rows = [("imports only", measure("none", "-", 0))]
     rows.append(("synthetic-dsprites (no file)", measure("synthetic-dsprites", "-", args.batches)))
     rows += [(label, measure(name, str(path), args.batches)) for label, (name, path, _) in files.items()]
-    print(f"\n| dataset | peak RSS (VmHWM) | at end: heap / file pages | open | per batch of 64 |")
+    print("\n| dataset | peak RSS (VmHWM) | at end: heap / file pages | open | per batch of 64 |")
     print("| --- | --- | --- | --- | --- |")
     for label, r in rows:
         print(f"| {label} | {r['VmHWM']:.0f} MiB | {r['RssAnon']:.0f} / {r['RssFile']:.0f} MiB | {r['open_s']:.1f} s "

@@ -28,7 +28,7 @@ gamma <= 0 (Section 2.2); open gates pass exactly 1 (interpretation (j)).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy
 

@@ -181,7 +181,7 @@ def test_shapes3d_uncompressed_copy(tmp_path, monkeypatch):
     path = tmp_path / "3dshapes.h5"
     images, labels = write_h5(path, n=30)
     out = shapes3d.convert_shapes3d(path, tmp_path / "3dshapes.npz", rows=10)  # 8 rows a read: 2 whole chunks
-    assert sorted(os.listdir(tmp_path)) == ["3dshapes.h5", "3dshapes.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["3dshapes.h5", "3dshapes.npz"] and out == tmp_path / "3dshapes.npz"
     fast = load_shapes3d(tmp_path)  # the folder: the npz is preferred
     assert isinstance(fast, shapes3d.Shapes3DArray) and isinstance(fast.images, FileRows)
     assert fast.name == "shapes3d" and fast.shape == (3, 64, 64) and len(fast) == 30
