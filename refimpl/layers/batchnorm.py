@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy
 
 from .. import kernels
+from ..backend import array_module
 from .layer import Layer
 
 RUNNING_VARS = ("biased", "unbiased")
@@ -56,6 +57,7 @@ class BatchNorm(Layer):
 
     def forward(self, x, cache=True):
         axes, bshape = self._axes_and_shape(x)
+        xp = array_module(x)
         gpu = kernels.on_gpu(x)  # CuPy: the elementwise chains below as fused kernels (refimpl/kernels.py)
         if self.training:
             count = x.size // self.num_features
@@ -63,7 +65,8 @@ class BatchNorm(Layer):
                 raise ValueError(f"BatchNorm in training mode needs >= 2 values per channel, got x of shape {tuple(x.shape)}")
             mean = x.mean(axis=axes, keepdims=True)
             centred = x - mean
-            var = (centred * centred).mean(axis=axes, keepdims=True)
+            squares = centred * centred  # becomes y's buffer below (fewer fresh arrays: page faults)
+            var = squares.mean(axis=axes, keepdims=True)
             if self.update_running:
                 var_scale = 1.0 if self.running_var == "biased" else count / (count - 1)
                 self._update_running(mean.reshape(-1), var.reshape(-1), var_scale, gpu)
@@ -71,14 +74,17 @@ class BatchNorm(Layer):
             mean = self.buffers["running_mean"].reshape(bshape)
             var = self.buffers["running_var"].reshape(bshape)
             centred = None if gpu else x - mean
+            squares = None
         weight, bias = self.params["weight"].reshape(bshape), self.params["bias"].reshape(bshape)
         if gpu:
             inv_std = kernels.batchnorm_inv_std(var, self.eps)
             x_hat, y = kernels.batchnorm_normalize(x, mean, inv_std, weight, bias)
         else:
             inv_std = 1.0 / (var + self.eps) ** 0.5
-            x_hat = centred * inv_std
-            y = weight * x_hat + bias
+            x_hat = centred
+            x_hat *= inv_std  # x_hat = (x - mean) inv_std, in centred's memory
+            y = xp.multiply(x_hat, weight, out=squares)  # y = weight x_hat + bias
+            y += bias
         self._cache = (x_hat, inv_std, axes, bshape, self.training) if cache else None
         return y
 
@@ -94,7 +100,8 @@ class BatchNorm(Layer):
     def backward(self, dy):
         x_hat, inv_std, axes, bshape, training = self._take_cache()
         sum_dy = dy.sum(axis=axes, keepdims=True)
-        sum_dy_x_hat = (dy * x_hat).sum(axis=axes, keepdims=True)
+        dy_x_hat = dy * x_hat  # its memory is reused below
+        sum_dy_x_hat = dy_x_hat.sum(axis=axes, keepdims=True)
         self.grads["bias"] += sum_dy.reshape(-1)
         self.grads["weight"] += sum_dy_x_hat.reshape(-1)
         weight = self.params["weight"].reshape(bshape)
@@ -106,4 +113,7 @@ class BatchNorm(Layer):
             return dy * scale
         # d/dx of (x - mean) / sqrt(var + eps) with mean and var taken from the batch itself:
         # dx = w inv_std (dy - mean(dy) - x_hat mean(dy x_hat)), means over the m values of a channel
-        return scale * (dy - sum_dy / m - x_hat * (sum_dy_x_hat / m))
+        dx = dy - sum_dy / m
+        dx -= array_module(dy).multiply(x_hat, sum_dy_x_hat / m, out=dy_x_hat)
+        dx *= scale
+        return dx
