@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy
 
-from .atomic import atomic_write, remove_stale_temporaries  # noqa: F401 (re-exported for callers)
+from .atomic import atomic_write
 
 FORMAT = 1
 

@@ -345,7 +345,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    from .evaluate import heldout_indices, image_grid, reconstructions, spread_indices
+    from .evaluate import heldout_indices, image_grid, reconstructions, save_image, spread_indices
 
     run = _load(args.run, args.backend)
     if args.indices is not None:
@@ -360,8 +360,7 @@ def cmd_reconstruct(args) -> int:
     size = run.arch.image_shape[1]
     scale = args.scale if args.scale is not None else max(1, 128 // size)
     out = Path(args.out) if args.out else run.out / "reconstructions.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid([originals, recons], scale=scale).save(out)
+    save_image(image_grid([originals, recons], scale=scale), out)
     print(f"{len(indices)} originals (top) and reconstructions with {run.model.open_gates()}/{run.config.latent} "
           f"gates open (bottom), step {run.state.step}: {out}")
     return 0

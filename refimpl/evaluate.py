@@ -20,6 +20,7 @@ import numpy
 
 from . import checkpoint as ckpt
 from .algorithm1 import per_image_error
+from .atomic import atomic_write
 from .backend import backend_name, get_dtype, get_xp, to_device, to_host
 from .data import eval_batches
 from .model import GatedVAE, prune
@@ -83,7 +84,7 @@ def evaluate(run: Run, limit: int | None = None, batch_size: int = 250) -> dict:
 def write_json(path, data: dict) -> Path:
     path = Path(path)
     text = json.dumps(data, indent=2)
-    ckpt.atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
 
@@ -113,6 +114,13 @@ def image_grid(rows, scale: int = 1, pad: int = 2, background: float = 0.5):
     if scale != 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     return image
+
+
+def save_image(image, path) -> Path:
+    """Write a Pillow image as PNG to ``path``, atomically."""
+    path = Path(path)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+    return path
 
 
 def spread_indices(indices, count: int):
@@ -147,7 +155,7 @@ def export(run: Run, out_dir) -> tuple[Path, Path]:
         "config": run.config.to_dict(),
     }
     npz, js = out_dir / "model.npz", out_dir / "model.json"
-    ckpt.atomic_write(npz, lambda f: numpy.savez(f, **arrays))
+    atomic_write(npz, lambda f: numpy.savez(f, **arrays))
     write_json(js, meta)
     return npz, js
 

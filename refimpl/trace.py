@@ -53,7 +53,7 @@ import numpy
 from . import __version__
 from .algorithm1 import train_step
 from .backend import to_host
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 
 FORMAT = "refimpl-trace"
 VERSION = 1

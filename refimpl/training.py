@@ -41,6 +41,7 @@ import numpy
 
 from . import checkpoint as ckpt
 from .algorithm1 import Hyper, init_state, train_step
+from .atomic import atomic_write, remove_stale_temporaries
 from .backend import backend_name, get_dtype, get_xp, to_device, to_host
 from .data import BatchIterator, DEFAULT_DATASET, open_dataset, split_indices
 from .model import Architecture, ConvSpec, GatedVAE, default_fused
@@ -287,7 +288,7 @@ class CsvLog:
                 break
             kept.append(line)
         text = "\n".join(kept) + "\n"
-        ckpt.atomic_write(path, lambda f: f.write(text.encode()))
+        atomic_write(path, lambda f: f.write(text.encode()))
         return len(kept) - 1
 
 
@@ -499,9 +500,9 @@ class Run:
         out.mkdir(parents=True, exist_ok=True)
         for name in (LOG_FILE, SUMMARY_FILE):
             (out / name).unlink(missing_ok=True)
-        ckpt.remove_stale_temporaries(out)
+        remove_stale_temporaries(out)
         text = json.dumps({"config": config.to_dict(), "architecture": arch_to_dict(arch)}, indent=2)
-        ckpt.atomic_write(out / CONFIG_FILE, lambda f: f.write(text.encode()))
+        atomic_write(out / CONFIG_FILE, lambda f: f.write(text.encode()))
         run.save_checkpoint()
         return run
 
@@ -522,7 +523,7 @@ class Run:
         run._build(arch_from_dict(meta["architecture"]), bool(config.fused))
         run._restore(arrays, meta)
         if for_training:
-            ckpt.remove_stale_temporaries(run.out)
+            remove_stale_temporaries(run.out)
             run._make_batches()
             CsvLog.truncate(run.out / LOG_FILE, run.state.step)
         return run
@@ -638,32 +639,21 @@ class Run:
     def write_summary(self) -> dict:
         summary = self.summary()
         text = json.dumps(summary, indent=2)
-        ckpt.atomic_write(self.out / SUMMARY_FILE, lambda f: f.write(text.encode()))
+        atomic_write(self.out / SUMMARY_FILE, lambda f: f.write(text.encode()))
         return summary
 
 
 def config_differences(stored: RunConfig, given: dict) -> list[str]:
     """The entries of ``given`` (config field -> value, ``hyper`` a dict) that differ from ``stored``."""
-    diffs = []
     stored_d = stored.to_dict()
-    for key, value in given.items():
-        if key == "hyper":
-            for hk, hv in value.items():
-                old = stored_d["hyper"].get(hk, getattr(Hyper, hk, None) if hk != "tau" else None)
-                if isinstance(old, list):
-                    old = tuple(old)
-                if isinstance(hv, list):
-                    hv = tuple(hv)
-                if old != hv:
-                    diffs.append(f"{hk}={hv!r} (the run has {old!r})")
-        else:
-            old = stored_d.get(key)
-            if isinstance(old, list):
-                old = tuple(old)
-            if isinstance(value, list):
-                value = tuple(value)
-            if old != value:
-                diffs.append(f"{key}={value!r} (the run has {old!r})")
+    pairs = [(k, v, stored_d.get(k)) for k, v in given.items() if k != "hyper"]
+    pairs += [(k, v, stored_d["hyper"].get(k, getattr(Hyper, k, None) if k != "tau" else None))
+              for k, v in given.get("hyper", {}).items()]
+    diffs = []
+    for key, value, old in pairs:
+        value, old = (tuple(a) if isinstance(a, list) else a for a in (value, old))  # JSON stores tuples as lists
+        if old != value:
+            diffs.append(f"{key}={value!r} (the run has {old!r})")
     return diffs
 
 

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from refimpl.experiments import figure1, figure2, figure3, table1
+from refimpl.evaluate import image_grid, save_image
+from refimpl.experiments import common, figure1, figure2, figure3, table1
 from refimpl.training import Run, moving_average, read_log
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -105,3 +106,36 @@ def test_experiment_errors_are_one_line(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "holds a run with other settings (tau=20.0 (the run has 40.0))" in lines[0]
+
+
+def test_result_files_are_written_atomically(tmp_path):
+    """CSV (columns in order of first appearance), JSON and PNG go through atomic_write: a failed write
+    leaves the old file and no temporary beside it."""
+    path = common.write_csv(tmp_path / "r.csv", [{"tau": 1.0, "gates": 3}, {"tau": 2.0, "extra": "x"}])
+    with open(path, newline="") as f:
+        assert list(csv.reader(f)) == [["tau", "gates", "extra"], ["1.0", "3", ""], ["2.0", "", "x"]]
+    assert common.write_json(tmp_path / "r.json", {"a": [1, 2]}).read_text() == '{\n  "a": [\n    1,\n    2\n  ]\n}'
+    png = save_image(image_grid([[[[[0.0, 1.0]]]]]), tmp_path / "g.png")
+    old = png.read_bytes()
+    assert old.startswith(b"\x89PNG")
+
+    class Broken:
+        def save(self, f, format):
+            f.write(b"partial")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_image(Broken(), png)
+    assert png.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "r.csv", "r.json"]
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib (extra 'plots') not installed")
+def test_save_figure_writes_a_png_and_closes_the_figure(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig = common.pyplot().figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    path = common.save_figure(fig, tmp_path / "sub" / "f.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert not plt.fignum_exists(fig.number)

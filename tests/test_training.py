@@ -15,6 +15,7 @@ import pytest
 from refimpl import checkpoint as ckpt
 from refimpl import training
 from refimpl.algorithm1 import Hyper
+from refimpl.atomic import atomic_write
 from refimpl.backend import to_host
 from refimpl.model import paper_architecture
 from refimpl.training import (CsvLog, NonFiniteLoss, Run, RunConfig, TrainingInterrupted, build_architecture,
@@ -128,14 +129,14 @@ def test_csv_log_truncate_drops_later_and_torn_rows(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "f.bin"
-    ckpt.atomic_write(path, lambda f: f.write(b"old"))
+    atomic_write(path, lambda f: f.write(b"old"))
 
     def fail(f):
         f.write(b"partial")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        ckpt.atomic_write(path, fail)
+        atomic_write(path, fail)
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 

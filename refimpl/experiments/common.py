@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..algorithm1 import OPTIONS
+from ..atomic import atomic_write
 from ..backend import BACKENDS, DTYPES, BackendError
 from ..checkpoint import CheckpointError
 from ..data import DATASET_NAMES, DatasetError
@@ -152,22 +154,33 @@ def train_many(specs: list[dict], jobs: int = 1, quiet: bool = False, blas_threa
 
 
 def write_csv(path, rows: list[dict]) -> Path:
+    """``rows`` as CSV (columns in order of first appearance), written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
     return path
 
 
 def write_json(path, data) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+    return path
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out a matplotlib figure, write it as a 120-dpi PNG atomically, and close it."""
+    path = Path(path)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    import matplotlib.pyplot as plt  # installed: the figure was made with it
+
+    plt.close(fig)
     return path
 
 

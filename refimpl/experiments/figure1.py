@@ -92,10 +92,7 @@ def plot(log: dict, tau: float, latent: int, path) -> None:
     for ax in axes[1]:
         ax.set_xlabel("batch")
     fig.suptitle(f"Algorithm 1, n = {latent}, tau = {tau:g}")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def smooth(values, factor: float) -> list:

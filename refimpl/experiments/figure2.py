@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..evaluate import evaluate, image_grid, reconstructions
+from ..evaluate import evaluate, image_grid, reconstructions, save_image
 from ..training import Run
 from . import common
 
@@ -88,8 +88,7 @@ def run(argv=None) -> dict:
     import numpy
 
     grid = image_grid([numpy.concatenate([original] + recons)], scale=max(1, 96 // original.shape[-1]))
-    grid_path = out / "figure2_reconstructions.png"
-    grid.save(grid_path)
+    grid_path = save_image(grid, out / "figure2_reconstructions.png")
     png = out / "figure2.png"
     plot(rows, original, recons, png)
     front = ", ".join(f"tau {r['tau']:g}: {r['open_gates']}" for r in rows)
@@ -129,10 +128,7 @@ def plot(rows, original, recons, path) -> None:
         a.imshow(img.transpose(1, 2, 0).squeeze(), cmap="gray", vmin=0, vmax=1)
         a.set_title(title, fontsize=8)
         a.axis("off")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

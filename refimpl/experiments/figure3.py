@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..evaluate import evaluate, heldout_indices, image_grid, reconstructions, spread_indices
+from ..evaluate import evaluate, heldout_indices, image_grid, reconstructions, save_image, spread_indices
 from ..training import Run
 from . import common
 
@@ -70,7 +70,7 @@ def run(argv=None) -> dict:
                      "batches": summary["step"]})
     csv_path = common.write_csv(out / "figure3.csv", rows)
     png = out / "figure3.png"
-    image_grid(image_rows, scale=max(1, 128 // image_rows[0].shape[-1])).save(png)
+    save_image(image_grid(image_rows, scale=max(1, 128 // image_rows[0].shape[-1])), png)
     print(f"figure3: originals (top), tau {taus[0]:g} with {rows[0]['open_gates']} dims (middle), "
           f"tau {taus[1]:g} with {rows[1]['open_gates']} dims (bottom); {png}, {csv_path}")
     return {"csv": csv_path, "png": png, "rows": rows}

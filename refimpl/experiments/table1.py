@@ -107,10 +107,7 @@ def plot(latents, logs, marks, path) -> None:
     ax.set_title("gated VAE with 2n dimensions, tau = baseline error (dashed: n)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
