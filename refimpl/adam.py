@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from .backend import array_module, to_device, to_host
-from .kernels import adam_update, on_gpu
+from .kernels import adam_update, enabled_for
 
 
 class Adam:
@@ -50,7 +50,7 @@ class Adam:
         correction2 = 1 - b2**self.t
         for name, p in self.params.items():
             m, v = self.m[name], self.v[name]
-            if on_gpu(p):  # the same formulas as below, as one CUDA kernel (refimpl/kernels.py)
+            if enabled_for(p):  # the same formulas as below, as one CUDA kernel (refimpl/kernels.py)
                 adam_update(p, grads[name], m, v, sign=-1.0 if name in self.maximize else 1.0, b1=b1, b2=b2,
                             sqrt_c2=math.sqrt(correction2), eps=self.eps, step_size=self.lr / correction1)
                 continue

@@ -20,69 +20,58 @@ when gates are sampled (l. 4), then eps (B, n) for the reparameterisation (l. 11
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from .adam import Adam
 from .backend import array_module, to_host
 from .layers.activations import sigmoid
 from .model import GatedVAE
+from .optionspec import OptionError, float_pair, option
 from .rng import standard_normal, uniform
-
-OPTIONS = {
-    "error": ("sse", "l2"),  # (a)
-    "lambda_update": ("ascent", "descent"),  # (b)
-    "lambda_clamp_grad": ("outward", "zero"),  # (c)
-    "lambda_init_on": ("raw", "effective"),  # (d)
-    "encoder_output": ("logvar", "logstd"),  # (e)
-    "kl_normalizer": ("open", "all"),  # (f)
-    "hit": ("sticky", "per_step"),  # (g)
-    "e1_batchnorm": ("batch", "batch_update", "running"),  # (h)
-    "gate_samples": ("batch", "per_example"),  # (i)
-    "arm_objective": ("error", "loss"),  # (k)
-}
 
 
 @dataclass(frozen=True)
 class Hyper:
     """Algorithm 1's parameters (Section 4 defaults) and the interpretation switches.
 
-    Interpretations (defaults first; see INTERPRETATIONS.md for the reasons):
-    (a) error: "sse" squared error summed over pixels per image | "l2" the L2 norm of l. 12-13
-    (b) lambda_update: "ascent" maximise L over lambda (Sec. 2.1 min-max) | "descent" as l. 31 reads
-    (c) lambda_clamp_grad: "outward" clamp in the forward pass, zero only gradients that push
-        lambda' further out of [lambda_min, lambda_max] (Sonnet's GECO) | "zero" plain clamp
-    (d) lambda_init_on: "raw" lambda = lambda_init | "effective" lambda' = lambda_init
-    (e) encoder_output: "logvar" s = log sigma^2 (Eq. 15) | "logstd" s = log sigma (Eq. 3)
-    (f) kl_normalizer: "open" divide by ||nu2||_0 (l. 22; 0 when every gate is closed, as the
-        numerator is then 0 too) | "all" divide by n
-    (g) hit: "sticky" never resets (l. 25) | "per_step" hit = (C <= 0) of the previous step
-    (h) e1_batchnorm: the l. 12 decoder pass uses its own batch statistics and leaves the running
-        statistics alone | "batch_update" also updates them (twice per step) | "running" eval mode
-        (the L0-ARM authors' code)
-    (i) gate_samples: "batch" one u per batch | "per_example" one u per image
-    (k) arm_objective: "error" F = lambda' E as l. 29 | "loss" F = lambda' E + the KL term
+    Each field declares its ``refimpl train`` option (:func:`refimpl.optionspec.option`);
+    a switch's metadata holds its choices (default first) and its letter in
+    ``refimpl/INTERPRETATIONS.md``, where the reasons for each default are given.
     """
 
-    tau: float
-    alpha: float = 0.99
-    k: float = 7.0
-    lambda_min: float = 1e-5
-    lambda_max: float = 5.0
-    lr: float = 1e-3
-    betas: tuple = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    gamma_init: float = 0.42
-    lambda_init: float = 1.0
-    error: str = "sse"
-    lambda_update: str = "ascent"
-    lambda_clamp_grad: str = "outward"
-    lambda_init_on: str = "raw"
-    encoder_output: str = "logvar"
-    kl_normalizer: str = "open"
-    hit: str = "sticky"
-    e1_batchnorm: str = "batch"
-    gate_samples: str = "batch"
-    arm_objective: str = "error"
+    tau: float = option(help="GECO tolerance tau of l. 14, in the units of the error (a) (default: per dataset, "
+                             "scaled by the pixel ratio with --image-size)", parse=float, metavar="T")
+    alpha: float = option(0.99, "l. 18: the moving average rate of C")
+    k: float = option(7.0, "l. 5-6, 24, 29: the sigmoid's scale")
+    lambda_min: float = option(1e-5, "l. 21: lower clamp of lambda'")
+    lambda_max: float = option(5.0, "l. 21: upper clamp of lambda'")
+    lr: float = option(1e-3, "l. 31: Adam's learning rate")
+    betas: tuple = option((0.9, 0.999), "l. 31: Adam's betas", parse=float_pair, metavar="B1,B2")
+    adam_eps: float = option(1e-8, "l. 31: Adam's epsilon (PyTorch's default)")
+    gamma_init: float = option(0.42, "Section 4: initial gate logits, sigmoid(7 * 0.42) = 0.95")
+    lambda_init: float = option(1.0, "Section 4: initial lambda, on the side (d) says")
+    error: str = option("sse", "l. 12-13: per-image squared error summed over pixels, or its square root (the "
+                        "L2 norm as written)", choices=("sse", "l2"), letter="a")
+    lambda_update: str = option("ascent", "l. 31: maximise L over lambda (Section 2.1's min-max), or descend as "
+                                "l. 31 reads", choices=("ascent", "descent"), letter="b")
+    lambda_clamp_grad: str = option("outward", "l. 21: zero only the gradients that push lambda' further out of "
+                                    "[lambda_min, lambda_max] (Sonnet's GECO), or every gradient while clamped",
+                                    choices=("outward", "zero"), letter="c")
+    lambda_init_on: str = option("raw", "Section 4's lambda = 1: the raw lambda, or the effective lambda'",
+                                 choices=("raw", "effective"), letter="d")
+    encoder_output: str = option("logvar", "l. 11: the encoder's second half is log sigma^2 (Eq. 15), or log sigma "
+                                 "(Eq. 3)", choices=("logvar", "logstd"), letter="e")
+    kl_normalizer: str = option("open", "l. 22: divide the KL by ||nu2||_0 (0 when every gate is closed, as the "
+                                "numerator then is too), or by n", choices=("open", "all"), letter="f")
+    hit: str = option("sticky", "l. 25: hit never resets, or hit = (C <= 0) of the previous step",
+                      choices=("sticky", "per_step"), letter="g")
+    e1_batchnorm: str = option("batch", "l. 12: the E1 decoder pass uses its own batch statistics and leaves the "
+                               "running ones alone, also updates them, or uses them (eval mode, the L0-ARM "
+                               "authors' code)", choices=("batch", "batch_update", "running"), letter="h")
+    gate_samples: str = option("batch", "l. 4: one u per batch, or one per image", choices=("batch", "per_example"),
+                               letter="i")
+    arm_objective: str = option("error", "l. 29: F = lambda' E as written, or lambda' E plus the KL term",
+                                choices=("error", "loss"), letter="k")
 
     def __post_init__(self):
         checks = [
@@ -99,13 +88,17 @@ class Hyper:
         for name, ok, expected in checks:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
-                raise ValueError(f"{name}={value!r}: expected a finite number {expected}")
+                raise OptionError(f"{name}={value!r}: expected a finite number {expected}")
         for name, choices in OPTIONS.items():
             if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(choices)}")
+                raise OptionError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(choices)}")
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# The interpretation switches: field name -> choices (default first), from the fields' metadata.
+OPTIONS = {f.name: f.metadata["choices"] for f in fields(Hyper) if f.metadata.get("choices")}
 
 
 def softplus(v: float) -> float:
@@ -219,19 +212,19 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     of every input, intermediate and gradient of the step (golden traces).
     Returns the logged scalars of Figure 1 and a few more.
     """
-    model, h = state.model, state.hyper
+    model, hyper = state.model, state.hyper
     xp, dtype, n = model.xp, model.dtype, model.n_latent
     model.check_images(x)
     batch = x.shape[0]
     gamma = model.params["gamma"]
     model.zero_grad()
-    samples = 1 if h.gate_samples == "batch" else batch
-    sampling = state.hit if h.hit == "sticky" else state.last_constraint_met
+    samples = 1 if hyper.gate_samples == "batch" else batch
+    sampling = state.hit if hyper.hit == "sticky" else state.last_constraint_met
 
     # l. 3-10: gate masks, (S, n) with S = 1 (one u per batch) or B
     if sampling:  # l. 3
         u = uniform(rng, (samples, n), xp, dtype)  # l. 4
-        nu1, nu2 = gate_masks(u, gamma, h.k)  # l. 5-6
+        nu1, nu2 = gate_masks(u, gamma, hyper.k)  # l. 5-6 (Eq. 12's 1[u < sigma(k gamma)] and its antithetic twin)
     else:
         u = None
         nu1 = xp.ones((samples, n), dtype=dtype)  # l. 8
@@ -241,67 +234,78 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     encoded = model.encoder.forward(x)
     mu, s = encoded[:, :n], encoded[:, n:]
     eps = standard_normal(rng, (batch, n), xp, dtype)
-    sigma = xp.exp(0.5 * s) if h.encoder_output == "logvar" else xp.exp(s)
+    sigma = xp.exp(0.5 * s) if hyper.encoder_output == "logvar" else xp.exp(s)
     z = mu + sigma * eps
 
     # l. 12: E1 with nu1; never differentiated, so no caches. Without sampling nu1 = nu2, so
     # E1 = E2 exactly and the pass is skipped (unless it must update BatchNorm's statistics).
-    run_e1 = sampling or h.e1_batchnorm == "batch_update"
+    run_e1 = sampling or hyper.e1_batchnorm == "batch_update"
     if run_e1:
-        x1 = _decoder_e1_pass(model, z * nu1, h.e1_batchnorm)
-        e1 = per_image_error(x1, x, h.error)
+        x1 = _decoder_e1_pass(model, z * nu1, hyper.e1_batchnorm)
+        e1 = per_image_error(x1, x, hyper.error)
     # l. 13: E2 with nu2, cached for backpropagation
     x2 = model.decoder.forward(z * nu2)
-    e2 = per_image_error(x2, x, h.error)
+    e2 = per_image_error(x2, x, hyper.error)
     if not run_e1:
         x1, e1 = x2, e2
     E1, E2 = float(e1.mean()), float(e2.mean())
 
-    c = E2 - h.tau  # l. 14
-    c_ma = c if state.c_ma is None else h.alpha * state.c_ma + (1 - h.alpha) * c  # l. 15-19
-    c_prime = c_ma  # l. 20: C' = C + StopGradient(C_ma - C) has the value C_ma and dC'/dC = 1
+    c = E2 - hyper.tau  # l. 14: the constraint of Eq. 9 (C <= 0: E2 within tolerance)
+    if state.c_ma is None:  # l. 15: i == 0
+        c_ma = c  # l. 16
+    else:  # l. 17
+        c_ma = hyper.alpha * state.c_ma + (1 - hyper.alpha) * c  # l. 18
+    # l. 19 (end); l. 20: C' = C + StopGradient(C_ma - C) has the value C_ma and dC'/dC = 1
+    c_prime = c_ma
     lam = float(state.lam)
-    lam_eff = effective_lambda(lam, h)  # l. 21
+    lam_eff = effective_lambda(lam, hyper)  # l. 21
 
-    # l. 22: L = lambda' C' + (1/||nu2||_0) ||KL_elem * nu2||_1, batch mean
-    kl = kl_elementwise(mu, s, h.encoder_output)  # (B, n), Eq. 15
-    norm = nu2.sum(axis=1, keepdims=True) if h.kl_normalizer == "open" else xp.full((samples, 1), n, dtype=dtype)
-    norm = xp.maximum(norm, 1)  # (f): all gates closed -> numerator 0, term 0
-    kl_per_image = (kl * nu2 / norm).sum(axis=1)  # (B,)
+    # l. 22: L = lambda' C' + (1/||nu2||_0) ||KL_elem * nu2||_1, batch mean (Eq. 14's Lagrangian,
+    # with Eq. 8's lambda E[C] and the L0 term of Eq. 11 added at l. 24)
+    kl = kl_elementwise(mu, s, hyper.encoder_output)  # (B, n), Eq. 15
+    open_count = (nu2.sum(axis=1, keepdims=True) if hyper.kl_normalizer == "open"
+                  else xp.full((samples, 1), n, dtype=dtype))
+    open_count = xp.maximum(open_count, 1)  # (f): all gates closed -> numerator 0, term 0
+    kl_per_image = (kl * nu2 / open_count).sum(axis=1)  # (B,)
     kl_term = float(kl_per_image.mean())
     loss = lam_eff * c_prime + kl_term
     l0_added = c <= 0  # l. 23
-    gates_l1 = float(sigmoid(h.k * gamma).sum())
+    gates_l1 = float(sigmoid(hyper.k * gamma).sum())  # Eq. 12's L0 term sum_j sigma(k gamma_j)
     if l0_added:
         loss += gates_l1  # l. 24
         state.hit = True  # l. 25
 
     # l. 27: backpropagation
-    dx2 = (lam_eff / batch) * per_image_error_grad(x2, x, e2, h.error)  # dL/dx2 = lambda' dE2/dx2
-    dz = model.decoder.backward(dx2) * nu2
-    dkl = nu2 / (norm * batch)  # dL/dKL_elem
+    dx2 = (lam_eff / batch) * per_image_error_grad(x2, x, e2, hyper.error)  # dL/dx2 = lambda' dE2/dx2
+    dz = model.decoder.backward(dx2) * nu2  # dL/dz: the decoder saw z * nu2
+    dkl = nu2 / (open_count * batch)  # dL/dKL_elem
+    # mu reaches L through z = mu + sigma eps (dz/dmu = 1) and KL_elem (dKL/dmu = mu):
     dmu = dz + dkl * mu
-    if h.encoder_output == "logvar":
+    # s reaches L through sigma and KL_elem. "logvar": sigma = exp(s/2), dsigma/ds = sigma/2, and
+    # KL = -1/2 (1 + s - e^s - mu^2) gives dKL/ds = (e^s - 1)/2 = (sigma^2 - 1)/2.
+    # "logstd": sigma = exp(s), dsigma/ds = sigma; KL = -1/2 (1 + 2s - e^2s - mu^2), dKL/ds = sigma^2 - 1.
+    if hyper.encoder_output == "logvar":
         ds = dz * eps * 0.5 * sigma + dkl * 0.5 * (sigma * sigma - 1.0)
     else:
         ds = dz * eps * sigma + dkl * (sigma * sigma - 1.0)
     model.encoder.backward(xp.concatenate([dmu, ds], axis=1))
     dgamma = model.grads["gamma"]
     if l0_added:
-        sg = sigmoid(h.k * gamma)
-        dgamma += h.k * sg * (1 - sg)  # d/dgamma sum_j sigmoid(k gamma_j)
-    state.lam_grad[...] = lambda_gradient(lam, c_prime, h)
+        gate_prob = sigmoid(hyper.k * gamma)
+        dgamma += hyper.k * gate_prob * (1 - gate_prob)  # d/dgamma sum_j sigmoid(k gamma_j), Eq. 13's last term
+    state.lam_grad[...] = lambda_gradient(lam, c_prime, hyper)  # dL/dlambda through l. 21-22
 
     # l. 28-30: the ARM term. On the step where hit first becomes true no u was drawn
     # (l. 3 was false), nu1 = nu2 and E1 - E2 = 0, so the term is zero and skipped.
     arm = None
     if sampling:
         f1, f2 = lam_eff * e1, lam_eff * e2
-        if h.arm_objective == "loss":
-            norm1 = xp.maximum(nu1.sum(axis=1, keepdims=True), 1) if h.kl_normalizer == "open" else norm
-            f1 = f1 + (kl * nu1 / norm1).sum(axis=1)
+        if hyper.arm_objective == "loss":
+            open_count1 = (xp.maximum(nu1.sum(axis=1, keepdims=True), 1) if hyper.kl_normalizer == "open"
+                           else open_count)
+            f1 = f1 + (kl * nu1 / open_count1).sum(axis=1)
             f2 = f2 + kl_per_image
-        arm = arm_term(u, f1, f2, h.k)  # l. 29, (n,)
+        arm = arm_term(u, f1, f2, hyper.k)  # l. 29: Eq. 13's first term, times lambda' (in f) and k. (n,)
         dgamma += arm
 
     state.optimizer.step(state.gradients())  # l. 31
@@ -313,7 +317,7 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     log = {
         "step": state.step, "E1": E1, "E2": E2, "C": c, "C_ma": c_ma, "lambda_eff": lam_eff,
         "lambda_raw": float(state.lam), "loss": loss, "kl": kl_term, "gates_l1": gates_l1,
-        "open_gates": int(hard_gates.sum()), "hit_fraction": float((e2 <= h.tau).mean()),
+        "open_gates": int(hard_gates.sum()), "hit_fraction": float((e2 <= hyper.tau).mean()),
         "hit": state.hit, "l0_added": bool(l0_added),
     }
     if record is not None:

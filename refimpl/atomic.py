@@ -7,6 +7,7 @@ results) goes through :func:`atomic_write`.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -64,3 +65,11 @@ def remove_stale_temporaries(folder) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def write_json(path, data) -> Path:
+    """``data`` as indented JSON at ``path``, written atomically; returns the path."""
+    path = Path(path)
+    text = json.dumps(data, indent=2)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return path

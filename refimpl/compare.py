@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy
 
-from .trace import VALUE_NAMES, Trace, read_trace, split_key
+from .trace import STEP_KEYS, Trace, read_trace, split_key
 
 DEFAULT_RTOL = 1e-8
 DEFAULT_ATOL = 0.0
@@ -46,57 +46,27 @@ MANIFEST_FIELDS = ("steps", "dtype", "batch_size", "n_latent", "architecture", "
 
 
 def order_key(rel: str, parameters) -> tuple:
-    """Position of key ``rel`` (without the step prefix) within a step, in Algorithm 1's line order.
+    """Position of key ``rel`` (without the step prefix) within a step: its row in
+    :data:`refimpl.trace.STEP_KEYS`, which lists a step's keys with their lines of Algorithm 1.
 
-    parameters: parameter names in state-dict order (the manifest's ``parameters``).
-    Parameters before the step, then l. 2-13 (inputs, gates, encoder, both decoder
-    passes, BatchNorm statistics after them), l. 14-25 (the scalars), l. 27 gradients in
-    backpropagation order (lambda, then the decoder's and the encoder's parameters from
-    the output back), l. 29 the ARM term, gamma's gradient, l. 31 parameters after.
-    Keys this function does not know go last, alphabetically.
+    parameters: parameter names in state-dict order (the manifest's ``parameters``), the
+    order of ``param/*`` and ``param_after/*``; gradients (l. 27) come in backpropagation
+    order: lambda, then the decoder's and the encoder's parameters from the output back.
+    Keys the table does not know go last, alphabetically.
     """
     group, _, name = rel.partition("/")
-    params = [p for p in parameters if p not in ("gamma", "lambda")]
-    position = {p: i for i, p in enumerate(parameters)}
-    backprop = {p: i for i, p in enumerate(["lambda"] + params[::-1])}
-    values = {v: i for i, v in enumerate(VALUE_NAMES)}
-    if group == "state":
-        return (0, ("hit", "last_constraint_met", "c_ma").index(name) if name in ("hit", "last_constraint_met", "c_ma")
-                else 99, name)
-    if group == "param":
-        return (1, position.get(name, 1 << 20), name)
-    if group == "buffer":
-        return (2, 0, name)
-    if group == "input" and name == "x":
-        return (3, 0, name)  # l. 2
-    if group == "value" and name in values:
-        v = values[name]
-        if name == "sampling":  # l. 3, before u (l. 4)
-            return (4, 0, name)
-        if name in ("nu1", "nu2"):  # l. 5-9, after u
-            return (4, 2 + v, name)
-        if name in ("mu", "s"):  # l. 11, then eps, then z
-            return (5, v, name)
-        if name == "z":
-            return (5, 50, name)
-        if name in ("x1", "e1", "E1", "x2", "e2", "E2"):  # l. 12-13
-            return (6, v, name)
-        return (8, v, name)  # l. 14-25
-    if group == "input" and name == "u":
-        return (4, 1, name)
-    if group == "input" and name == "eps":
-        return (5, 40, name)
-    if group == "buffer_after":  # running statistics: updated by the decoder passes of l. 12-13
-        return (7, 0, name)
-    if group == "grad" and name != "gamma":
-        return (9, backprop.get(name, 1 << 20), name)
-    if group == "arm":
-        return (10, 0, name)
+    row = _ROWS.get((group, name), _ROWS.get((group, "*")))
+    if row is None:
+        return (len(STEP_KEYS), 0, rel)
+    if group in ("param", "param_after"):
+        return (row, parameters.index(name) if name in parameters else len(parameters), name)
     if group == "grad":
-        return (11, 0, name)
-    if group == "param_after":
-        return (12, position.get(name, 1 << 20), name)
-    return (99, 0, rel)
+        backprop = ["lambda"] + [p for p in parameters if p not in ("gamma", "lambda")][::-1]
+        return (row, backprop.index(name) if name in backprop else len(backprop), name)
+    return (row, 0, name)
+
+
+_ROWS = {(group, name): i for i, (group, name, _, _) in enumerate(STEP_KEYS)}
 
 
 def sort_keys(keys, parameters) -> list:
@@ -252,6 +222,11 @@ def tensor_errors(a, b) -> tuple:
     return max_abs, scale, ""
 
 
+def relative_error(max_abs: float, scale: float) -> float:
+    """max_rel: ``max_abs`` over the tensor's scale (0 for equal zero tensors, inf for a difference from zero)."""
+    return max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+
+
 def _as_trace(t) -> Trace:
     return t if isinstance(t, Trace) else read_trace(t)
 
@@ -296,7 +271,7 @@ def compare_traces(a, b, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
             continue
         r = rtol if param_rtol is None or name.partition("/")[0] not in STATE_GROUPS else param_rtol
         max_abs, scale, note = tensor_errors(ta[key], tb[key])
-        max_rel = (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf))
+        max_rel = relative_error(max_abs, scale)
         ok = max_abs <= atol + r * scale
         if not ok and not note:
             note = diagnose(ta, tb, step, name, rtol, atol, scale)
@@ -370,16 +345,3 @@ def run(args) -> int:
         if args.json:
             Path(args.json).write_text(result.to_json() + "\n")
     return 0 if result.ok else 1
-
-
-def main(argv=None) -> int:
-    """``python -m refimpl.compare A B ...`` (the same as ``refimpl compare A B ...``)."""
-    import sys
-
-    from .cli import main as cli_main
-
-    return cli_main(["compare", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

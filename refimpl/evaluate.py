@@ -20,27 +20,16 @@ import numpy
 
 from . import checkpoint as ckpt
 from .algorithm1 import per_image_error
-from .atomic import atomic_write
+from .atomic import atomic_write, write_json
 from .backend import backend_name, get_dtype, get_xp, to_device, to_host
 from .data import eval_batches
-from .model import GatedVAE, prune
+from .model import Architecture, GatedVAE, prune
 from .rng import generator
-from .training import LOG_FILE, Run, arch_from_dict, arch_to_dict, moving_average, read_log
+from .runlog import moving_average, read_log
+from .training import LOG_FILE, Run
 
 EVAL_FILE = "eval.json"
 EXPORT_FORMAT = "refimpl-export-1"
-
-
-def reconstruct_with_gates(model: GatedVAE, x, gates):
-    """x' = g_dec(mu * gates) in eval mode. x: (N, C, H, W), gates: (n,) on the backend."""
-    model.check_images(x)
-    was_training = model.training
-    model.eval()
-    try:
-        mu = model.encoder.forward(x, cache=False)[:, : model.n_latent]
-        return model.decoder.forward(mu * gates, cache=False)
-    finally:
-        model.train(was_training)
 
 
 def heldout_indices(run: Run, limit: int | None = None):
@@ -62,8 +51,8 @@ def evaluate(run: Run, limit: int | None = None, batch_size: int = 250) -> dict:
     sums = {"gated": 0.0, "open": 0.0}
     for idx in eval_batches(held, batch_size):
         x = run.images(idx)
-        sums["gated"] += float(per_image_error(reconstruct_with_gates(model, x, gates), x, "sse").sum())
-        sums["open"] += float(per_image_error(reconstruct_with_gates(model, x, ones), x, "sse").sum())
+        sums["gated"] += float(per_image_error(model.reconstruct(x, gates), x, "sse").sum())
+        sums["open"] += float(per_image_error(model.reconstruct(x, ones), x, "sse").sum())
     gates_host = to_host(gates).astype(int)
     result = {
         "run": str(run.out), "step": run.state.step, "dataset": run.config.dataset,
@@ -79,13 +68,6 @@ def evaluate(run: Run, limit: int | None = None, batch_size: int = 250) -> dict:
         if e2:
             result["train_E2_ma95"] = moving_average(e2, 0.95)
     return result
-
-
-def write_json(path, data: dict) -> Path:
-    path = Path(path)
-    text = json.dumps(data, indent=2)
-    atomic_write(path, lambda f: f.write(text.encode()))
-    return path
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,7 +132,7 @@ def export(run: Run, out_dir) -> tuple[Path, Path]:
     arrays = {k: to_host(v).copy() for k, v in pruned.state_dict().items()}
     meta = {
         "format": EXPORT_FORMAT, "n_latent": pruned.n_latent, "kept_dimensions": kept,
-        "original_n_latent": run.config.latent, "architecture": arch_to_dict(pruned.arch),
+        "original_n_latent": run.config.latent, "architecture": pruned.arch.to_dict(),
         "encoder_output": run.hyper.encoder_output, "dtype": run.config.dtype, "step": run.state.step,
         "config": run.config.to_dict(),
     }
@@ -170,7 +152,7 @@ def load_export(path, backend: str | None = None) -> tuple[GatedVAE, dict]:
     if meta.get("format") != EXPORT_FORMAT:
         raise ckpt.CheckpointError(f"{js}: format {meta.get('format')!r}, expected {EXPORT_FORMAT}")
     xp, dtype = get_xp(backend_name(backend)), get_dtype(meta["dtype"])
-    model = GatedVAE(arch_from_dict(meta["architecture"]), meta["n_latent"], rng=generator(0), xp=xp, dtype=dtype,
+    model = GatedVAE(Architecture.from_dict(meta["architecture"]), meta["n_latent"], rng=generator(0), xp=xp, dtype=dtype,
                      gated=False, fused=bool(meta["config"].get("fused")))
     with numpy.load(npz, allow_pickle=False) as z:
         model.load_state_dict({k: to_device(z[k], xp, dtype) for k in z.files})

@@ -13,7 +13,7 @@ function here replaces one such chain with a single ``cupy.ElementwiseKernel``:
   training-mode input gradient; its reductions stay CuPy's.
 
 The plain array code stays the reference and runs on NumPy; callers use these only when
-:func:`on_gpu` says their arrays are CuPy's and :data:`ENABLED` is true (the environment
+:func:`enabled_for` says their arrays are CuPy's and :data:`ENABLED` is true (the environment
 variable ``REFIMPL_CUDA_KERNELS=0`` sets it false at import, so that the reference code
 runs on the GPU too; bench/profile_step.py flips it to time both). tests/test_kernels.py
 checks each kernel against the reference (skipped without CUDA). Kernels are compiled on first
@@ -32,14 +32,14 @@ ENABLED = os.environ.get("REFIMPL_CUDA_KERNELS", "1") != "0"
 _OPTIONS = ("--fmad=false",)
 
 
-def on_gpu(*arrays) -> bool:
-    """True when ``arrays`` are CuPy arrays and the fused kernels are enabled."""
+def enabled_for(*arrays) -> bool:
+    """Whether the fused kernels apply to ``arrays``: they are CuPy arrays and :data:`ENABLED` is true."""
     return ENABLED and array_module(*arrays).__name__ == "cupy"
 
 
 @functools.cache
 def _kernel(name: str):
-    import cupy  # only reached with CuPy arrays in hand (see on_gpu)
+    import cupy  # only reached with CuPy arrays in hand (see enabled_for)
 
     params, outputs, body = _SOURCES[name]
     return cupy.ElementwiseKernel(params, outputs, body, f"refimpl_{name}", options=_OPTIONS)

@@ -28,13 +28,14 @@ gamma <= 0 (Section 2.2); open gates pass exactly 1 (interpretation (j)).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy
 
 from .layers import BatchNorm, Conv2d, Flatten, Layer, LeakyReLU, Linear, Reshape, Sequential, Sigmoid, Upsample
 from .layers.im2col import conv_output_size
 from .layers.upsample_conv2d import UpsampleConv2d
+from .optionspec import OptionError
 from .rng import generator
 
 
@@ -81,6 +82,18 @@ class Architecture:
             c = spec.channels
         return c, h, w
 
+    def to_dict(self) -> dict:
+        """JSON-able fields (stored in config.json, checkpoints, traces and exports)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Architecture":
+        d = dict(d)
+        d["image_shape"] = tuple(d["image_shape"])
+        d["encoder_convs"] = tuple(ConvSpec(**s) for s in d["encoder_convs"])
+        d["decoder_convs"] = tuple(ConvSpec(**s) for s in d["decoder_convs"])
+        return cls(**d).validate()
+
     def validate(self):
         if self.decoder_output_shape() != tuple(self.image_shape):
             raise ValueError(f"architecture: decoder produces images of shape {self.decoder_output_shape()}, "
@@ -88,23 +101,52 @@ class Architecture:
         return self
 
 
+PAPER_WIDTHS = (32, 32, 64, 64)  # encoder conv widths at 64x64 (not in the paper; our choice)
+
+
+def build_architecture(image_shape, channels=None, hidden: int = 128) -> Architecture:
+    """The paper's encoder/decoder (module docstring) for square images of side S.
+
+    S = 64: Section 4's network. S = 28: the MNIST network. Other S = 4 * 2^m (8, 16, 32,
+    128): the same pattern with m stride-2 convs (4x4 first, then 3x3) down to 4x4 and m
+    upsample + 3x3 conv blocks back. ``channels``: the encoder conv widths (length m, or 3
+    for S = 28); the decoder mirrors them, as the paper's (enc 32,32,64,64 -> dec
+    64,32,32,C). Default widths: the last m of 32,32,64,64.
+    """
+    c, h, w = (int(s) for s in image_shape)
+    if h != w:
+        raise OptionError(f"image_shape={tuple(image_shape)}: expected square images")
+    if h == 28:
+        enc_k, dec_k = [(4, 2, 1), (3, 2, 1), (2, 2, 0)], [(2, 1, 1), (3, 1, 1), (3, 1, 1)]
+    elif h >= 8 and h % 4 == 0 and (h // 4) & (h // 4 - 1) == 0:
+        m = (h // 4).bit_length() - 1
+        enc_k, dec_k = [(4, 2, 1)] + [(3, 2, 1)] * (m - 1), [(3, 1, 1)] * m
+    else:
+        raise OptionError(f"image size {h}: expected 28 (MNIST) or 4 * 2^m >= 8 (8, 16, 32, 64, ...)")
+    m = len(enc_k)
+    if channels is None:
+        channels = PAPER_WIDTHS[-m:] if m <= 4 else (PAPER_WIDTHS[0],) * (m - 4) + PAPER_WIDTHS
+    channels = tuple(int(ch) for ch in channels)
+    if len(channels) != m or min(channels) < 1:
+        raise OptionError(f"channels={','.join(map(str, channels))}: expected {m} positive widths for {h}x{h} images")
+    if hidden < 1:
+        raise OptionError(f"hidden={hidden}: expected >= 1")
+    dec_channels = tuple(reversed(channels))[1:] + (c,)
+    return Architecture(
+        (c, h, w),
+        encoder_convs=tuple(ConvSpec(ch, *k) for ch, k in zip(channels, enc_k)),
+        decoder_convs=tuple(ConvSpec(ch, *k) for ch, k in zip(dec_channels, dec_k)),
+        hidden=int(hidden),
+    ).validate()
+
+
 def paper_architecture(image_shape) -> Architecture:
     """Section 4's architecture for ``image_shape`` (C, 64, 64) or (1, 28, 28), with our channel widths."""
     image_shape = tuple(int(s) for s in image_shape)
-    if len(image_shape) == 3 and image_shape[1:] == (64, 64):
-        c = image_shape[0]
-        return Architecture(
-            image_shape,
-            encoder_convs=(ConvSpec(32, 4, 2, 1), ConvSpec(32, 3, 2, 1), ConvSpec(64, 3, 2, 1), ConvSpec(64, 3, 2, 1)),
-            decoder_convs=(ConvSpec(64, 3, 1, 1), ConvSpec(32, 3, 1, 1), ConvSpec(32, 3, 1, 1), ConvSpec(c, 3, 1, 1)),
-        ).validate()
-    if image_shape == (1, 28, 28):
-        return Architecture(
-            image_shape,
-            encoder_convs=(ConvSpec(32, 4, 2, 1), ConvSpec(64, 3, 2, 1), ConvSpec(64, 2, 2, 0)),
-            decoder_convs=(ConvSpec(64, 2, 1, 1), ConvSpec(32, 3, 1, 1), ConvSpec(1, 3, 1, 1)),
-        ).validate()
-    raise ValueError(f"image_shape={image_shape}: the paper's architectures take (C, 64, 64) or (1, 28, 28) images")
+    if not (len(image_shape) == 3 and (image_shape[1:] == (64, 64) or image_shape == (1, 28, 28))):
+        raise ValueError(f"image_shape={image_shape}: the paper's architectures take (C, 64, 64) or (1, 28, 28) "
+                         "images")
+    return build_architecture(image_shape)
 
 
 def build_encoder(arch: Architecture, n_latent: int, *, rng, xp, dtype) -> Sequential:
@@ -216,14 +258,15 @@ class GatedVAE(Layer):
             if isinstance(layer, BatchNorm):
                 layer.update_running = update
 
-    def reconstruct(self, x):
-        """Eval-mode reconstruction x' = g_dec(mu * nu) with inference gates. x: (N, C, H, W)."""
+    def reconstruct(self, x, gates=None):
+        """Eval-mode reconstruction x' = g_dec(mu * nu), nu = ``gates`` (n,) or the inference gates. x: (N, C, H, W)."""
         self.check_images(x)
+        gates = self.inference_gates() if gates is None else gates
         was_training = self.training
         self.eval()
         try:
             mu = self.encoder.forward(x, cache=False)[:, : self.n_latent]
-            return self.decoder.forward(mu * self.inference_gates(), cache=False)
+            return self.decoder.forward(mu * gates, cache=False)
         finally:
             self.train(was_training)
 

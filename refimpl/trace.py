@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -59,31 +58,48 @@ FORMAT = "refimpl-trace"
 VERSION = 1
 DEFAULT_FILE = "trace.npz"
 
-# Intermediates under stepKKKK/value/, in Algorithm 1's line order: (name, line, meaning).
-VALUES = (
-    ("sampling", "3", "gates sampled at this step (bool): hit, or the previous step's C <= 0 with hit=per_step"),
-    ("nu1", "5/8", "gate mask of the E1 pass (S, n)"),
-    ("nu2", "6/9", "gate mask of the E2 pass (S, n)"),
-    ("mu", "11", "encoder mean (B, n)"),
-    ("s", "11", "encoder log-scale output (B, n): log sigma^2 or log sigma (Hyper.encoder_output)"),
-    ("z", "11", "z = mu + sigma * eps (B, n)"),
-    ("x1", "12", "g_dec(z * nu1) (B, C, H, W); equal to x2 on steps that do not sample gates"),
-    ("e1", "12", "per-image error of x1 (B,)"),
-    ("E1", "12", "batch mean of e1"),
-    ("x2", "13", "g_dec(z * nu2) (B, C, H, W)"),
-    ("e2", "13", "per-image error of x2 (B,)"),
-    ("E2", "13", "batch mean of e2"),
-    ("C", "14", "E2 - tau"),
-    ("C_ma", "15-19", "moving average of C after this step"),
-    ("C_prime", "20", "C + StopGradient(C_ma - C) (value: C_ma)"),
-    ("lambda_eff", "21", "lambda' = clamp(softplus(lambda)^2, lambda_min, lambda_max)"),
-    ("kl_elem", "22", "KL_elem, Eq. 15 (B, n)"),
-    ("kl", "22", "the KL term ||KL_elem * nu2||_1 / ||nu2||_0, batch mean"),
-    ("l0_added", "23", "C <= 0: the L0 term is added (bool)"),
-    ("gates_l1", "24", "the L0 term sum_j sigmoid(k gamma_j) (computed whether added or not)"),
-    ("L", "22-24", "the loss L"),
-    ("hit", "25", "hit after the step (bool)"),
+# Every key of a step, in Algorithm 1's order: (group, name ("*": every parameter or buffer), line,
+# meaning). refimpl.compare compares a step's tensors in this order (the last line number of each
+# row never decreases), so the first divergence it reports is the earliest line that differs.
+STEP_KEYS = (
+    ("state", "hit", "1", "hit before the step (bool): l. 1, set at l. 25"),
+    ("state", "last_constraint_met", "1", "C <= 0 on the previous step (bool; used by hit=per_step)"),
+    ("state", "c_ma", "1", "C_ma before the step (NaN before step i = 0)"),
+    ("param", "*", "1", "parameters before the step"),
+    ("buffer", "*", "1", "BatchNorm running statistics before the step"),
+    ("input", "x", "2", "the batch x_i (B, C, H, W)"),
+    ("value", "sampling", "3", "gates sampled at this step (bool): hit, or the previous step's C <= 0 with hit=per_step"),
+    ("input", "u", "4", "uniforms (S, n), S = 1 or B; only on steps that sample gates"),
+    ("value", "nu1", "5/8", "gate mask of the E1 pass (S, n)"),
+    ("value", "nu2", "6/9", "gate mask of the E2 pass (S, n)"),
+    ("value", "mu", "11", "encoder mean (B, n)"),
+    ("value", "s", "11", "encoder log-scale output (B, n): log sigma^2 or log sigma (Hyper.encoder_output)"),
+    ("input", "eps", "11", "standard normal noise (B, n)"),
+    ("value", "z", "11", "z = mu + sigma * eps (B, n)"),
+    ("value", "x1", "12", "g_dec(z * nu1) (B, C, H, W); equal to x2 on steps that do not sample gates"),
+    ("value", "e1", "12", "per-image error of x1 (B,)"),
+    ("value", "E1", "12", "batch mean of e1"),
+    ("value", "x2", "13", "g_dec(z * nu2) (B, C, H, W)"),
+    ("value", "e2", "13", "per-image error of x2 (B,)"),
+    ("value", "E2", "13", "batch mean of e2"),
+    ("buffer_after", "*", "12-13", "BatchNorm running statistics after the step (updated by the decoder passes)"),
+    ("value", "C", "14", "E2 - tau"),
+    ("value", "C_ma", "15-19", "moving average of C after this step"),
+    ("value", "C_prime", "20", "C + StopGradient(C_ma - C) (value: C_ma)"),
+    ("value", "lambda_eff", "21", "lambda' = clamp(softplus(lambda)^2, lambda_min, lambda_max)"),
+    ("value", "kl_elem", "22", "KL_elem, Eq. 15 (B, n)"),
+    ("value", "kl", "22", "the KL term ||KL_elem * nu2||_1 / ||nu2||_0, batch mean"),
+    ("value", "l0_added", "23", "C <= 0: the L0 term is added (bool)"),
+    ("value", "gates_l1", "24", "the L0 term sum_j sigmoid(k gamma_j) (computed whether added or not)"),
+    ("value", "L", "22-24", "the loss L"),
+    ("value", "hit", "25", "hit after the step (bool)"),
+    ("grad", "*", "27", "the gradient Adam is given at l. 31, in backpropagation order (gamma's: below)"),
+    ("arm", "gamma", "29", "the ARM term alone (n,); only on steps that sample gates"),
+    ("grad", "gamma", "29", "gamma's gradient: l. 27 plus the ARM term"),
+    ("param_after", "*", "31", "parameters after the Adam step"),
 )
+# The intermediates under stepKKKK/value/: (name, line, meaning), recorded in the manifest.
+VALUES = tuple((name, line, meaning) for group, name, line, meaning in STEP_KEYS if group == "value")
 VALUE_NAMES = tuple(v[0] for v in VALUES)
 FLAGS = ("sampling", "l0_added", "hit")
 
@@ -363,46 +379,31 @@ def read_trace(path) -> Trace:
 
 
 def add_arguments(parser) -> None:
-    """The options of ``refimpl trace`` (those of ``refimpl train`` that define a run, plus --steps)."""
-    from .backend import BACKENDS, DTYPES
-    from .cli import S, _int_list, _nonnegative_int, _positive_int, add_hyper_options
-    from .data import DATASET_NAMES, DEFAULT_DATASET
+    """The options of ``refimpl trace``: those of ``refimpl train`` that define a run, plus --steps."""
+    from . import options
+    from .optionspec import positive_int
 
-    parser.add_argument("dataset", nargs="?", choices=DATASET_NAMES, default=None, metavar="DATASET",
-                        help=f"one of {', '.join(DATASET_NAMES)} (default: {DEFAULT_DATASET})")
-    parser.add_argument("--steps", type=_positive_int, default=3, metavar="K", help="training steps to trace (default: 3)")
+    options.add_run_options(parser)
+    parser.set_defaults(dtype="float64")
+    options.add_backend_option(parser)
+    parser.add_argument("--steps", type=positive_int, default=3, metavar="K", help="training steps to trace (default: 3)")
     parser.add_argument("--out", default=DEFAULT_FILE, metavar="FILE", help=f"trace file (default: {DEFAULT_FILE})")
     parser.add_argument("--force-hit", action="store_true",
                         help="start with hit = True, so gates are sampled and the ARM term is active from step 0")
-    parser.add_argument("--data", default=S, metavar="PATH", help="dataset file or folder")
-    parser.add_argument("--latent", type=_positive_int, default=S, metavar="N", help="latent dimensions n (default: 10)")
-    parser.add_argument("--tau", type=float, default=S, metavar="T", help="GECO tolerance (default: as refimpl train)")
-    parser.add_argument("--batch-size", type=_positive_int, default=S, metavar="B", help="batch size (default: 64)")
-    parser.add_argument("--backend", choices=BACKENDS, default=None, help="array backend (default: $REFIMPL_BACKEND or numpy)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="computation dtype (default: float64)")
-    parser.add_argument("--seed", type=_nonnegative_int, default=S, help="seed of every random stream (default: 0)")
-    parser.add_argument("--image-size", type=_positive_int, default=S, metavar="S", help="average-pool images to SxS")
-    parser.add_argument("--channels", type=_int_list, default=S, metavar="C1,C2,...", help="encoder conv widths")
-    parser.add_argument("--hidden", type=_positive_int, default=S, metavar="H", help="hidden linear units (default: 128)")
-    parser.add_argument("--holdout", type=_positive_int, default=S, metavar="N", help="held-out images (default: 1000)")
-    parser.set_defaults(hyper_names=add_hyper_options(parser))
 
 
 def run(args) -> int:
-    """``refimpl trace``: build the run ``refimpl train`` would build from the same options, trace K steps."""
-    from .cli import _given_config, _new_config
-    from .model import default_fused
-    from .training import Run, build_architecture
+    """``refimpl trace``: build the run ``refimpl train`` would build from the same options (``Run.build``),
+    and trace its first K steps, taking batches from ``Run.next_batch`` as training does."""
+    from .config import new_config
+    from .options import given_run_options
+    from .training import Run
 
-    config = _new_config(_given_config(args))
-    run_ = Run(config, Path(args.out).parent, backend=args.backend)
-    if config.fused is None:
-        config.fused = default_fused(run_.xp)
-    run_._build(build_architecture(run_.image_shape(), config.channels, config.hidden), config.fused)
-    run_._make_batches()
+    config = new_config(given_run_options(args))
+    run_ = Run.build(config, backend=args.backend)
     if args.force_hit:
         run_.state.hit = True
-    batches = (run_.images(next(run_.batches)) for _ in range(args.steps))
+    batches = (run_.next_batch() for _ in range(args.steps))
     manifest = write_trace(args.out, run_.state, batches, run_.train_rng, args.steps, seed=config.seed,
                            extra={"config": config.to_dict(), "force_hit": bool(args.force_hit)})
     trace = read_trace(args.out)
@@ -413,14 +414,3 @@ def run(args) -> int:
           f"{len(manifest['keys'])} tensors; gates sampled at steps {sampled or 'none'}, "
           f"ARM term non-zero at steps {nonzero or 'none'}")
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m refimpl.trace ...`` (the same as ``refimpl trace ...``)."""
-    from .cli import main as cli_main
-
-    return cli_main(["trace", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

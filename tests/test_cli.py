@@ -17,7 +17,8 @@ from refimpl.algorithm1 import OPTIONS, Hyper
 from refimpl.backend import to_host
 from refimpl.cli import build_parser, main
 from refimpl.evaluate import load_export
-from refimpl.training import Run, read_log
+from refimpl.runlog import read_log
+from refimpl.training import Run
 
 TINY = ["--image-size", "8", "--channels", "2", "--batch-size", "8", "--latent", "4", "--holdout", "16", "--quiet"]
 
@@ -272,3 +273,21 @@ def test_baseline_and_float64_runs(tmp_path):
     assert arrays["model/encoder.fc2.weight"].dtype == numpy.float64 and arrays["lambda"].dtype == numpy.float64
     cols = read_log(tmp_path / "b" / "log.csv")
     assert set(cols["tau"]) == {0.0} and set(cols["hit"]) == {0} and set(cols["open_gates"]) == {4}
+
+
+def test_readme_option_table_is_generated_from_the_fields():
+    """One home for each option: the README's table is `python -m refimpl.options` of the dataclasses."""
+    from pathlib import Path
+
+    from refimpl.config import RunConfig, Schedule
+    from refimpl.options import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- options:begin -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
+    assert block == markdown_table(RunConfig, Schedule, Hyper)
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    flags = {s for a in train._actions for s in a.option_strings}
+    for row in block.splitlines()[3:]:  # every option of the table exists in refimpl train
+        flag = row.split("`")[1].split()[0]
+        assert flag in flags, flag

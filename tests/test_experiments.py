@@ -8,9 +8,12 @@ import sys
 
 import pytest
 
+from refimpl.atomic import write_json
 from refimpl.evaluate import image_grid, save_image
+from refimpl import figures
 from refimpl.experiments import common, figure1, figure2, figure3, table1
-from refimpl.training import Run, moving_average, read_log
+from refimpl.runlog import moving_average, read_log
+from refimpl.training import Run
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 TINY = ["--image-size", "8", "--channels", "2", "--batch-size", "8", "--quiet", "--checkpoint-every", "3"]
@@ -114,7 +117,7 @@ def test_result_files_are_written_atomically(tmp_path):
     path = common.write_csv(tmp_path / "r.csv", [{"tau": 1.0, "gates": 3}, {"tau": 2.0, "extra": "x"}])
     with open(path, newline="") as f:
         assert list(csv.reader(f)) == [["tau", "gates", "extra"], ["1.0", "3", ""], ["2.0", "", "x"]]
-    assert common.write_json(tmp_path / "r.json", {"a": [1, 2]}).read_text() == '{\n  "a": [\n    1,\n    2\n  ]\n}'
+    assert write_json(tmp_path / "r.json", {"a": [1, 2]}).read_text() == '{\n  "a": [\n    1,\n    2\n  ]\n}'
     png = save_image(image_grid([[[[[0.0, 1.0]]]]]), tmp_path / "g.png")
     old = png.read_bytes()
     assert old.startswith(b"\x89PNG")
@@ -134,8 +137,8 @@ def test_result_files_are_written_atomically(tmp_path):
 def test_save_figure_writes_a_png_and_closes_the_figure(tmp_path):
     import matplotlib.pyplot as plt
 
-    fig = common.pyplot().figure()
+    fig = figures.pyplot().figure()
     fig.add_subplot().plot([0, 1], [1, 0])
-    path = common.save_figure(fig, tmp_path / "sub" / "f.png")
+    path = figures.save_figure(fig, tmp_path / "sub" / "f.png")
     assert path.read_bytes().startswith(b"\x89PNG")
     assert not plt.fignum_exists(fig.number)

@@ -18,8 +18,8 @@ from refimpl.layers.im2col import col2im, conv_output_size, im2col
 
 
 def test_kernels_apply_to_cupy_arrays_only():
-    assert kernels.on_gpu(np.zeros(3)) is False
-    assert kernels.on_gpu(np.zeros(3), 1.0) is False
+    assert kernels.enabled_for(np.zeros(3)) is False
+    assert kernels.enabled_for(np.zeros(3), 1.0) is False
 
 
 @pytest.mark.cuda
@@ -27,10 +27,10 @@ def test_kernels_can_be_switched_off(monkeypatch):
     """ENABLED = False (REFIMPL_CUDA_KERNELS=0): CuPy arrays take the plain array code, with equal results."""
     cp = get_xp("cupy")
     x = np.random.default_rng(2).standard_normal((2, 3, 6, 5))
-    assert kernels.on_gpu(to_device(x, cp))
+    assert kernels.enabled_for(to_device(x, cp))
     fused = to_host(im2col(to_device(x, cp), (3, 3), (2, 1), (1, 1)))
     monkeypatch.setattr(kernels, "ENABLED", False)
-    assert not kernels.on_gpu(to_device(x, cp))
+    assert not kernels.enabled_for(to_device(x, cp))
     np.testing.assert_array_equal(to_host(im2col(to_device(x, cp), (3, 3), (2, 1), (1, 1))), fused)
 
 

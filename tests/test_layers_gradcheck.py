@@ -182,7 +182,7 @@ def test_batchnorm_defaults_are_keras():
 # ---------------------------------------------------------------- activations
 
 
-@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4), slope=st.sampled_from([0.02, 0.0, 0.3, 1.5]),
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4), slope=st.sampled_from([0.02, 0.0, 0.3, 1.0]),
        seed=seeds)
 def test_leaky_relu_gradients(shape, slope, seed):
     rng = np.random.default_rng(seed)

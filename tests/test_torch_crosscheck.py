@@ -26,7 +26,8 @@ import pytest
 from refimpl.algorithm1 import Hyper, init_state, train_step
 from refimpl.model import GatedVAE
 from refimpl.rng import generator
-from refimpl.training import build_architecture
+from refimpl.compare import relative_error, tensor_errors
+from refimpl.model import build_architecture
 
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -51,11 +52,9 @@ def one_torch_thread():
 
 
 def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    scale = max(np.abs(ref).max(initial=0.0), np.abs(ours).max(initial=0.0))
-    diff = np.abs(ours - ref).max(initial=0.0)
-    return diff / scale if scale > 0 else diff
+    """The max_rel of refimpl compare: max |ours - ref| over the larger magnitude of the two."""
+    assert np.shape(ours) == np.shape(ref), (np.shape(ours), np.shape(ref))
+    return relative_error(*tensor_errors(ours, ref)[:2])
 
 
 def assert_close(ours, ref, what, errors):

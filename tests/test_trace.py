@@ -23,7 +23,10 @@ from refimpl.compare import compare_traces, order_key, sort_keys
 from refimpl.model import GatedVAE
 from refimpl.rng import generator
 from refimpl.trace import FORMAT, VALUE_NAMES, VERSION, TraceError, TraceKeyError, read_trace, save_trace, write_trace
-from refimpl.training import Run, RunConfig, build_architecture
+from refimpl.config import RunConfig
+from refimpl.model import build_architecture
+from refimpl.runlog import read_log
+from refimpl.training import Run
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 ARCH = build_architecture((1, 16, 16), channels=(4, 8), hidden=16)
@@ -235,6 +238,14 @@ def test_cli_trace_records_the_steps_refimpl_train_takes(tmp_path, capsys):
     run.train(2, checkpoint_every=None, progress=False)
     for name, p in run.state.parameters().items():
         np.testing.assert_array_equal(trace[f"step0001/param_after/{name}"], to_host(p))
+    for name, b in run.model.named_buffers():
+        np.testing.assert_array_equal(trace[f"step0001/buffer_after/{name}"], to_host(b))
+    log = read_log(run.out / "log.csv")  # every step's scalars, as training logged them
+    for column in ("E1", "E2", "C_ma", "lambda_eff", "kl", "gates_l1"):
+        assert log[column] == [float(trace[f"step{k:04d}/value/{column}"]) for k in range(2)], column
+    fresh = Run.build(config)  # the batches both took: Run.next_batch of the run the config builds
+    for k in range(2):
+        np.testing.assert_array_equal(trace[f"step{k:04d}/input/x"], to_host(fresh.next_batch()))
 
 
 # ----------------------------------------------------------------------------------------

@@ -109,3 +109,11 @@ class ArrayImages:
     def get(self, indices, dtype=numpy.float32) -> numpy.ndarray:
         """Images ``x: (B, C, H, W)`` in [0, 1] for ``indices: (B,)``."""
         return uint8_to_float(self.get_uint8(indices), self.max_value, dtype)
+
+
+def downsample(x, factor: int):
+    """Average-pool images x: (B, C, H, W) by ``factor`` in both directions -> (B, C, H/f, W/f)."""
+    if factor == 1:
+        return x
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // factor, factor, w // factor, factor).mean(axis=(3, 5))

@@ -15,82 +15,66 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import fields
 from pathlib import Path
 
-from ..algorithm1 import OPTIONS
+from .. import options
 from ..atomic import atomic_write
-from ..backend import BACKENDS, DTYPES, BackendError
-from ..checkpoint import CheckpointError
-from ..data import DATASET_NAMES, DatasetError
-from ..training import CHECKPOINT_FILE, NonFiniteLoss, Run, RunConfig, TrainingInterrupted, config_differences
+from ..config import RunConfig, Schedule
+from ..exits import ArgumentParser, run_command
+from ..optionspec import positive_int
+from ..training import open_run
 
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name != "hyper")
+CHECKPOINT_EVERY = 500  # the experiments' default: fewer, larger checkpoints than train's
 
 
-class ExperimentError(Exception):
-    """A problem to report in one line (exit 1)."""
-
-
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The options every experiment takes; defaults are None (the script fills small or --full values)."""
-    from ..cli import ArgumentParser, _int_list, _positive_int
-
+def parser(prog: str, description: str, own=("latent", "tau")) -> argparse.ArgumentParser:
+    """The options every experiment takes: the run options of ``refimpl train`` (but ``own``, which the
+    script declares with its own meaning), the schedule, and how runs are spread over processes."""
     p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the paper's settings (hours to days on a CPU; use a GPU)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: experiments/<name>)")
-    p.add_argument("--dataset", choices=DATASET_NAMES, default=None)
-    p.add_argument("--data", default=None, metavar="PATH", help="dataset file or folder")
-    p.add_argument("--batches", type=_positive_int, default=None, metavar="B", help="training batches per run")
-    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B")
-    p.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
-                   help="average-pool images to SxS (the small defaults use 16 or 32)")
-    p.add_argument("--channels", type=_int_list, default=None, metavar="C1,C2,...", help="encoder conv widths")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=BACKENDS, default=None, help="numpy or cupy (default: $REFIMPL_BACKEND)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--jobs", type=_positive_int, default=1, metavar="J", help="runs trained at once (processes)")
+    options.add_run_options(p, exclude=("baseline", *own), positional=False)
+    options.add_options(p, Schedule, title="schedule (per run)")
+    options.add_backend_option(p)
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="J", help="runs trained at once (processes)")
     p.add_argument("--blas-threads", type=int, default=1, metavar="T",
                    help="BLAS threads per run (default 1: on a busy CPU, one thread per process is several times "
                         "faster); 0 leaves the environment alone and, with --jobs 1, trains in this process")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=500, metavar="N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    for name, choices in OPTIONS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, choices=choices, default=None,
-                       help="Algorithm 1 interpretation switch (see refimpl/INTERPRETATIONS.md)")
     return p
 
 
 def settings(args, small: dict, full: dict) -> dict:
-    """``full`` or ``small`` (by ``--full``), overridden by every option given explicitly."""
-    chosen = dict(full if args.full else small)
-    for key in ("dataset", "data", "batches", "batch_size", "image_size", "channels"):
-        value = getattr(args, key, None)
-        if value is not None:
-            chosen[key] = value
+    """``full`` or ``small`` (by ``--full``), overridden by every run option given explicitly.
+
+    The result holds RunConfig fields, ``batches``, ``checkpoint_every``, ``hyper`` (the
+    Hyper fields given) and the script's own preset keys.
+    """
+    chosen = {"checkpoint_every": CHECKPOINT_EVERY, **(full if args.full else small)}
+    given = options.given_run_options(args)
+    chosen["hyper"] = given.pop("hyper", {})
+    chosen.update(given)
+    chosen.update(options.given(args, Schedule))
     return chosen
 
 
-def interpretation_switches(args) -> dict:
-    return {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
-
-
-def run_spec(out, *, dataset, latent, tau, batches, seed=0, data=None, batch_size=64, image_size=None,
-             channels=None, baseline=False, dtype="float32", backend=None, hyper=None, checkpoint_every=500,
-             progress=True, holdout=1000) -> dict:
-    """Everything :func:`train_one` needs, as a picklable dict."""
-    h = dict(hyper or {})
-    if not baseline:
-        h["tau"] = float(tau)
-    config = RunConfig(dataset=dataset, data=None if data is None else str(Path(data).resolve()), latent=latent,
-                       batch_size=batch_size, dtype=dtype, seed=seed, image_size=image_size, channels=channels,
-                       holdout=holdout, baseline=baseline, hyper=h)
-    return {"out": str(out), "config": config.to_dict(), "batches": int(batches), "backend": backend,
-            "checkpoint_every": checkpoint_every, "progress": progress}
+def run_spec(out, chosen: dict, *, backend=None, progress=True, **override) -> dict:
+    """Everything :func:`train_one` needs, as a picklable dict: run folder ``out`` with the settings
+    ``chosen`` (:func:`settings`) and ``override`` (e.g. ``latent``, ``tau``, ``baseline``, ``batches``)."""
+    chosen = {**chosen, **override}
+    given = {k: chosen[k] for k in CONFIG_FIELDS if k in chosen}
+    given["hyper"] = dict(chosen.get("hyper", {}))
+    if not chosen.get("baseline"):
+        given["hyper"]["tau"] = float(chosen["tau"])
+    return {"out": str(out), "given": given, "batches": int(chosen["batches"]),
+            "checkpoint_every": int(chosen["checkpoint_every"]), "backend": backend, "progress": progress}
 
 
 def train_one(spec: dict) -> dict:
@@ -98,19 +82,10 @@ def train_one(spec: dict) -> dict:
 
     Returns the run's summary plus ``out``.
     """
-    out = Path(spec["out"])
-    config = RunConfig.from_dict(spec["config"])
-    if (out / CHECKPOINT_FILE).is_file():
-        given = {k: v for k, v in spec["config"].items() if k != "fused"}
-        diffs = config_differences(Run.load(out, backend=spec["backend"], for_training=False).config, given)
-        if diffs:
-            raise ExperimentError(f"{out} holds a run with other settings ({'; '.join(diffs)}); "
-                                  "delete it or choose another --out")
-        run = Run.load(out, backend=spec["backend"])
-    else:
-        run = Run.create(config, out, backend=spec["backend"])
-    summary = run.train(spec["batches"], spec["checkpoint_every"], progress=spec["progress"])
-    return {**summary, "out": str(out)}
+    schedule = Schedule(spec["batches"], spec["checkpoint_every"])
+    run = open_run(spec["out"], spec["given"], backend=spec["backend"], resume=None, schedule=schedule)
+    summary = run.train(schedule.batches, schedule.checkpoint_every, progress=spec["progress"])
+    return {**summary, "out": spec["out"]}
 
 
 def train_many(specs: list[dict], jobs: int = 1, quiet: bool = False, blas_threads: int = 1) -> list[dict]:
@@ -167,56 +142,10 @@ def write_csv(path, rows: list[dict]) -> Path:
     return path
 
 
-def write_json(path, data) -> Path:
-    path = Path(path)
-    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
-    return path
-
-
-def save_figure(fig, path) -> Path:
-    """Lay out a matplotlib figure, write it as a 120-dpi PNG atomically, and close it."""
-    path = Path(path)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    import matplotlib.pyplot as plt  # installed: the figure was made with it
-
-    plt.close(fig)
-    return path
-
-
-def pyplot():
-    """matplotlib.pyplot with the Agg backend, or None when matplotlib is not installed (extra ``plots``)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def no_plot_note(path) -> None:
-    print(f"matplotlib is not installed (pip install 'refimpl[plots]'): {path} not drawn; the CSV has the numbers",
-          file=sys.stderr)
-
-
 def main_wrapper(run, argv=None, prog: str = "experiment") -> int:
-    """Run an experiment's ``run(argv)`` with one-line errors (exit 1, bad values 2) and Ctrl-C (exit 130)."""
+    """An experiment's ``run(argv)`` as a command: the exit statuses of :mod:`refimpl.exits`."""
     start = time.monotonic()
-    try:
-        run(argv)
-    except TrainingInterrupted as exc:
-        print(f"\n{prog}: interrupted: {exc}; run the same command again to continue", file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
-    except (ExperimentError, BackendError, DatasetError, CheckpointError, NonFiniteLoss, OSError) as exc:
-        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    print(f"{prog}: finished in {time.monotonic() - start:.0f} s", file=sys.stderr)
-    return 0
+    code = run_command(lambda: run(argv) and 0, prog)
+    if code == 0:
+        print(f"{prog}: finished in {time.monotonic() - start:.0f} s", file=sys.stderr)
+    return code

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..training import LOG_FILE, read_log
+from ..runlog import read_log
+from ..training import LOG_FILE
+from .. import figures
 from . import common
 
 SMALL = {"dataset": "synthetic-dsprites", "data": None, "batches": 10000, "batch_size": 64, "image_size": 16,
@@ -44,14 +46,9 @@ def build_parser():
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     s = common.settings(args, SMALL, FULL)
-    latent = args.latent or s["latent"]
     tau = args.tau if args.tau is not None else s["tau"]
     out = Path(args.out or "experiments/figure1")
-    spec = common.run_spec(out / "runs" / "run", dataset=s["dataset"], data=s["data"], latent=latent, tau=tau,
-                           batches=s["batches"], seed=args.seed, batch_size=s["batch_size"],
-                           image_size=s["image_size"], channels=s["channels"], dtype=args.dtype,
-                           backend=args.backend, hyper=common.interpretation_switches(args),
-                           checkpoint_every=args.checkpoint_every)
+    spec = common.run_spec(out / "runs" / "run", s, tau=tau, backend=args.backend)
     summary = common.train_many([spec], jobs=args.jobs, quiet=args.quiet, blas_threads=args.blas_threads)[0]
     log = read_log(Path(summary["out"]) / LOG_FILE)
     n_rows = len(log["step"])
@@ -59,15 +56,15 @@ def run(argv=None) -> dict:
             for i in range(n_rows)]
     csv_path = common.write_csv(out / "figure1.csv", rows)
     png = out / "figure1.png"
-    plot(log, tau, latent, png)
-    print(f"figure1: {summary['open_gates']}/{latent} gates open after {summary['step']} batches; {csv_path}, {png}")
+    plot(log, tau, s["latent"], png)
+    print(f"figure1: {summary['open_gates']}/{s['latent']} gates open after {summary['step']} batches; {csv_path}, {png}")
     return {"csv": csv_path, "png": png, "summary": summary}
 
 
 def plot(log: dict, tau: float, latent: int, path) -> None:
-    plt = common.pyplot()
+    plt = figures.pyplot()
     if plt is None:
-        common.no_plot_note(path)
+        figures.no_plot_note(path)
         return
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
     step = log["step"]
@@ -92,7 +89,7 @@ def plot(log: dict, tau: float, latent: int, path) -> None:
     for ax in axes[1]:
         ax.set_xlabel("batch")
     fig.suptitle(f"Algorithm 1, n = {latent}, tau = {tau:g}")
-    common.save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 def smooth(values, factor: float) -> list:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from ..evaluate import evaluate, image_grid, reconstructions, save_image
 from ..training import Run
+from ..optionspec import comma_list
+from .. import figures
 from . import common
 
 SMALL = {"dataset": "synthetic-dsprites", "data": None, "batches": 5000, "batch_size": 64, "image_size": 16,
@@ -39,8 +41,6 @@ FULL = {"dataset": "mnist", "data": None, "batches": None, "batch_size": 64, "im
 
 
 def build_parser():
-    from ..cli import comma_list
-
     p = common.parser("python -m refimpl.experiments.figure2", __doc__)
     p.add_argument("--latent", type=int, default=None, help="initial latent dimensions n (default: 10 small, 32 full)")
     p.add_argument("--taus", type=comma_list(float, 0.0, "numbers"), default=None, metavar="T1,T2,...",
@@ -56,7 +56,7 @@ def build_parser():
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     s = common.settings(args, SMALL, FULL)
-    latent = args.latent or s["latent"]
+    latent = s["latent"]
     taus = args.taus or s["taus"]
     jobs = args.jobs or s["jobs"]
     out = Path(args.out or "experiments/figure2")
@@ -66,11 +66,8 @@ def run(argv=None) -> dict:
 
         n_train = len(open_dataset(s["dataset"], s["data"])) - 1000
         batches = s["epochs"] * (n_train // s["batch_size"])
-    specs = [common.run_spec(out / "runs" / f"tau{tau:g}", dataset=s["dataset"], data=s["data"], latent=latent,
-                             tau=tau, batches=batches, seed=args.seed, batch_size=s["batch_size"],
-                             image_size=s["image_size"], channels=s["channels"], dtype=args.dtype,
-                             backend=args.backend, hyper=common.interpretation_switches(args),
-                             checkpoint_every=args.checkpoint_every) for tau in taus]
+    specs = [common.run_spec(out / "runs" / f"tau{tau:g}", s, tau=tau, batches=batches, backend=args.backend)
+             for tau in taus]
     summaries = common.train_many(specs, jobs=jobs, quiet=args.quiet, blas_threads=args.blas_threads)
 
     rows, recons, original = [], [], None
@@ -107,9 +104,9 @@ def fixed_image(run) -> int:
 
 
 def plot(rows, original, recons, path) -> None:
-    plt = common.pyplot()
+    plt = figures.pyplot()
     if plt is None:
-        common.no_plot_note(path)
+        figures.no_plot_note(path)
         return
     k = len(rows)
     fig = plt.figure(figsize=(max(6.0, 1.3 * (k + 1)), 6.0))
@@ -128,7 +125,7 @@ def plot(rows, original, recons, path) -> None:
         a.imshow(img.transpose(1, 2, 0).squeeze(), cmap="gray", vmin=0, vmax=1)
         a.set_title(title, fontsize=8)
         a.axis("off")
-    common.save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -46,15 +46,11 @@ def build_parser():
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     s = common.settings(args, SMALL, FULL)
-    latent = args.latent or s["latent"]
+    latent = s["latent"]
     taus = (args.low_tau if args.low_tau is not None else s["taus"][0],
             args.high_tau if args.high_tau is not None else s["taus"][1])
     out = Path(args.out or "experiments/figure3")
-    specs = [common.run_spec(out / "runs" / f"tau{tau:g}", dataset=s["dataset"], data=s["data"], latent=latent,
-                             tau=tau, batches=s["batches"], seed=args.seed, batch_size=s["batch_size"],
-                             image_size=s["image_size"], channels=s["channels"], dtype=args.dtype,
-                             backend=args.backend, hyper=common.interpretation_switches(args),
-                             checkpoint_every=args.checkpoint_every) for tau in taus]
+    specs = [common.run_spec(out / "runs" / f"tau{tau:g}", s, tau=tau, backend=args.backend) for tau in taus]
     summaries = common.train_many(specs, jobs=args.jobs or s["jobs"], quiet=args.quiet,
                                   blas_threads=args.blas_threads)
     rows, image_rows = [], []

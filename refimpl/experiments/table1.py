@@ -22,7 +22,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..training import LOG_FILE, moving_average, read_log
+from ..runlog import moving_average, read_log
+from ..training import LOG_FILE
+from ..optionspec import int_list
+from .. import figures
 from . import common
 
 SMALL = {"dataset": "synthetic-dsprites", "data": None, "batches": 3000, "batch_size": 64, "image_size": 16,
@@ -32,10 +35,8 @@ FULL = {"dataset": "dsprites", "data": None, "batches": 200000, "batch_size": 64
 
 
 def build_parser():
-    from ..cli import _int_list
-
     p = common.parser("python -m refimpl.experiments.table1", __doc__)
-    p.add_argument("--latents", type=_int_list, default=None, metavar="N1,N2,...",
+    p.add_argument("--latents", type=int_list, default=None, metavar="N1,N2,...",
                    help="baseline dimensions n (default: 3,5 small; 5,10,30 full)")
     p.set_defaults(jobs=None)
     return p
@@ -56,20 +57,16 @@ def run(argv=None) -> dict:
     jobs = args.jobs or s["jobs"]
     budget = s["batches"]
     out = Path(args.out or "experiments/table1")
-    common_kw = dict(dataset=s["dataset"], data=s["data"], seed=args.seed, batch_size=s["batch_size"],
-                     image_size=s["image_size"], channels=s["channels"], dtype=args.dtype, backend=args.backend,
-                     checkpoint_every=args.checkpoint_every)
-    switches = common.interpretation_switches(args)
 
     # step one: plain VAEs with n dimensions, tau = 0
-    base_specs = [common.run_spec(out / "runs" / f"baseline-n{n}", latent=n, tau=0.0, batches=budget, baseline=True,
-                                  hyper=switches, **common_kw) for n in latents]
+    base_specs = [common.run_spec(out / "runs" / f"baseline-n{n}", s, latent=n, batches=budget, baseline=True,
+                                  backend=args.backend) for n in latents]
     base = common.train_many(base_specs, jobs=jobs, quiet=args.quiet, blas_threads=args.blas_threads)
     taus = [moving_average(read_log(Path(b["out"]) / LOG_FILE)["E2"], 0.95) for b in base]
 
     # step two: gated VAEs with 2n dimensions, tau = the baseline's error, 2B batches
-    gated_specs = [common.run_spec(out / "runs" / f"gated-n{2 * n}", latent=2 * n, tau=tau, batches=2 * budget,
-                                   hyper=switches, **common_kw) for n, tau in zip(latents, taus)]
+    gated_specs = [common.run_spec(out / "runs" / f"gated-n{2 * n}", s, latent=2 * n, tau=tau, batches=2 * budget,
+                                   backend=args.backend) for n, tau in zip(latents, taus)]
     gated = common.train_many(gated_specs, jobs=jobs, quiet=args.quiet, blas_threads=args.blas_threads)
 
     marks = (budget, budget * 3 // 2, 2 * budget)
@@ -90,9 +87,9 @@ def run(argv=None) -> dict:
 
 
 def plot(latents, logs, marks, path) -> None:
-    plt = common.pyplot()
+    plt = figures.pyplot()
     if plt is None:
-        common.no_plot_note(path)
+        figures.no_plot_note(path)
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (n, log) in enumerate(zip(latents, logs)):
@@ -107,7 +104,7 @@ def plot(latents, logs, marks, path) -> None:
     ax.set_title("gated VAE with 2n dimensions, tau = baseline error (dashed: n)")
     ax.legend()
     ax.grid(alpha=0.3)
-    common.save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

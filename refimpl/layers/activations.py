@@ -33,6 +33,7 @@ class LeakyReLU(Layer):
         return x * self._scale(positive, x.dtype)
 
     def backward(self, dy):
+        """dx = dy * (1 if x > 0 else slope)."""
         return dy * self._scale(self._take_cache(), dy.dtype)
 
 
@@ -46,12 +47,6 @@ def sigmoid(x):
     return xp.exp(xp.minimum(x, 0)) / (1 + xp.exp(-xp.abs(x)))
 
 
-def softplus(x):
-    """log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|))."""
-    xp = array_module(x)
-    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
-
-
 class Sigmoid(Layer):
     """y = sigmoid(x), dy/dx = y (1 - y). x: any shape."""
 
@@ -61,5 +56,6 @@ class Sigmoid(Layer):
         return y
 
     def backward(self, dy):
+        """dx = dy * y (1 - y)."""
         y = self._take_cache()
         return dy * y * (1 - y)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy
 
 from .. import kernels
-from ..backend import array_module
 from .layer import Layer
 
 RUNNING_VARS = ("biased", "unbiased")
@@ -56,64 +55,56 @@ class BatchNorm(Layer):
         return (0, 2, 3), (1, self.num_features, 1, 1)
 
     def forward(self, x, cache=True):
+        """Training: y = weight (x - mean) / sqrt(var + eps) + bias, mean and (biased) var of the batch per
+        channel, and the running statistics updated; eval: the same with the running statistics."""
         axes, bshape = self._axes_and_shape(x)
-        xp = array_module(x)
-        gpu = kernels.on_gpu(x)  # CuPy: the elementwise chains below as fused kernels (refimpl/kernels.py)
         if self.training:
             count = x.size // self.num_features
             if count < 2:
                 raise ValueError(f"BatchNorm in training mode needs >= 2 values per channel, got x of shape {tuple(x.shape)}")
             mean = x.mean(axis=axes, keepdims=True)
             centred = x - mean
-            squares = centred * centred  # becomes y's buffer below (fewer fresh arrays: page faults)
-            var = squares.mean(axis=axes, keepdims=True)
+            var = (centred * centred).mean(axis=axes, keepdims=True)
             if self.update_running:
-                var_scale = 1.0 if self.running_var == "biased" else count / (count - 1)
-                self._update_running(mean.reshape(-1), var.reshape(-1), var_scale, gpu)
+                self._update_running(mean.reshape(-1), var.reshape(-1), 1.0 if self.running_var == "biased"
+                                     else count / (count - 1))
         else:
             mean = self.buffers["running_mean"].reshape(bshape)
             var = self.buffers["running_var"].reshape(bshape)
-            centred = None if gpu else x - mean
-            squares = None
+            centred = None
         weight, bias = self.params["weight"].reshape(bshape), self.params["bias"].reshape(bshape)
-        if gpu:
+        if kernels.enabled_for(x):  # the two lines below as CUDA kernels (refimpl/kernels.py)
             inv_std = kernels.batchnorm_inv_std(var, self.eps)
             x_hat, y = kernels.batchnorm_normalize(x, mean, inv_std, weight, bias)
         else:
             inv_std = 1.0 / (var + self.eps) ** 0.5
-            x_hat = centred
-            x_hat *= inv_std  # x_hat = (x - mean) inv_std, in centred's memory
-            y = xp.multiply(x_hat, weight, out=squares)  # y = weight x_hat + bias
-            y += bias
+            x_hat = (x - mean if centred is None else centred) * inv_std
+            y = x_hat * weight + bias
         self._cache = (x_hat, inv_std, axes, bshape, self.training) if cache else None
         return y
 
-    def _update_running(self, mean, var, var_scale, gpu):
+    def _update_running(self, mean, var, var_scale):
         """running = momentum * running + (1 - momentum) * batch; the variance stored is var * var_scale."""
         m, running_mean, running_var = self.momentum, self.buffers["running_mean"], self.buffers["running_var"]
-        if gpu:
+        if kernels.enabled_for(mean):  # the two lines below as one CUDA kernel
             kernels.batchnorm_running_update(running_mean, running_var, mean, var, momentum=m, var_scale=var_scale)
             return
         running_mean[...] = m * running_mean + (1 - m) * mean
         running_var[...] = m * running_var + (1 - m) * (var * var_scale)
 
     def backward(self, dy):
+        """db = sum(dy), dw = sum(dy x_hat) per channel; training: dx = w inv_std (dy - mean(dy) - x_hat
+        mean(dy x_hat)), the means over a channel's m values (mean and var depend on x); eval: dx = w inv_std dy."""
         x_hat, inv_std, axes, bshape, training = self._take_cache()
         sum_dy = dy.sum(axis=axes, keepdims=True)
-        dy_x_hat = dy * x_hat  # its memory is reused below
-        sum_dy_x_hat = dy_x_hat.sum(axis=axes, keepdims=True)
+        sum_dy_x_hat = (dy * x_hat).sum(axis=axes, keepdims=True)
         self.grads["bias"] += sum_dy.reshape(-1)
         self.grads["weight"] += sum_dy_x_hat.reshape(-1)
-        weight = self.params["weight"].reshape(bshape)
-        m = x_hat.size // self.num_features
-        if training and kernels.on_gpu(dy):  # the expression below as one kernel
-            return kernels.batchnorm_backward(dy, x_hat, weight, inv_std, sum_dy, sum_dy_x_hat, m)
-        scale = weight * inv_std  # dy/dx_hat * dx_hat/dx, per channel
+        scale = self.params["weight"].reshape(bshape) * inv_std  # dy/dx_hat * dx_hat/dx, per channel
         if not training:
             return dy * scale
-        # d/dx of (x - mean) / sqrt(var + eps) with mean and var taken from the batch itself:
-        # dx = w inv_std (dy - mean(dy) - x_hat mean(dy x_hat)), means over the m values of a channel
-        dx = dy - sum_dy / m
-        dx -= array_module(dy).multiply(x_hat, sum_dy_x_hat / m, out=dy_x_hat)
-        dx *= scale
-        return dx
+        m = x_hat.size // self.num_features
+        if kernels.enabled_for(dy):  # the line below as one CUDA kernel
+            return kernels.batchnorm_backward(dy, x_hat, self.params["weight"].reshape(bshape), inv_std, sum_dy,
+                                              sum_dy_x_hat, m)
+        return (dy - sum_dy / m - x_hat * (sum_dy_x_hat / m)) * scale

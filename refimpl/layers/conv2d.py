@@ -68,6 +68,7 @@ class Conv2d(Layer):
         return y.reshape(o, n, ho, wo).transpose(1, 0, 2, 3).copy()
 
     def backward(self, dy):
+        """dW = dy (*) x (correlation over batch and positions), db = sum(dy), dx = dy convolved back with W."""
         cols, x_shape = self._take_cache()
         o = self.out_channels
         dy2 = dy.transpose(1, 0, 2, 3).reshape(o, -1)  # (O, N*Ho*Wo)

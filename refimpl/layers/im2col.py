@@ -24,7 +24,7 @@ def im2col(x, kernel, stride, padding):
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
     ho, wo = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
-    if kernels.on_gpu(x):
+    if kernels.enabled_for(x):
         return kernels.im2col(x, kernel, stride, padding, (ho, wo))
     if ph or pw:
         x = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
@@ -42,7 +42,7 @@ def col2im(cols, x_shape, kernel, stride, padding):
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x_shape
     ho, wo = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
-    if kernels.on_gpu(cols):
+    if kernels.enabled_for(cols):
         return kernels.col2im(cols, x_shape, kernel, stride, padding, (ho, wo))
     cols = cols.reshape(c, kh, kw, n, ho, wo)
     dx = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)

@@ -31,6 +31,7 @@ class Layer:
         raise NotImplementedError(f"{type(self).__name__}.forward")
 
     def backward(self, dy):
+        """dy: dL/dy shaped like forward's output -> dL/dx; accumulates parameter gradients into ``grads``."""
         raise NotImplementedError(f"{type(self).__name__}.backward")
 
     def children(self) -> list[tuple[str, "Layer"]]:

@@ -27,6 +27,7 @@ class Linear(Layer):
         return x @ self.params["weight"].T + self.params["bias"]
 
     def backward(self, dy):
+        """dW = dy^T x, db = sum_n dy, dx = dy W."""
         x = self._take_cache()
         self.grads["weight"] += dy.T @ x
         self.grads["bias"] += dy.sum(axis=0)

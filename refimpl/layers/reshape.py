@@ -15,6 +15,7 @@ class Flatten(Layer):
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dy):
+        """dx = dy reshaped to x's shape."""
         return dy.reshape(self._take_cache())
 
 
@@ -32,4 +33,5 @@ class Reshape(Layer):
         return x.reshape(x.shape[0], *self.shape)
 
     def backward(self, dy):
+        """dx = dy reshaped to x's shape."""
         return dy.reshape(self._take_cache())

@@ -35,6 +35,7 @@ class Sequential(Layer):
         return x
 
     def backward(self, dy):
+        """The chain rule: each layer's backward, last layer first."""
         for _, layer in reversed(self.named_layers):
             dy = layer.backward(dy)
         return dy

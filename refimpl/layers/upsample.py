@@ -27,6 +27,7 @@ class Upsample(Layer):
         return xp.broadcast_to(x[:, :, :, None, :, None], (n, c, h, f, w, f)).reshape(n, c, h * f, w * f)
 
     def backward(self, dy):
+        """dx = the sum of dy over each f x f block (every input pixel fed f^2 outputs)."""
         self._take_cache()
         n, c, hf, wf = dy.shape
         f = self.factor

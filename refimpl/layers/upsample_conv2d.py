@@ -154,6 +154,7 @@ class UpsampleConv2d(Layer):
         return y
 
     def backward(self, dy):
+        """As upsample then conv: dW, db as Conv2d's on the upsampled input; dx summed over each block."""
         saved, x_shape = self._take_cache()
         expected = self.output_shape(x_shape)
         if tuple(dy.shape) != expected:

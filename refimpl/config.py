@@ -1,0 +1,159 @@
+"""What defines a run (:class:`RunConfig`) and how long it trains (:class:`Schedule`).
+
+Every field declares its command-line option (:func:`refimpl.optionspec.option`): its
+default and help live here and nowhere else; :mod:`refimpl.options` turns the fields
+into the options of ``train``, ``trace`` and the experiments. Algorithm 1's own
+parameters are the fields of :class:`refimpl.algorithm1.Hyper`, kept in
+``RunConfig.hyper`` as a dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy
+
+from .algorithm1 import Hyper
+from .backend import DTYPES, get_dtype
+from .data import DATASET_NAMES, DEFAULT_DATASET, dataset_info
+from .optionspec import OptionError, int_list, nonnegative_int, option, positive_int
+
+
+@dataclass
+class RunConfig:
+    """What defines a run; a resumed run must match it exactly.
+
+    ``baseline``: Table 1's step one, a plain VAE: the gated model with tau = 0, so C =
+    E2 > 0 on every step, l. 23 never holds, no gate is ever sampled and gamma never
+    moves (all n dimensions stay open). ``fused``: None picks by backend
+    (``model.default_fused``) and the resolved value is stored.
+    """
+
+    dataset: str = option(DEFAULT_DATASET, f"one of {', '.join(DATASET_NAMES)}", choices=DATASET_NAMES,
+                          metavar="DATASET", positional=True)
+    data: str | None = option(None, "dataset file or folder (default: under $REFIMPL_DATA)", parse=str,
+                              metavar="PATH")
+    latent: int = option(10, "latent dimensions n", parse=positive_int, metavar="N")
+    batch_size: int = option(64, "batch size", parse=positive_int, metavar="B")
+    dtype: str = option("float32", "computation dtype", choices=tuple(DTYPES))
+    seed: int = option(0, "seed of every random stream: weights, held-out split, batch order, Algorithm 1's u "
+                          "and eps", parse=nonnegative_int, metavar="N")
+    image_size: int | None = option(None, "average-pool the images to SxS (64 -> 32, 16, 8) and scale the "
+                                          "paper's network to it (default: the dataset's size)",
+                                    parse=positive_int, metavar="S")
+    channels: tuple | None = option(None, "encoder conv widths, mirrored in the decoder (default: 32,32,64,64 at "
+                                          "64x64, the last m of them with m convs)",
+                                    parse=int_list, metavar="C1,C2,...")
+    hidden: int = option(128, "hidden linear units", parse=positive_int, metavar="H")
+    holdout: int = option(1000, "held-out images (never trained on) for evaluate and reconstruct",
+                          parse=positive_int, metavar="N")
+    baseline: bool = option(False, "a plain VAE (Table 1 step one): tau = 0, so gates are never sampled and all "
+                                   "n stay open", parse=bool)
+    fused: bool | None = option(None, "decoder blocks as one fused upsample+conv layer, or as upsample then conv "
+                                      "(same numbers; default: fused on numpy, the pair on cupy, the faster on "
+                                      "each)", parse=bool)
+    hyper: dict = option(help="Algorithm 1's Hyper fields", flag=False, default_factory=dict)
+
+    def __post_init__(self):
+        if self.channels is not None:
+            self.channels = tuple(int(c) for c in self.channels)
+        dataset_info(self.dataset)
+        for name, low in (("latent", 1), ("batch_size", 1), ("hidden", 1), ("holdout", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, numpy.integer)) or value < low:
+                raise OptionError(f"{name}={value!r}: expected an integer >= {low}")
+        if not isinstance(self.seed, (int, numpy.integer)) or self.seed < 0:
+            raise OptionError(f"seed={self.seed!r}: expected a non-negative integer")
+        get_dtype(self.dtype)
+        if self.image_size is not None and self.image_size < 1:
+            raise OptionError(f"image_size={self.image_size!r}: expected a positive integer")
+        if self.baseline and self.hyper.get("tau", 0.0) != 0.0:
+            raise OptionError(f"--baseline trains with tau=0; drop --tau {self.hyper['tau']:g}")
+
+    def make_hyper(self) -> Hyper:
+        kw = dict(self.hyper)
+        if "betas" in kw:
+            kw["betas"] = tuple(kw["betas"])
+        if self.baseline:
+            kw["tau"] = 0.0
+        return Hyper(**kw)
+
+    def image_shape(self) -> tuple:
+        """(C, S, S): the dataset's images (registry shape), pooled to ``image_size``."""
+        c, h, w = dataset_info(self.dataset).shape
+        size = self.image_size or h
+        if h % size:
+            raise OptionError(f"image_size={size}: must divide the dataset's {h}x{w} images")
+        return (c, size, size)
+
+    def pool_factor(self) -> int:
+        """How many native pixels one pooled pixel averages, per side."""
+        return dataset_info(self.dataset).shape[1] // self.image_shape()[1]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels) if self.channels is not None else None
+        d["hyper"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hyper.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Schedule:
+    """How long a run trains and how often it saves: not part of what defines the run."""
+
+    batches: int = option(5000, "total number of batches (with --resume: the run's own target)",
+                          parse=nonnegative_int, metavar="B")
+    checkpoint_every: int = option(100, "write a checkpoint every N batches; also at the end and on Ctrl-C",
+                                   parse=positive_int, metavar="N")
+
+
+def default_tau(dataset: str, image_size: int | None) -> float:
+    """The registry's tau for ``dataset``, scaled by (image_size / native size)^2 when images are pooled."""
+    info = dataset_info(dataset)
+    return info.tau * ((image_size or info.shape[1]) / info.shape[1]) ** 2
+
+
+def new_config(given: dict) -> RunConfig:
+    """A RunConfig from the given fields (``hyper`` a dict); defaults for the rest, tau per dataset."""
+    kw = {k: v for k, v in given.items() if k != "hyper"}
+    hyper = dict(given.get("hyper", {}))
+    if kw.get("baseline"):
+        if hyper.get("tau", 0.0) != 0.0:
+            raise OptionError(f"--baseline trains with tau=0; drop --tau {hyper['tau']:g}")
+        hyper["tau"] = 0.0
+    elif "tau" not in hyper:
+        hyper["tau"] = default_tau(kw.get("dataset", DEFAULT_DATASET), kw.get("image_size"))
+    if kw.get("data") is not None:
+        kw["data"] = str(Path(kw["data"]).resolve())
+    config = RunConfig(**kw, hyper=hyper)
+    config.make_hyper()  # validates every Hyper field now
+    config.image_shape()  # and the image size
+    return config
+
+
+def default_out(config: RunConfig) -> Path:
+    """``runs/<dataset>[-s<S>]-n<n>-tau<tau>|baseline-seed<seed>``."""
+    tau = "baseline" if config.baseline else f"tau{config.hyper['tau']:g}"
+    size = f"-s{config.image_size}" if config.image_size else ""
+    return Path("runs") / f"{config.dataset}{size}-n{config.latent}-{tau}-seed{config.seed}"
+
+
+def config_differences(stored: RunConfig, given: dict) -> list[str]:
+    """The entries of ``given`` (config field -> value, ``hyper`` a dict) that differ from ``stored``."""
+    stored_d = stored.to_dict()
+    defaults = {f.name: f.default for f in fields(Hyper)}
+    pairs = [(k, v, stored_d.get(k)) for k, v in given.items() if k != "hyper"]
+    pairs += [(k, v, stored_d["hyper"].get(k, defaults.get(k) if k != "tau" else None))
+              for k, v in given.get("hyper", {}).items()]
+    diffs = []
+    for key, value, old in pairs:
+        value, old = (tuple(a) if isinstance(a, list) else a for a in (value, old))  # JSON stores tuples as lists
+        if old != value:
+            diffs.append(f"{key}={value!r} (the run has {old!r})")
+    return diffs

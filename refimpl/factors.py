@@ -1,0 +1,351 @@
+"""Which generative factor does each latent dimension hold? Mutual information and MIG.
+
+Section 4.3 says the 3 dimensions kept at tau = 35 on dSprites "probably" encode scale,
+x and y. Where a dataset's generative factors are known, this module measures it:
+
+1. Encode held-out images (the run's split; the first ``count`` of them, or all if
+   there are fewer) in inference mode, as :mod:`refimpl.evaluate` does: BatchNorm
+   running statistics, z = mu. Gates are 1[gamma > 0] (``GatedVAE.inference_gates``).
+   codes: (N, n) on the host.
+2. Factors: the dataset's discrete factor classes (``latents_classes``: dSprites and
+   synthetic dSprites (shape, scale, orientation, posX, posY), Cars3D (car, azimuth,
+   elevation); Shapes3D's ``labels`` values mapped to classes), dropping factors
+   constant over the sample (dSprites' color). factors: (N, K) int.
+3. Each latent code is discretised into ``bins`` equal-width histogram bins over its
+   range in the sample (default 20, as Locatello et al. 2019 do), and the mutual
+   information I(z_j; v_k) between bins and factor classes is the discrete plug-in
+   estimate (in nats) from the joint histogram. Normalised by the factor's entropy
+   H(v_k): a value in [0, 1].
+4. MIG (Chen et al. 2018): for each factor, the largest normalised MI over the *open*
+   dimensions minus the second largest (0 if only one dimension is open; the gap is 0
+   if none is); MIG is the mean over factors.
+
+Reading the numbers:
+
+- Bins limit what can be measured: I(z_j; v_k) <= log(bins), so a factor with more
+  values than bins cannot reach 1 (posX, 32 values, 20 bins: at most log 20 / log 32
+  = 0.86); the JSON lists this bound per factor.
+- The plug-in estimate is biased upwards by about (bins - 1)(values - 1) / (2 N) nats
+  (N = 5000, 20 bins, posX: 0.06 nats, 0.02 after normalising): "near 0" means ~0.02.
+  The JSON lists this, normalised, per factor as ``chance``: what a code independent
+  of the factor scores on average.
+- Closed dimensions are reported too, marked closed, but are not in MIG. Their
+  number is the MI of the encoder's mu_j, which the decoder never sees (it gets
+  mu_j * 0); so what reaches the decoder through a closed dimension is nothing.
+- Orientation cannot be recovered completely from images: the square looks the same
+  every 90 degrees, the ellipse every 180, and classes 0 and 39 are the same angle.
+
+Functions on arrays: :func:`entropy`, :func:`mutual_information`, :func:`discretize`,
+:func:`mig_gaps`, :func:`mig`, :func:`factor_scores`. On a run: :func:`run_factors`
+(a JSON-able dict), :func:`format_table`, :func:`write_factors` (``RUN/factors.json``
+atomically, and the heatmap ``RUN/factors.png`` when matplotlib is installed).
+
+Command line (``refimpl factors RUN``): see :func:`add_arguments`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy
+
+from .atomic import atomic_write
+from .backend import to_host
+from .data import eval_batches
+from .figures import no_plot_note, pyplot, save_figure
+from .optionspec import OptionError
+
+JSON_FILE = "factors.json"
+PNG_FILE = "factors.png"
+DEFAULT_COUNT, DEFAULT_BINS, DEFAULT_BATCH = 5000, 20, 250
+
+
+def _check_int(name: str, value, low: int) -> int:
+    """``value`` as an int, or an :class:`OptionError` (a ValueError; exit 2 on the command line) naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < low:
+        raise OptionError(f"{name}={value!r}: expected an integer >= {low}")
+    return int(value)
+
+
+# ----------------------------------------------------------------------------------------
+# Estimators (host arrays)
+
+
+def _discrete(a) -> tuple:
+    """(labels 0..R-1 (N,), R) of a discrete variable a: (N,)."""
+    values, inverse = numpy.unique(numpy.asarray(a).reshape(-1), return_inverse=True)
+    return inverse.reshape(-1), values.size
+
+
+def entropy(a) -> float:
+    """H(a) in nats of the empirical distribution of a discrete variable a: (N,)."""
+    a = numpy.asarray(a).reshape(-1)
+    if a.size == 0:
+        raise ValueError("entropy: empty sample")
+    _, counts = numpy.unique(a, return_counts=True)
+    p = counts / a.size
+    return float(-(p * numpy.log(p)).sum())
+
+
+def mutual_information(a, b) -> float:
+    """Plug-in I(a; b) in nats of two discrete variables a, b: (N,), from their joint histogram."""
+    (a, ra), (b, rb) = _discrete(a), _discrete(b)
+    if a.size != b.size or a.size == 0:
+        raise ValueError(f"mutual_information: samples of sizes {a.size} and {b.size}; expected equal and > 0")
+    joint = numpy.bincount(a * rb + b, minlength=ra * rb).reshape(ra, rb) / a.size
+    pa, pb = joint.sum(axis=1), joint.sum(axis=0)
+    nz = joint > 0
+    mi = (joint[nz] * numpy.log(joint[nz] / numpy.outer(pa, pb)[nz])).sum()
+    return max(float(mi), 0.0)  # >= 0 exactly; rounding can give -1e-17
+
+
+def discretize(codes, bins: int = DEFAULT_BINS) -> numpy.ndarray:
+    """Each column of codes: (N, n) into ``bins`` equal-width bins over its range: (N, n) int64 in 0..bins-1."""
+    codes = numpy.asarray(codes, dtype=numpy.float64)
+    bins = _check_int("bins", bins, 2)
+    if codes.ndim != 2:
+        raise ValueError(f"codes of shape {codes.shape}: expected (N, n)")
+    bad = numpy.nonzero(~numpy.isfinite(codes).all(axis=0))[0]
+    if bad.size:
+        raise ValueError(f"codes: non-finite values in dimensions {bad.tolist()}")
+    out = numpy.empty(codes.shape, dtype=numpy.int64)
+    for j in range(codes.shape[1]):
+        edges = numpy.histogram_bin_edges(codes[:, j], bins)
+        out[:, j] = numpy.digitize(codes[:, j], edges[1:-1])  # the maximum goes into the last bin
+    return out
+
+
+def mig_gaps(normalized, open_dims=None) -> tuple:
+    """Per factor, largest minus second largest normalised MI over the open dimensions.
+
+    normalized: (n, K); open_dims: (n,) bool (default all open). Returns (gaps (K,),
+    top (K, 2) int: the dimensions holding the largest and second largest, -1 where none).
+    """
+    normalized = numpy.asarray(normalized, dtype=numpy.float64)
+    n, k = normalized.shape
+    open_dims = numpy.ones(n, bool) if open_dims is None else numpy.asarray(open_dims, bool).reshape(-1)
+    if open_dims.size != n:
+        raise ValueError(f"open_dims has {open_dims.size} entries, expected {n}")
+    dims = numpy.nonzero(open_dims)[0]
+    gaps, top = numpy.zeros(k), numpy.full((k, 2), -1, dtype=numpy.int64)
+    for f in range(k):
+        order = dims[numpy.argsort(-normalized[dims, f], kind="stable")]
+        if order.size:
+            second = normalized[order[1], f] if order.size > 1 else 0.0
+            gaps[f] = normalized[order[0], f] - second
+            top[f, :min(order.size, 2)] = order[:2]
+    return gaps, top
+
+
+def mig(normalized, open_dims=None) -> float:
+    """Mutual information gap (Chen et al. 2018): the mean over factors of :func:`mig_gaps`."""
+    return float(mig_gaps(normalized, open_dims)[0].mean())
+
+
+def factor_scores(codes, factors, bins: int = DEFAULT_BINS, open_dims=None) -> dict:
+    """MI of every latent code with every factor, normalised MI and MIG.
+
+    codes: (N, n) float; factors: (N, K) int classes, none constant; open_dims: (n,) bool
+    (default all open; MIG uses only these). Returns host arrays: ``mutual_information``
+    (n, K) nats, ``entropy`` (K,) nats, ``normalized`` (n, K) = MI / H(v_k) in [0, 1],
+    ``bound`` (K,) = min(1, log(bins) / H(v_k)), ``chance`` (K,) = (bins - 1)(R_k - 1)
+    / (2 N H(v_k)), at most ``bound`` (the plug-in bias: about what an independent code
+    scores, for N much larger than bins * R_k; R_k the factor's number of values), ``open`` (n,), ``gaps`` (K,), ``top`` (K, 2), and
+    ``mig`` (float), ``bins``, ``sample_size``.
+    """
+    binned = discretize(codes, bins)
+    factors = numpy.asarray(factors)
+    if factors.ndim != 2 or factors.shape[0] != binned.shape[0]:
+        raise ValueError(f"factors of shape {factors.shape}: expected ({binned.shape[0]}, K)")
+    if not numpy.issubdtype(factors.dtype, numpy.integer):
+        raise ValueError(f"factors have dtype {factors.dtype}: expected integer classes")
+    n, k = binned.shape[1], factors.shape[1]
+    h = numpy.array([entropy(factors[:, f]) for f in range(k)])
+    if (h == 0).any():
+        raise ValueError(f"factor columns {numpy.nonzero(h == 0)[0].tolist()} are constant over the sample "
+                         f"(entropy 0): normalised MI is undefined; drop them")
+    mi = numpy.array([[mutual_information(binned[:, j], factors[:, f]) for f in range(k)] for j in range(n)])
+    normalized = numpy.clip(mi / h, 0.0, 1.0)
+    values = numpy.array([_discrete(factors[:, f])[1] for f in range(k)])
+    bound = numpy.minimum(1.0, math.log(bins) / h)
+    chance = numpy.minimum(bound, (bins - 1) * (values - 1) / (2 * binned.shape[0] * h))  # N >> bins * values
+    open_dims = numpy.ones(n, bool) if open_dims is None else numpy.asarray(open_dims, bool).reshape(-1)
+    gaps, top = mig_gaps(normalized, open_dims)
+    return {"mutual_information": mi, "entropy": h, "normalized": normalized,
+            "bound": bound, "chance": chance, "open": open_dims,
+            "gaps": gaps, "top": top, "mig": float(gaps.mean()), "bins": int(bins),
+            "sample_size": int(binned.shape[0])}
+
+
+# ----------------------------------------------------------------------------------------
+# A run
+
+
+def factor_classes(dataset, indices) -> tuple:
+    """(classes (B, K) int64, factor names) of ``dataset`` at ``indices`` (B,).
+
+    Datasets with ``latents_classes`` use them; Shapes3D's ``labels`` (factor values)
+    become classes by their distinct values. Others raise a one-line :class:`OptionError`.
+    """
+    names = getattr(dataset, "factor_names", None)
+    if names is not None and hasattr(dataset, "latents_classes"):
+        return numpy.asarray(dataset.latents_classes(indices), dtype=numpy.int64), tuple(names)
+    labels = getattr(dataset, "labels", None)
+    if names is not None and labels is not None and labels.ndim == 2 and labels.shape[1] == len(names):
+        values = numpy.asarray(labels[numpy.asarray(indices, dtype=numpy.int64)])
+        classes = numpy.stack([_discrete(values[:, f])[0] for f in range(len(names))], axis=1)
+        return classes, tuple(names)
+    name = getattr(dataset, "name", type(dataset).__name__)
+    raise OptionError(f"dataset {name!r} has no known generative factors; factors are known for dsprites, "
+                     f"synthetic-dsprites, shapes3d and cars3d")
+
+
+def encode(run, indices, batch_size: int = DEFAULT_BATCH) -> numpy.ndarray:
+    """mu (N, n) float64 on the host for dataset ``indices`` (N,), in inference mode (BatchNorm running stats)."""
+    model = run.model
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [to_host(model.encoder.forward(run.images(idx), cache=False)[:, :model.n_latent])
+                 for idx in eval_batches(indices, batch_size)]
+    finally:
+        model.train(was_training)
+    return numpy.concatenate(parts).astype(numpy.float64)
+
+
+def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch_size: int = DEFAULT_BATCH) -> dict:
+    """Factor scores of a :class:`refimpl.training.Run` on ``count`` held-out images (all if fewer): a JSON-able dict.
+
+    Keys: run, step, dataset, n_latent, sample_size, heldout_images, bins, factors,
+    constant_factors (dropped), factor_entropy, bound, chance, gates, open_dims,
+    mutual_information (n x K, nats), normalized_mi (n x K), mig_gap (factor -> gap),
+    mig_dims (factor -> [largest, second] dims, null where none), mig, best_factor
+    (per dimension: dim, open, factor, normalized_mi).
+    """
+    count = _check_int("count", count, 1)
+    bins = _check_int("bins", bins, 2)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    held_all = run.split[1]
+    held = held_all[:count]  # the split is random: its first ``count`` are a random sample
+    classes, names = factor_classes(run.dataset, held)  # raises before encoding for datasets without factors
+    varying = [f for f in range(classes.shape[1]) if numpy.unique(classes[:, f]).size > 1]
+    if not varying:
+        raise OptionError(f"count={count}: no factor varies over the {held.size} images sampled")
+    gates = to_host(run.model.inference_gates()) > 0
+    codes = encode(run, held, batch_size)
+    s = factor_scores(codes, classes[:, varying], bins, open_dims=gates)
+    kept = [names[f] for f in varying]
+    norm = s["normalized"]
+    return {
+        "run": str(run.out), "step": int(run.state.step), "dataset": run.config.dataset,
+        "n_latent": int(run.model.n_latent), "sample_size": int(held.size), "heldout_images": int(held_all.size),
+        "bins": bins, "factors": kept, "constant_factors": [n for f, n in enumerate(names) if f not in varying],
+        "factor_entropy": s["entropy"].tolist(), "bound": s["bound"].tolist(), "chance": s["chance"].tolist(),
+        "gates": gates.astype(int).tolist(), "open_dims": numpy.nonzero(gates)[0].tolist(),
+        "mutual_information": s["mutual_information"].tolist(), "normalized_mi": norm.tolist(),
+        "mig_gap": dict(zip(kept, s["gaps"].tolist())),
+        "mig_dims": {k: [int(d) if d >= 0 else None for d in top] for k, top in zip(kept, s["top"])},
+        "mig": s["mig"],
+        "best_factor": [{"dim": j, "open": bool(gates[j]), "factor": kept[int(norm[j].argmax())],
+                         "normalized_mi": float(norm[j].max())} for j in range(norm.shape[0])],
+    }
+
+
+def format_table(result: dict) -> str:
+    """The printed report: a row per latent dimension (index, gate, normalised MI per factor, best factor), MIG."""
+    names, norm = result["factors"], result["normalized_mi"]
+    width = max(6, *(len(n) for n in names))
+    dropped = f" (constant, left out: {', '.join(result['constant_factors'])})" if result["constant_factors"] else ""
+    lines = [f"{result['run']} ({result['dataset']}, step {result['step']}): {result['sample_size']} of "
+             f"{result['heldout_images']} held-out images, z = mu, {result['bins']} equal-width bins",
+             "normalised mutual information I(z_j; v_k) / H(v_k)" + dropped,
+             f"{'dim':>4}  {'gate':<6} " + " ".join(f"{n:>{width}}" for n in names) + "  best"]
+    for row, best in zip(norm, result["best_factor"]):
+        gate = "open" if best["open"] else "closed"
+        lines.append(f"{best['dim']:>4}  {gate:<6} " + " ".join(f"{v:>{width}.3f}" for v in row)
+                     + f"  {best['factor']} ({best['normalized_mi']:.2f})")
+    lines.append(f"{'':>4}  {'bound':<6} " + " ".join(f"{v:>{width}.3f}" for v in result["bound"])
+                 + f"  (log {result['bins']} / H(v_k): the most {result['bins']} bins can show)")
+    lines.append(f"{'':>4}  {'chance':<6} " + " ".join(f"{v:>{width}.3f}" for v in result["chance"])
+                 + "  (plug-in bias: about what a code independent of the factor scores)")
+    n_open = len(result["open_dims"])
+    gaps = ", ".join(f"{k} {g:.3f}" for k, g in result["mig_gap"].items())
+    lines.append(f"MIG over the {n_open} open dimension{'s' if n_open != 1 else ''}: {result['mig']:.4f} ({gaps})")
+    return "\n".join(lines)
+
+
+def draw_heatmap(result: dict, path) -> Path | None:
+    """The normalised MI as a heatmap (dims x factors, annotated) written to ``path``; None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    norm = numpy.asarray(result["normalized_mi"])
+    n, k = norm.shape
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2.5, 0.45 * n + 1.8))
+    image = ax.imshow(norm, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for j in range(n):
+        for f in range(k):
+            ax.text(f, j, f"{norm[j, f]:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if norm[j, f] > 0.6 else "white")
+    ax.set_xticks(range(k), result["factors"])
+    ax.set_yticks(range(n), [f"z{b['dim']}" + ("" if b["open"] else " (closed)") for b in result["best_factor"]])
+    ax.set_title(f"{result['dataset']}, step {result['step']}, {result['sample_size']} held-out images, "
+                 f"{result['bins']} bins: MIG {result['mig']:.3f}", fontsize=10)
+    fig.colorbar(image, ax=ax, label="I(z_j; v_k) / H(v_k)")
+    return save_figure(fig, path)
+
+
+def write_factors(result: dict, json_path, png_path=None) -> list:
+    """Write ``result`` as JSON (atomically) and, given ``png_path`` and matplotlib, the heatmap; returns the paths."""
+    json_path = Path(json_path)
+    text = json.dumps(result, indent=2, allow_nan=False)
+    atomic_write(json_path, lambda f: f.write(text.encode()))
+    written = [json_path]
+    if png_path is not None:
+        png = draw_heatmap(result, png_path)
+        if png is None:
+            no_plot_note(png_path, numbers_in=str(json_path))
+        else:
+            written.append(png)
+    return written
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: refimpl factors RUN
+
+
+def add_arguments(parser) -> None:
+    """The options of ``refimpl factors``."""
+    from .backend import BACKENDS
+
+    parser.add_argument("run", metavar="RUN", help="run folder (from refimpl train)")
+    parser.add_argument("--count", type=int, default=DEFAULT_COUNT, metavar="N",
+                        help=f"held-out images to encode (default: {DEFAULT_COUNT}, or all if fewer)")
+    parser.add_argument("--bins", type=int, default=DEFAULT_BINS, metavar="B",
+                        help=f"equal-width bins per latent code (default: {DEFAULT_BINS})")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="B",
+                        help=f"images per encoder batch (default: {DEFAULT_BATCH})")
+    parser.add_argument("--out-json", default=None, metavar="FILE", help=f"default: RUN/{JSON_FILE}")
+    parser.add_argument("--out-png", default=None, metavar="FILE", help=f"heatmap (default: RUN/{PNG_FILE})")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="array backend (default: $REFIMPL_BACKEND or numpy)")
+
+
+def run(args) -> int:
+    """``refimpl factors RUN``: print the table and MIG, write the JSON and the heatmap."""
+    from .training import Run
+
+    folder = Path(args.run)
+    if not folder.is_dir():
+        raise OptionError(f"run={str(folder)!r}: no such run folder")
+    _check_int("count", args.count, 1)
+    _check_int("bins", args.bins, 2)
+    _check_int("batch_size", args.batch_size, 1)
+    run_ = Run.load(folder, backend=args.backend, for_training=False)
+    result = run_factors(run_, args.count, args.bins, args.batch_size)
+    print(format_table(result))
+    written = write_factors(result, args.out_json or folder / JSON_FILE, args.out_png or folder / PNG_FILE)
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
