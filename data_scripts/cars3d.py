@@ -29,23 +29,32 @@ URL = "http://www.scottreed.info/files/nips2015-analogy-data.tar.gz"
 MD5 = "4e866a7919c1beedf53964e6f7a23686"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/cars3d", help="folder to write cars3d.npz into")
     parser.add_argument("--url", default=URL)
     parser.add_argument("--from-folder", help="convert this folder of car_*_mesh.mat files; download nothing")
     parser.add_argument("--force", action="store_true", help="download again even if the archive is there")
     parser.add_argument("--keep-archive", action="store_true", help="keep the .tar.gz")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def outputs(out) -> list[Path]:
+    """The files this script leaves for ``--out out`` (the archive is deleted unless --keep-archive)."""
+    return [Path(out) / FILENAME]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
         if args.from_folder:
-            path = convert_cars3d(args.from_folder, out / FILENAME)
+            path = convert_cars3d(args.from_folder, outputs(out)[0])
         else:
             archive = download(args.url, out / "nips2015-analogy-data.tar.gz", md5=MD5, force=args.force)
             with tempfile.TemporaryDirectory(prefix="cars3d-", dir=out) as tmp:
                 extract_tar(archive, tmp, prefix="data/cars/")
-                path = convert_cars3d(Path(tmp) / "data" / "cars", out / FILENAME)
+                path = convert_cars3d(Path(tmp) / "data" / "cars", outputs(out)[0])
             if not args.keep_archive:
                 archive.unlink()
         ds = load_cars3d(path)

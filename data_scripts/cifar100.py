@@ -29,19 +29,28 @@ MEMBER_MD5 = {
 COUNTS = {"train": 50000, "test": 10000}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/cifar100", help="folder to unpack cifar-100-python/ into")
     parser.add_argument("--url", default=URL)
     parser.add_argument("--force", action="store_true", help="download again even if the archive is there")
     parser.add_argument("--keep-archive", action="store_true", help="keep the .tar.gz after unpacking")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def outputs(out) -> list[Path]:
+    """The files this script leaves for ``--out out`` (the archive is deleted unless --keep-archive)."""
+    return [Path(out) / FOLDER / name for name in MEMBER_MD5]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
         archive = download(args.url, out / "cifar-100-python.tar.gz", md5=MD5, force=args.force)
         extract_tar(archive, out, prefix=FOLDER + "/")
-        for name, md5 in MEMBER_MD5.items():
-            check_file(out / FOLDER / name, md5=md5)
+        for path, md5 in zip(outputs(out), MEMBER_MD5.values()):
+            check_file(path, md5=md5)
         for split, count in COUNTS.items():
             ds = load_cifar100(out, split)
             if len(ds) != count:

@@ -25,14 +25,23 @@ URL = "https://github.com/deepmind/dsprites-dataset/raw/master/" + FILENAME
 MD5 = "7da33b31b13a06f4b04a70402ce90c2e"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/dsprites", help="folder to write the npz into")
     parser.add_argument("--url", default=URL)
     parser.add_argument("--force", action="store_true", help="download again even if the file is there")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def outputs(out) -> list[Path]:
+    """The files this script writes for ``--out out``."""
+    return [Path(out) / FILENAME]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        path = download(args.url, Path(args.out) / FILENAME, md5=MD5, force=args.force)
+        path = download(args.url, outputs(args.out)[0], md5=MD5, force=args.force)
         members = check_dsprites_file(path)
     except (DatasetError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -32,11 +32,20 @@ FILES = {
 COUNTS = {"train": 60000, "test": 10000}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/mnist", help="folder to write the idx files into")
     parser.add_argument("--force", action="store_true", help="download again even if the files are there")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def outputs(out) -> list[Path]:
+    """The files this script writes for ``--out out``."""
+    return [Path(out) / name for name in FILES]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
         for name, md5 in FILES.items():

@@ -29,15 +29,24 @@ SIZE = 267_573_662
 SHA256 = "0a0f6ed98baff276a50f3a081a7434d788da63cb135a98189b2a5b5769be1785"  # reported by one loader; not checked
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/shapes3d", help="folder to write 3dshapes.h5 into")
     parser.add_argument("--url", default=URL)
     parser.add_argument("--force", action="store_true", help="download again even if the file is there")
     parser.add_argument("--uncompressed", action="store_true", help="also write the uncompressed 3dshapes.npz (fast random reads)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def outputs(out, uncompressed: bool = False) -> list[Path]:
+    """The files this script writes for ``--out out``."""
+    return [Path(out) / FILENAME] + ([Path(out) / FAST_FILENAME] if uncompressed else [])
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        path = download(args.url, Path(args.out) / FILENAME, md5=MD5, size=SIZE, force=args.force)
+        path = download(args.url, outputs(args.out)[0], md5=MD5, size=SIZE, force=args.force)
         if args.uncompressed:
             print(f"writing {Path(args.out) / FAST_FILENAME} (5.9 GB) ...")
             path = convert_shapes3d(path, Path(args.out) / FAST_FILENAME)

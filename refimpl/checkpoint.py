@@ -72,6 +72,21 @@ def load(path) -> tuple[dict, dict]:
     return arrays, meta
 
 
+def check_contents(path, arrays: dict, meta: dict, shapes: dict, keys) -> None:
+    """CheckpointError naming ``path`` and the entry unless ``arrays`` holds a float array of
+    each shape in ``shapes`` (name -> shape) and ``meta`` each of ``keys``."""
+    for key in keys:
+        if key not in meta:
+            raise CheckpointError(f"checkpoint {path}: meta has no {key!r}; not a refimpl training checkpoint")
+    for name, shape in shapes.items():
+        if name not in arrays:
+            raise CheckpointError(f"checkpoint {path}: no array {name!r}, which the run's model needs")
+        a = arrays[name]
+        if tuple(a.shape) != tuple(shape) or a.dtype.kind != "f":
+            raise CheckpointError(f"checkpoint {path}: {name!r} is {a.dtype} of shape {tuple(a.shape)}, the run's "
+                                  f"model needs floats of shape {tuple(shape)}")
+
+
 def prefixed(arrays: dict, prefix: str) -> dict:
     """The entries of ``arrays`` under ``prefix`` (e.g. ``"model/"``), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}

@@ -6,6 +6,7 @@
     refimpl reconstruct RUN     originals over reconstructions -> RUN/reconstructions.png
     refimpl plot RUN            Figure 1 of a run, gate by gate -> RUN/plot.png (refimpl/plot.py)
     refimpl factors RUN         which generative factor each kept dimension holds (refimpl/factors.py)
+    refimpl sweep --grid ...    a grid of runs on Dask, one CSV row per run (refimpl/sweep.py)
     refimpl trace, compare      golden traces (refimpl/trace.py, refimpl/compare.py)
 
 ``train``'s run options are derived from the dataclasses that declare them
@@ -19,12 +20,15 @@ import argparse
 import re
 from pathlib import Path
 
-from . import __version__, compare, factors, figures, options, plot, trace
+import numpy
+
+from . import __version__, compare, factors, figures, options, plot, sweep, trace
 from .config import Schedule, default_out, new_config
 from .exits import ArgumentParser, run_command
 from .optionspec import OptionError, index_list, positive_int
 
 PROG = "refimpl"
+MAX_IMAGES, PER_ROW = 256, 16  # refimpl reconstruct: images in one PNG, and to a row
 
 
 def build_parser() -> ArgumentParser:
@@ -43,7 +47,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="run folder (default: runs/<dataset>-n<latent>-tau<tau>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that already holds a run (deletes every file of the old run)")
+    p.add_argument("--repair-log", action="store_true",
+                   help="with --resume: drop damaged lines of log.csv when every row up to the checkpoint is there")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -67,11 +74,12 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     # -- reconstruct
-    p = sub.add_parser("reconstruct", help="PNG grid: held-out originals (top) and reconstructions (bottom)",
-                       description="A PNG of held-out originals (top row) and their reconstructions with the "
-                                   "inference gates (bottom row).")
+    p = sub.add_parser("reconstruct", help="PNG grid: held-out originals over their reconstructions",
+                       description="A PNG of held-out originals, each row of up to 16 over a row of their "
+                                   "reconstructions with the inference gates.")
     p.add_argument("run", metavar="RUN", help="run folder (or its checkpoint.npz)")
-    p.add_argument("--count", type=positive_int, default=8, metavar="N", help="images (default: 8)")
+    p.add_argument("--count", type=positive_int, default=8, metavar="N",
+                   help=f"images (default: 8; at most {MAX_IMAGES}, {PER_ROW} to a row)")
     p.add_argument("--indices", type=index_list, default=None, metavar="I,J,...",
                    help="dataset indices to show instead of held-out ones")
     p.add_argument("--scale", type=positive_int, default=None, metavar="K",
@@ -81,12 +89,12 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
 
     # -- commands whose options and runners live in their own modules
-    for name, module in (("plot", plot), ("factors", factors), ("trace", trace), ("compare", compare)):
+    for name, module in (("plot", plot), ("factors", factors), ("sweep", sweep), ("trace", trace), ("compare", compare)):
         doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", module.__doc__.strip()).replace("``", "")  # plain text, not reST
         p = sub.add_parser(name, help=doc.splitlines()[0], description=doc,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        p.set_defaults(func=cmd_trace if module is trace else module.run)
     return parser
 
 
@@ -99,11 +107,16 @@ def cmd_train(args) -> int:
 
     if args.resume and args.overwrite:
         raise OptionError("--resume and --overwrite exclude each other")
+    if args.repair_log and not args.resume:
+        raise OptionError("--repair-log repairs the log of a run being resumed: add --resume")
     given = options.given_run_options(args)
     out = Path(args.out) if args.out is not None else default_out(new_config(given))
     schedule = options.schedule(args)
     run = open_run(out, given, backend=args.backend, resume=args.resume, overwrite=args.overwrite,
-                   schedule=schedule)
+                   schedule=schedule, repair_log=args.repair_log)
+    if run.repaired_lines:
+        lines = ", ".join(map(str, run.repaired_lines))
+        print(f"repaired {out}/log.csv: dropped line(s) {lines}; it holds rows 1-{run.state.step}", flush=True)
     batches = getattr(args, "batches", None)  # with --resume, default: the run's own target
     checkpoint_every = getattr(args, "checkpoint_every", None)
     if args.resume:
@@ -139,7 +152,8 @@ def _load(run_path, backend=None):
 
 def cmd_evaluate(args) -> int:
     from .atomic import write_json
-    from .evaluate import EVAL_FILE, evaluate
+    from .evaluate import evaluate
+    from .runfolder import EVAL_FILE
 
     run = _load(args.run, args.backend)
     result = evaluate(run, limit=args.limit, batch_size=args.batch_size)
@@ -158,9 +172,11 @@ def cmd_evaluate(args) -> int:
 
 def cmd_export(args) -> int:
     from .evaluate import export
+    from .runfolder import EXPORT_DIR, EXPORT_FILES, check_output_folder
 
     run = _load(args.run)
-    out = Path(args.out) if args.out else run.out / "export"
+    out = Path(args.out) if args.out else run.out / EXPORT_DIR
+    check_output_folder(out, EXPORT_FILES)
     npz, js = export(run, out)
     print(f"exported {run.model.open_gates()}/{run.config.latent} latent dimensions (step {run.state.step}) "
           f"to {npz} and {js}")
@@ -168,9 +184,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    from .evaluate import heldout_indices, image_grid, reconstructions, save_image, spread_indices
+    from .evaluate import heldout_indices, reconstruction_grid, reconstructions, save_image, spread_indices
+    from .runfolder import RECONSTRUCTIONS_FILE
 
     run = _load(args.run, args.backend)
+    count = len(args.indices) if args.indices is not None else args.count
+    if count > MAX_IMAGES:
+        raise OptionError(f"{'--indices' if args.indices is not None else '--count'}: {count} images; at most "
+                          f"{MAX_IMAGES} fit one PNG ({PER_ROW} to a row): ask for fewer")
+    held = heldout_indices(run)
     if args.indices is not None:
         n = len(run.dataset)
         bad = [i for i in args.indices if i >= n]
@@ -178,15 +200,39 @@ def cmd_reconstruct(args) -> int:
             raise OptionError(f"--indices {bad[0]}: the dataset has {n} images")
         indices = list(args.indices)
     else:
-        indices = spread_indices(heldout_indices(run), args.count)
-    originals, recons = reconstructions(run, indices)
+        indices = spread_indices(held, args.count)
     size = run.arch.image_shape[1]
     scale = args.scale if args.scale is not None else max(1, 128 // size)
-    out = Path(args.out) if args.out else run.out / "reconstructions.png"
-    save_image(image_grid([originals, recons], scale=scale), out)
-    print(f"{len(indices)} originals (top) and reconstructions with {run.model.open_gates()}/{run.config.latent} "
-          f"gates open (bottom), step {run.state.step}: {out}")
+    out = Path(args.out) if args.out else run.out / RECONSTRUCTIONS_FILE
+    originals, recons = reconstructions(run, indices)
+    save_image(reconstruction_grid(originals, recons, scale=scale, per_row=PER_ROW), out)
+    print(f"{len(indices)} originals over their reconstructions with {run.model.open_gates()}/{run.config.latent} "
+          f"gates open, step {run.state.step}, {PER_ROW} to a row: {out}")
+    if args.indices is not None:
+        held_set = set(int(i) for i in held)
+        for kind, chosen in (("held out (never trained on)", [i for i in indices if i in held_set]),
+                             ("trained on", [i for i in indices if i not in held_set])):
+            if chosen:
+                print(f"  {kind}: {', '.join(map(str, chosen))}")
     return 0
+
+
+# ----------------------------------------------------------------------------------------
+# trace
+
+
+def cmd_trace(args) -> int:
+    """``refimpl trace``, after checking that the K steps' trace fits in memory."""
+    from . import memory
+    from .model import build_architecture
+
+    config = new_config(options.given_run_options(args))
+    arch = build_architecture(config.image_shape(), config.channels, config.hidden)
+    itemsize = numpy.dtype(config.dtype).itemsize
+    memory.check(memory.trace_bytes(arch, config.latent, config.batch_size, itemsize, args.steps),
+                 f"a trace of {args.steps} steps (every tensor of every step; batches of {config.batch_size}, "
+                 f"n={config.latent}, {config.dtype})", "trace fewer --steps")
+    return trace.run(args)
 
 
 # ----------------------------------------------------------------------------------------
@@ -195,7 +241,8 @@ def cmd_reconstruct(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(lambda: args.func(args), f"{PROG} {args.command}",
-                       lambda out: f"continue with: refimpl train --out {out} --resume" if out else "")
+                       lambda out: f"continue with: refimpl train --out {out} --resume" if out
+                       else "run the same command again to continue")
 
 
 if __name__ == "__main__":

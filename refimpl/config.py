@@ -9,12 +9,13 @@ parameters are the fields of :class:`refimpl.algorithm1.Hyper`, kept in
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy
 
-from .algorithm1 import Hyper
+from .algorithm1 import Hyper, softplus
 from .backend import DTYPES, get_dtype
 from .data import DATASET_NAMES, DEFAULT_DATASET, dataset_info
 from .optionspec import OptionError, int_list, nonnegative_int, option, positive_int
@@ -70,6 +71,8 @@ class RunConfig:
             raise OptionError(f"image_size={self.image_size!r}: expected a positive integer")
         if self.baseline and self.hyper.get("tau", 0.0) != 0.0:
             raise OptionError(f"--baseline trains with tau=0; drop --tau {self.hyper['tau']:g}")
+        if self.baseline or "tau" in self.hyper:
+            check_dtype_range(self.make_hyper(), self.dtype)
 
     def make_hyper(self) -> Hyper:
         kw = dict(self.hyper)
@@ -101,6 +104,36 @@ class RunConfig:
     def from_dict(cls, d: dict) -> "RunConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_dtype_range(hyper: Hyper, dtype: str) -> None:
+    """Refuse (OptionError) a float option that ``dtype`` cannot hold (beyond its largest finite
+    value, or a non-zero value that rounds to 0), and starting values whose first step overflows:
+    k * gamma_init (the gates' sigmoid), lambda' = softplus(lambda)^2 (l. 21)."""
+    info = numpy.finfo(dtype)
+    largest, tiny = float(info.max), float(info.tiny)  # Python floats: comparing with numpy's would cast and warn
+    values = [(f.name, getattr(hyper, f.name)) for f in fields(Hyper) if f.name != "betas"]
+    values += [(f"betas[{i}]", b) for i, b in enumerate(hyper.betas)]
+    for name, value in values:
+        if not isinstance(value, float) or isinstance(value, bool):
+            continue
+        if abs(value) > largest:
+            raise OptionError(f"{name}={value:g}: beyond {dtype}'s largest value {largest:.4g}")
+        if value != 0 and abs(value) < tiny:
+            raise OptionError(f"{name}={value:g}: rounds to 0 in {dtype} (smallest normal {tiny:.4g})")
+    if abs(hyper.k * hyper.gamma_init) > largest:
+        raise OptionError(f"k * gamma_init = {hyper.k * hyper.gamma_init:g}: beyond {dtype}'s largest value "
+                          f"{largest:.4g} (the gates' sigmoid(k gamma) at step 1)")
+    if hyper.lambda_init_on == "effective":
+        start = math.sqrt(hyper.lambda_init)  # softplus(lambda) at the start; its raw lambda is about as large
+        if start > 700:  # exp(start) in the inverse softplus overflows
+            raise OptionError(f"lambda_init={hyper.lambda_init:g} with lambda_init_on='effective': at most 490000 "
+                              "(its raw lambda needs exp(sqrt(lambda_init)))")
+    else:
+        start = softplus(hyper.lambda_init)
+    if start > math.sqrt(largest):
+        raise OptionError(f"lambda_init={hyper.lambda_init:g}: lambda' = softplus(lambda)^2 = {start:.4g}^2 is beyond "
+                          f"{dtype}'s largest value {largest:.4g}")
 
 
 @dataclass

@@ -10,7 +10,8 @@ import time
 
 
 class Progress:
-    """A tqdm bar when tqdm is installed (extra ``progress``), else a line every ``interval`` seconds.
+    """On a terminal, a tqdm bar (when tqdm is installed, extra ``progress``); otherwise (a file,
+    a pipe, no tqdm) one plain line every ``interval`` seconds, never carriage-return fragments.
 
     Shows the step, ETA and Figure 1's live quantities: E2, tau, open gates, lambda', hit fraction.
     """
@@ -22,15 +23,14 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.bar = None
         self.start, self.start_step, self.last_print = time.monotonic(), initial, 0.0
-        if enabled:
+        if enabled and hasattr(self.stream, "isatty") and self.stream.isatty():
             try:
                 from tqdm import tqdm
             except ImportError:
                 tqdm = None
             if tqdm is not None:
-                tty = hasattr(self.stream, "isatty") and self.stream.isatty()
                 self.bar = tqdm(total=total, initial=initial, unit="batch", file=self.stream, dynamic_ncols=True,
-                                mininterval=0.1 if tty else interval)  # a log file gets a line per interval
+                                mininterval=0.1)
 
     @staticmethod
     def describe(log: dict, tau: float, n: int) -> str:

@@ -19,16 +19,17 @@ from pathlib import Path
 import numpy
 
 from . import checkpoint as ckpt
+from . import memory
 from .algorithm1 import per_image_error
 from .atomic import atomic_write, write_json
 from .backend import backend_name, get_dtype, get_xp, to_device, to_host
 from .data import eval_batches
 from .model import Architecture, GatedVAE, prune
 from .rng import generator
+from .runfolder import LOG_FILE
 from .runlog import moving_average, read_log
-from .training import LOG_FILE, Run
+from .training import Run
 
-EVAL_FILE = "eval.json"
 EXPORT_FORMAT = "refimpl-export-1"
 
 
@@ -74,28 +75,53 @@ def evaluate(run: Run, limit: int | None = None, batch_size: int = 250) -> dict:
 # Images
 
 
-def image_grid(rows, scale: int = 1, pad: int = 2, background: float = 0.5):
+def image_grid(rows, scale: int = 1, pad: int = 2, background: float = 0.5, labels=None):
     """A Pillow image of ``rows``: each a host array (N, C, H, W) in [0, 1], C = 1 or 3, drawn
-    left to right, rows top to bottom, ``pad`` pixels apart, every pixel ``scale`` x ``scale``."""
-    from PIL import Image
+    left to right, rows top to bottom, ``pad`` pixels apart, every pixel ``scale`` x ``scale``.
 
-    rows = [numpy.clip(numpy.asarray(r, dtype=numpy.float64), 0.0, 1.0) for r in rows]
+    ``labels``: one text per column (lines split on newlines), printed under the grid in
+    Pillow's default font. Sizes that cannot fit in memory are refused first
+    (:class:`refimpl.memory.NotEnoughMemory`).
+    """
+    from PIL import Image, ImageDraw
+
+    rows = [numpy.asarray(r) for r in rows]
     if not rows or any(r.ndim != 4 for r in rows):
         raise ValueError("image_grid: expected a non-empty list of (N, C, H, W) arrays")
     c, h, w = rows[0].shape[1:]
     if c not in (1, 3) or any(r.shape[1:] != (c, h, w) for r in rows):
         raise ValueError(f"image_grid: every row must be (N, {c}, {h}, {w}) with 1 or 3 channels")
     cols = max(r.shape[0] for r in rows)
-    canvas = numpy.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, c), background)
+    height, width = len(rows) * (h + pad) + pad, cols * (w + pad) + pad
+    memory.check(memory.grid_bytes(height, width, c, scale), f"a {width * scale}x{height * scale} image",
+                 "ask for a smaller --scale or fewer images")
+    canvas = numpy.full((height, width, c), background)
     for i, r in enumerate(rows):
-        for j, img in enumerate(r):
+        for j, img in enumerate(numpy.clip(r.astype(numpy.float64), 0.0, 1.0)):
             top, left = pad + i * (h + pad), pad + j * (w + pad)
             canvas[top:top + h, left:left + w] = img.transpose(1, 2, 0)
     pixels = (canvas * 255 + 0.5).astype(numpy.uint8)
     image = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
     if scale != 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    if labels:
+        lines = max(len(str(t).split("\n")) for t in labels)
+        labelled = Image.new(image.mode, (image.width, image.height + 12 * lines + 4), 255 if c == 1 else (255,) * 3)
+        labelled.paste(image, (0, 0))
+        draw = ImageDraw.Draw(labelled)
+        for j, text in enumerate(labels):
+            draw.multiline_text(((pad + j * (w + pad)) * scale, image.height + 2), str(text),
+                                fill=0 if c == 1 else (0,) * 3, spacing=2)
+        image = labelled
     return image
+
+
+def reconstruction_grid(originals, recons, scale: int = 1, per_row: int = 16):
+    """Originals (N, C, H, W) over their reconstructions, ``per_row`` to a row: row pairs top to bottom."""
+    rows = []
+    for i in range(0, len(originals), per_row):
+        rows += [originals[i:i + per_row], recons[i:i + per_row]]
+    return image_grid(rows, scale=scale)
 
 
 def save_image(image, path) -> Path:

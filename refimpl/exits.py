@@ -22,6 +22,7 @@ from .checkpoint import CheckpointError
 from .data import DatasetError
 from .figures import PlottingUnavailable
 from .optionspec import OptionError
+from .sweep import SweepInterrupted
 from .trace import TraceError
 from .training import NonFiniteLoss, RunExistsError, TrainingInterrupted
 
@@ -53,8 +54,8 @@ def run_command(func, prog: str, continue_hint=None) -> int:
 
     try:
         return func() or 0
-    except TrainingInterrupted as exc:
-        print(f"\n{prog}: interrupted: {exc}{hint(exc.path.parent)}", file=sys.stderr)
+    except (TrainingInterrupted, SweepInterrupted) as exc:
+        print(f"\n{prog}: interrupted: {exc}{hint(exc.path.parent if exc.path else None)}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted{hint(None)}", file=sys.stderr)

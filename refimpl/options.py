@@ -116,5 +116,36 @@ def markdown_table(*classes) -> str:
     return "\n".join(rows)
 
 
+
+def field_of(name: str):
+    """The declared field ``name`` of RunConfig, Schedule or Hyper, or None."""
+    for cls in (RunConfig, Schedule, Hyper):
+        for f in dataclasses.fields(cls):
+            if f.name == name and f.metadata and f.metadata["flag"]:
+                return f
+    return None
+
+
+def parser_of(name: str):
+    """A function parsing one command-line value of run option ``name`` (None: no such option)."""
+    f = field_of(name)
+    if f is None:
+        return None
+    meta = f.metadata
+    if meta["choices"]:
+        def choice(text):
+            if text not in meta["choices"]:
+                raise ValueError(f"{name}={text!r}: expected one of {', '.join(meta['choices'])}")
+            return text
+        return choice
+    if meta["parse"] is bool:
+        def boolean(text):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{name}={text!r}: expected true or false")
+            return text.lower() in ("true", "1", "yes")
+        return boolean
+    return meta["parse"] or type(f.default)
+
+
 if __name__ == "__main__":  # python -m refimpl.options: the README's table of run options
     print(markdown_table(RunConfig, Schedule, Hyper))

@@ -8,17 +8,22 @@ holds what step i computed: its ``gates_l1`` and ``lambda_eff`` are those the st
 the ``gamma_j`` are the values after the update, which the next step uses. Each value is
 written as the shortest string that reads back to the same number in its own dtype; a
 row is flushed as soon as it is written.
+
+On resume, :func:`verify_log` cuts the log back to the checkpoint's step and refuses to
+go on if any row up to it is missing or damaged (``--repair-log`` drops damaged extra
+lines when every row is still there).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
 import numpy
 
-from .atomic import atomic_write
+from .atomic import SLOW_WRITE_ENV, atomic_write, slow_write_pause
 
 
 def _format(value) -> str:
@@ -29,6 +34,10 @@ def _format(value) -> str:
     if isinstance(value, float):
         return repr(value)  # shortest string that reads back to the same float
     return str(value)
+
+
+class LogError(OSError):
+    """log.csv does not hold the rows the checkpoint vouches for (a file problem: exit status 1)."""
 
 
 class CsvLog:
@@ -49,7 +58,13 @@ class CsvLog:
             if new:
                 self.columns = list(row)
                 self._file.write(",".join(self.columns) + "\n")
-        self._file.write(",".join(_format(row.get(c, "")) for c in self.columns) + "\n")
+        line = ",".join(_format(row.get(c, "")) for c in self.columns) + "\n"
+        if os.environ.get(SLOW_WRITE_ENV):  # fault-injection tests: a kill lands inside the row
+            self._file.write(line[:len(line) // 2])
+            self._file.flush()
+            slow_write_pause()
+            line = line[len(line) // 2:]
+        self._file.write(line)
         self._file.flush()
 
     def sync(self) -> None:
@@ -62,37 +77,101 @@ class CsvLog:
             self._file.close()
             self._file = None
 
-    @staticmethod
-    def truncate(path, last_step: int) -> int:
-        """Keep the header and the complete rows with step <= ``last_step`` (rows a killed
-        run wrote after its last checkpoint, or a torn last line, are dropped). Returns the
-        number of rows kept."""
-        path = Path(path)
+
+def _row_problem(cells: list, header: list, step: int) -> str | None:
+    """Why ``cells`` is not row ``step`` of a log with ``header`` (None if it is)."""
+    if len(cells) != len(header):
+        return f"{len(cells)} field{'s' * (len(cells) != 1)}, expected {len(header)}"
+    try:
+        values = [float(c) for c in cells]
+    except ValueError:
+        bad = next(c for c in cells if not _is_number(c))
+        return f"field {bad[:20]!r} is not a number"
+    got = values[header.index("step")]
+    return None if got == step else f"step {got:g} where step {step} belongs"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _split_lines(data: bytes) -> list[str | None]:
+    """The complete (newline-terminated) lines of ``data``; None for a line that is not ASCII text."""
+    out = []
+    for raw in data.split(b"\n")[:-1]:  # the last piece is a torn line or empty
+        try:
+            out.append(raw.decode("ascii"))
+        except UnicodeDecodeError:
+            out.append(None)
+    return out
+
+
+def verify_log(path, last_step: int, repair: bool = False) -> list[int]:
+    """Cut ``log.csv`` back to rows 1..``last_step`` (the checkpoint's step) before training on.
+
+    Rows after ``last_step`` and a torn last line (what a killed run leaves) are dropped.
+    Every row up to ``last_step`` must be there and parse; otherwise :class:`LogError` names
+    the file, the line and the problem. ``repair``: keep the rows that parse and follow on
+    from step 1 and drop the other lines, which works only if rows 1..``last_step`` are all
+    there; missing rows cannot be rebuilt, so that is refused too. Returns the line numbers
+    dropped before ``last_step``'s row (empty unless ``repair`` dropped some).
+    """
+    path = Path(path)
+    if last_step == 0:  # nothing to keep but a header; the next write starts a fresh one if none
         if not path.is_file():
-            return 0
-        lines = path.read_text().split("\n")
-        header = lines[0].split(",")
-        kept = [lines[0]]
-        for line in lines[1:]:
-            cells = line.split(",")
-            if len(cells) != len(header):
-                break  # a torn line can only be the last one
-            try:
-                step = int(cells[header.index("step")])
-            except ValueError:
-                break
-            if step > last_step:
-                break
+            return []
+        lines = _split_lines(path.read_bytes())
+        keep = lines[0] if lines and lines[0] and "step" in lines[0].split(",") else ""
+        atomic_write(path, lambda f: f.write(keep.encode() + (b"\n" if keep else b"")))
+        return []
+    if not path.is_file():
+        raise LogError(f"{path}: no such file; {_lost(1, last_step)}")
+    lines = _split_lines(path.read_bytes())
+    header = lines[0].split(",") if lines and lines[0] is not None else None
+    if not lines:
+        raise LogError(f"{path}: empty; {_lost(1, last_step)}")
+    if header is None or "step" not in header or len(set(header)) != len(header) or "" in header:
+        raise LogError(f"{path} line 1: not the log's header (no 'step' column); {_lost(1, last_step)}")
+    kept, dropped, first = [lines[0]], [], None
+    for number, line in enumerate(lines[1:], start=2):
+        step = len(kept)
+        if step > last_step:
+            break
+        problem = "not ASCII text" if line is None else _row_problem(line.split(","), header, step)
+        if problem is None:
             kept.append(line)
-        text = "\n".join(kept) + "\n"
-        atomic_write(path, lambda f: f.write(text.encode()))
-        return len(kept) - 1
+            continue
+        first = first or (number, problem)
+        dropped.append(number)
+    found = len(kept) - 1
+    where = f"{path} line {first[0]}: {first[1]}" if first else f"{path}: rows end at step {found}"
+    if found < last_step:
+        raise LogError(f"{where}; {_lost(found + 1, last_step)}")
+    if dropped and not repair:
+        bad = f"line {dropped[0]}" if len(dropped) == 1 else f"lines {', '.join(map(str, dropped))}"
+        raise LogError(f"{where}; the other lines hold rows 1-{last_step}: continue with --repair-log to drop {bad} "
+                       "and keep the checkpoint")
+    text = "\n".join(kept) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return dropped
+
+
+def _lost(first: int, last: int) -> str:
+    return (f"the checkpoint is at step {last}, so rows 1-{last} must be there, but row {first} is missing or damaged; "
+            "it cannot be rebuilt (not even by --repair-log), so the run cannot continue with a complete log: start "
+            "afresh with --overwrite (evaluate, export and reconstruct still read the checkpoint)")
 
 
 def read_log(path) -> dict:
-    """``log.csv`` as columns: name -> list of floats."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    """``log.csv`` as columns: name -> list of floats (a torn last line, being written, is left out)."""
+    text = Path(path).read_text()
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows:
         return {}
     header, body = rows[0], rows[1:]

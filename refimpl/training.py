@@ -8,6 +8,10 @@ A run lives in one folder (``refimpl train --out DIR``):
   step 0, every ``checkpoint_every`` steps, at the end and on Ctrl-C / SIGTERM;
 - ``summary.json``: written when the run reaches its target: final gates, errors, time.
 
+The folder's rules (where a run may start, what refimpl deletes, the lock that keeps a
+second process out while one trains) are in :mod:`refimpl.runfolder`; a Run opened for
+training holds the folder's lock until :meth:`Run.train` ends or :meth:`Run.close`.
+
 :meth:`Run.build` makes the run a configuration defines, in memory and at step 0;
 :meth:`Run.create` (a new run folder), :meth:`Run.load` (resume) and ``refimpl trace``
 all start from it, and :meth:`Run.next_batch` is where both ``train`` and ``trace``
@@ -33,6 +37,7 @@ from pathlib import Path
 import numpy
 
 from . import checkpoint as ckpt
+from . import memory
 from .algorithm1 import init_state, train_step
 from .atomic import remove_stale_temporaries, write_json
 from .backend import backend_name, get_dtype, get_xp, to_device, to_host
@@ -43,13 +48,13 @@ from .data.base import downsample
 from .model import Architecture, GatedVAE, build_architecture, default_fused
 from .optionspec import OptionError
 from .rng import generator, get_state, set_state
-from .runlog import CsvLog, moving_average, read_log
+from .runfolder import (CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, RUN_FILES, SUMMARY_FILE, RunLock,
+                        check_new_run_folder, remove_run_files)
+from .runlog import CsvLog, moving_average, read_log, verify_log
 
-CONFIG_FILE = "config.json"
-LOG_FILE = "log.csv"
-CHECKPOINT_FILE = "checkpoint.npz"
-SUMMARY_FILE = "summary.json"
 STREAMS = ("init", "split", "batches", "train")
+META_KEYS = ("step", "adam_t", "hit", "c_ma", "last_constraint_met", "train_rng", "batch_iterator", "config",
+             "architecture")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -112,6 +117,8 @@ class Run:
         self._batch_order = None
         self._batch_state = None  # a loaded run's batch-stream state, until the stream is made
         self._log = None
+        self._lock = None  # the folder's RunLock while the run is open for training
+        self.repaired_lines = []  # log.csv lines --repair-log dropped when the run was opened
 
     # -- construction
 
@@ -126,6 +133,7 @@ class Run:
         if config.fused is None:
             config.fused = default_fused(run.xp)
         run.arch = arch or build_architecture(config.image_shape(), config.channels, config.hidden)
+        memory.check_training(run.arch, config, run.xp)
         run.model = GatedVAE(run.arch, config.latent, rng=stream(config.seed, "init"), xp=run.xp, dtype=run.dtype,
                              gated=True, gamma_init=run.hyper.gamma_init, fused=config.fused)
         run.state = init_state(run.model, run.hyper)
@@ -134,50 +142,98 @@ class Run:
     @classmethod
     def create(cls, config: RunConfig, out, backend: str | None = None, overwrite: bool = False,
                schedule: Schedule | None = None) -> "Run":
-        """A new run in folder ``out`` (created); writes config.json and the step-0 checkpoint.
+        """A new run in folder ``out``, open for training (it holds the folder's lock); writes
+        config.json and the step-0 checkpoint.
 
-        ``schedule``: the run's target and checkpoint interval, kept with it from this first checkpoint on.
+        ``out`` must be new or empty, or hold a run and ``overwrite`` be given, which deletes
+        every file of the old run (:mod:`refimpl.runfolder`). ``schedule``: the run's target
+        and checkpoint interval, kept with it from this first checkpoint on.
         """
         out = Path(out)
-        if (out / CHECKPOINT_FILE).exists() and not overwrite:
-            raise RunExistsError(f"{out} already holds a run ({CHECKPOINT_FILE}); continue it with --resume, "
-                              f"start afresh with --overwrite, or choose another --out")
         if "tau" not in config.hyper and not config.baseline:
             raise OptionError("config.hyper needs 'tau' (or baseline=True)")
+
+        def holds_old_run() -> bool:
+            held = check_new_run_folder(out, overwrite)
+            if held and not overwrite:
+                raise RunExistsError(f"{out} already holds a run ({CHECKPOINT_FILE}); continue it with --resume, "
+                                     f"start afresh with --overwrite, or choose another --out")
+            return held
+
+        holds_old_run()
         run = cls.build(config, backend, out=out)
         run.schedule = schedule or Schedule()
         run.batch_order  # opens the dataset and checks the split before anything is written
         out.mkdir(parents=True, exist_ok=True)
-        for name in (LOG_FILE, SUMMARY_FILE):
-            (out / name).unlink(missing_ok=True)
-        remove_stale_temporaries(out)
-        write_json(out / CONFIG_FILE, {"config": config.to_dict(), "architecture": run.arch.to_dict()})
-        run.save_checkpoint()
+        run._lock = RunLock(out).acquire()
+        try:
+            if holds_old_run():  # asked again under the lock
+                remove_run_files(out)
+            remove_stale_temporaries(out, RUN_FILES)
+            write_json(out / CONFIG_FILE, {"config": config.to_dict(), "architecture": run.arch.to_dict()})
+            run.save_checkpoint()
+        except BaseException:
+            run.close()
+            raise
         return run
 
     @classmethod
-    def load(cls, path, backend: str | None = None, for_training: bool = True) -> "Run":
+    def load(cls, path, backend: str | None = None, for_training: bool = True, repair_log: bool = False) -> "Run":
         """The run saved at ``path`` (a run folder or a checkpoint file).
 
-        ``for_training``: also cut ``log.csv`` back to the checkpoint's step (the batch
-        stream continues where the checkpoint left it when first used).
+        ``for_training``: take the folder's lock and check ``log.csv`` against the checkpoint
+        (:meth:`open_for_training`); otherwise the run is read-only (evaluate, export, ...).
         """
         path = Path(path)
         file = path / CHECKPOINT_FILE if path.is_dir() else path
         if path.is_dir() and not file.exists():
             raise ckpt.CheckpointError(f"{path} holds no {CHECKPOINT_FILE}: not a refimpl run folder")
-        arrays, meta = ckpt.load(file)
-        config = RunConfig.from_dict(meta["config"])
-        run = cls.build(config, backend, arch=Architecture.from_dict(meta["architecture"]), out=file.parent)
-        run._restore(arrays, meta)
-        if for_training:
-            run._prepare_to_continue()
+        if not file.is_file():
+            raise ckpt.CheckpointError(f"checkpoint not found: {file}")
+        lock = RunLock(file.parent).acquire() if for_training else None
+        try:
+            run = cls._from_checkpoint(file, backend)
+            if for_training:
+                run.open_for_training(lock, repair_log)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         return run
 
-    def _prepare_to_continue(self) -> None:
-        """Before training on from the checkpoint: drop stale temporaries and log rows after it."""
-        remove_stale_temporaries(self.out)
-        CsvLog.truncate(self.out / LOG_FILE, self.state.step)
+    @classmethod
+    def _from_checkpoint(cls, file: Path, backend) -> "Run":
+        arrays, meta = ckpt.load(file)
+        ckpt.check_contents(file, arrays, meta, {}, META_KEYS)
+        try:
+            config = RunConfig.from_dict(meta["config"])
+            arch = Architecture.from_dict(meta["architecture"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint {file}: its configuration does not load ({exc})") from None
+        run = cls.build(config, backend, arch=arch, out=file.parent)
+        run._restore(arrays, meta, file)
+        return run
+
+    def open_for_training(self, lock: RunLock, repair_log: bool = False) -> None:
+        """Hold ``lock`` (the folder's, acquired) and get the folder ready to train on from the
+        checkpoint: drop refimpl's stale temporaries and check log.csv (:func:`refimpl.runlog.verify_log`:
+        rows after the checkpoint are dropped; a missing or damaged row up to it is refused)."""
+        self._lock = lock
+        remove_stale_temporaries(self.out, RUN_FILES)
+        self.repaired_lines = verify_log(self.out / LOG_FILE, self.state.step, repair=repair_log)
+
+    def close(self) -> None:
+        """Release the folder's lock (if this run holds it); the run stays usable read-only."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
     # -- data
 
@@ -241,8 +297,8 @@ class Run:
         arrays.update({f"adam/m/{k}": v for k, v in adam["m"].items()})
         arrays.update({f"adam/v/{k}": v for k, v in adam["v"].items()})
         meta = {
-            "step": state.step, "adam_t": adam["t"], "hit": state.hit, "c_ma": state.c_ma,
-            "last_constraint_met": state.last_constraint_met,
+            "step": state.step, "adam_t": adam["t"], "adam_steps": adam["steps"],
+            "hit": state.hit, "c_ma": state.c_ma, "last_constraint_met": state.last_constraint_met,
             "train_rng": get_state(self.train_rng),
             "batch_iterator": self._batch_order.state_dict() if self._batch_order is not None else self._batch_state,
             "target_batches": self.schedule.batches, "checkpoint_every": self.schedule.checkpoint_every,
@@ -253,12 +309,20 @@ class Run:
         self.checkpoint_step = state.step
         return self.checkpoint_path()
 
-    def _restore(self, arrays: dict, meta: dict) -> None:
+    def _restore(self, arrays: dict, meta: dict, path) -> None:
         state, xp = self.state, self.xp
-        self.model.load_state_dict({k: to_device(v, xp, self.dtype) for k, v in ckpt.prefixed(arrays, "model/").items()})
+        shapes = {f"model/{k}": v.shape for k, v in self.model.state_dict().items()}
+        shapes.update({f"adam/{m}/{k}": p.shape for m in "mv" for k, p in state.optimizer.params.items()})
+        ckpt.check_contents(path, arrays, meta, {**shapes, "lambda": ()}, META_KEYS)
+        self.model.load_state_dict({k: to_device(v, xp, self.dtype)
+                                    for k, v in ckpt.prefixed(arrays, "model/").items()})
         state.lam[...] = to_device(arrays["lambda"], xp, self.dtype)
-        state.optimizer.load_state_dict({"t": meta["adam_t"], "m": ckpt.prefixed(arrays, "adam/m/"),
-                                         "v": ckpt.prefixed(arrays, "adam/v/")})
+        try:
+            state.optimizer.load_state_dict({"t": meta["adam_t"], "steps": meta.get("adam_steps"),
+                                             "m": ckpt.prefixed(arrays, "adam/m/"),
+                                             "v": ckpt.prefixed(arrays, "adam/v/")})
+        except (ValueError, TypeError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint {path}: {exc}") from None
         state.step, state.hit, state.c_ma = int(meta["step"]), bool(meta["hit"]), meta["c_ma"]
         state.last_constraint_met = bool(meta["last_constraint_met"])
         set_state(self.train_rng, meta["train_rng"])
@@ -272,12 +336,16 @@ class Run:
     # -- training
 
     def train(self, batches: int | None = None, checkpoint_every: int | None = None, progress: bool = True,
-              log_interval=10.0) -> dict:
+              log_interval=10.0, stop=None) -> dict:
         """Run Algorithm 1 until ``batches`` steps in total (default: the run's target); returns the summary.
 
         ``checkpoint_every``: default the run's own. Both become the run's schedule.
+        ``stop``: a callable asked before every step; when it says True the run stops as on
+        SIGTERM (a sweep's workers, which receive no signals, stop this way).
         Raises :class:`NonFiniteLoss` (no checkpoint written) or :class:`TrainingInterrupted`
-        (checkpoint written) instead of finishing.
+        (checkpoint written) instead of finishing. Holds the folder's lock throughout (taking
+        it if the run does not hold it yet) and releases it at the end, however it ends.
+        Floating-point warnings are silenced: a non-finite loss is caught and reported instead.
         """
         batches = self.schedule.batches if batches is None else batches
         checkpoint_every = self.schedule.checkpoint_every if checkpoint_every is None else checkpoint_every
@@ -287,14 +355,26 @@ class Run:
             raise OptionError(f"batches={batches}: this run has already done {self.state.step} batches")
         if not isinstance(checkpoint_every, (int, numpy.integer)) or checkpoint_every < 1:
             raise OptionError(f"checkpoint_every={checkpoint_every!r}: expected a positive integer")
-        self.schedule = Schedule(int(batches), int(checkpoint_every))
+        if self._lock is None:
+            self._lock = RunLock(self.out).acquire()
+        try:
+            return self._train(int(batches), int(checkpoint_every), progress, log_interval, stop)
+        finally:
+            self.close()
+
+    def _train(self, batches: int, checkpoint_every: int, progress: bool, log_interval, stop) -> dict:
+        self.schedule = Schedule(batches, checkpoint_every)
         self.batch_order  # opens the dataset before the log
         state, tau = self.state, self.hyper.tau
         self._log = CsvLog(self.out / LOG_FILE)
         bar = Progress(batches, state.step, self.config.latent, enabled=progress, interval=log_interval)
         try:
-            with StopOnSignal() as stop:
-                while state.step < batches and stop.signum is None:  # Alg. 1 l. 2: foreach x_i in D
+            with StopOnSignal() as signalled, numpy.errstate(all="ignore"):
+                while state.step < batches:  # Alg. 1 l. 2: foreach x_i in D
+                    if signalled.signum is None and stop is not None and stop():
+                        signalled.signum = signal.SIGTERM
+                    if signalled.signum is not None:
+                        break
                     t0 = time.perf_counter()
                     log = train_step(state, self.next_batch(), self.train_rng)  # l. 3-31
                     seconds = time.perf_counter() - t0
@@ -311,10 +391,10 @@ class Run:
                     bar.update(log, tau)
                     if state.step % checkpoint_every == 0:
                         self.save_checkpoint()
-                if stop.signum is not None:
+                if signalled.signum is not None:
                     if self.checkpoint_step != state.step:
                         self.save_checkpoint()
-                    raise TrainingInterrupted(state.step, stop.signum, self.checkpoint_path())
+                    raise TrainingInterrupted(state.step, signalled.signum, self.checkpoint_path())
             if self.checkpoint_step != state.step:
                 self.save_checkpoint()
         finally:
@@ -345,13 +425,14 @@ class Run:
 
 
 def open_run(out, given: dict, *, backend: str | None = None, resume: bool | None = False, overwrite: bool = False,
-             schedule: Schedule | None = None) -> Run:
-    """The run in folder ``out``, continued or new: the one place train, the experiments and sweeps open runs.
+             schedule: Schedule | None = None, repair_log: bool = False) -> Run:
+    """The run in folder ``out``, continued or new, open for training (holding the folder's lock
+    until it has trained or is closed): the one place train, the experiments and sweeps open runs.
 
     given: the run options given (RunConfig fields, ``hyper`` a dict). resume=True: continue
     the run in ``out`` (it must exist, and ``given`` must agree with it); False: a new run
     from ``given`` (``overwrite`` replaces one already there); None: continue if ``out``
-    holds a run, else start one.
+    holds a run, else start one. ``repair_log``: see :func:`refimpl.runlog.verify_log`.
     """
     out = Path(out)
     exists = (out / CHECKPOINT_FILE).is_file()
@@ -363,14 +444,19 @@ def open_run(out, given: dict, *, backend: str | None = None, resume: bool | Non
     given = dict(given)
     if given.get("data") is not None:
         given["data"] = str(Path(given["data"]).resolve())
-    run = Run.load(out, backend=backend, for_training=False)
-    differences = config_differences(run.config, given)
-    if differences and automatic:
-        raise RunConflictError(f"{out} holds a run with other settings ({'; '.join(differences)}); delete it or "
-                               "choose another --out")
-    if differences:
-        raise OptionError(f"options differ from the run in {out}: {'; '.join(differences)}; drop them to resume")
-    run._prepare_to_continue()
+    lock = RunLock(out).acquire()
+    try:
+        run = Run.load(out, backend=backend, for_training=False)
+        differences = config_differences(run.config, given)
+        if differences and automatic:
+            raise RunConflictError(f"{out} holds a run with other settings ({'; '.join(differences)}); delete it or "
+                                   "choose another --out")
+        if differences:
+            raise OptionError(f"options differ from the run in {out}: {'; '.join(differences)}; drop them to resume")
+        run.open_for_training(lock, repair_log)
+    except BaseException:
+        lock.release()
+        raise
     return run
 
 

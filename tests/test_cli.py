@@ -39,7 +39,11 @@ def trained(tmp_path_factory):
 
 
 def test_train_writes_the_run_folder(trained):
-    assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.npz", "config.json", "log.csv", "summary.json"]
+    from refimpl.figures import pyplot
+
+    plotted = ["plot.png"] if pyplot() is not None else []
+    assert sorted(p.name for p in trained.iterdir()) == sorted(["checkpoint.npz", "config.json", "log.csv",
+                                                                "summary.json", *plotted])  # the lock is gone
     cols = read_log(trained / "log.csv")
     assert cols["step"] == list(range(1, 21))
     for key in ("E2", "tau", "gates_l1", "lambda_eff", "hit_fraction", "open_gates", "E1", "C", "C_ma", "loss",
@@ -112,15 +116,94 @@ def test_export_is_the_pruned_model(trained, tmp_path):
     numpy.testing.assert_allclose(to_host(model.reconstruct(x)), to_host(run.model.reconstruct(x)), rtol=1e-5, atol=1e-6)
 
 
-def test_reconstruct_writes_a_grid(trained, tmp_path):
+def test_reconstruct_writes_a_grid(trained, tmp_path, capsys):
     from PIL import Image
 
     out = tmp_path / "grid.png"
     assert main(["reconstruct", str(trained), "--count", "5", "--scale", "3", "--out", str(out)]) == 0
     image = Image.open(out)
     assert image.size == (3 * (5 * (8 + 2) + 2), 3 * (2 * (8 + 2) + 2)) and image.mode == "L"
-    assert main(["reconstruct", str(trained), "--indices", "0,5,7", "--out", str(out)]) == 0
-    assert Image.open(out).size == (16 * (3 * 10 + 2), 16 * 22)  # default scale 128 // 8
+    run = Run.load(trained, for_training=False)
+    held, trained_on = [int(i) for i in run.split[1][:2]], [int(i) for i in run.split[0][:3]]
+    capsys.readouterr()
+    assert main(["reconstruct", str(trained), "--indices", ",".join(map(str, trained_on + held)),
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (16 * (5 * 10 + 2), 16 * 22)  # default scale 128 // 8
+    printed = capsys.readouterr().out
+    assert f"held out (never trained on): {', '.join(map(str, held))}" in printed
+    assert f"trained on: {', '.join(map(str, trained_on))}" in printed
+
+
+def test_reconstruct_wraps_rows_and_caps_the_count(trained, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    assert main(["reconstruct", str(trained), "--count", "40", "--scale", "1", "--out", str(out)]) == 0
+    # 16 held-out images (the run's --holdout): one row pair of 16
+    assert Image.open(out).size == (16 * 10 + 2, 2 * 10 + 2)
+    assert main(["reconstruct", str(trained), "--indices", ",".join(map(str, range(40))), "--scale", "1",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (16 * 10 + 2, 6 * 10 + 2)  # 16 + 16 + 8: three row pairs
+    capsys.readouterr()
+    assert main(["reconstruct", str(trained), "--count", "5000", "--out", str(tmp_path / "big.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "refimpl reconstruct: error: --count: 5000 images; at most 256 fit one PNG (16 to a row): ask for fewer"
+    assert not (tmp_path / "big.png").exists()
+
+
+def test_image_grid_labels_each_column():
+    import numpy
+
+    from refimpl.evaluate import image_grid
+
+    images = numpy.zeros((3, 1, 8, 8))
+    plain = image_grid([images], scale=4)
+    labelled = image_grid([images], scale=4, labels=["original", "tau 0.5\n10 open", "tau 8\n1 open"])
+    assert labelled.width == plain.width and labelled.height > plain.height
+    strip = numpy.asarray(labelled)[plain.height:]
+    for j in range(3):  # every column's label has ink
+        assert (strip[:, j * 40:(j + 1) * 40] < 128).any()
+
+
+def test_progress_prints_plain_lines_when_not_on_a_terminal():
+    import io
+
+    pytest.importorskip("tqdm")
+    from refimpl.console import Progress
+
+    class File(io.StringIO):
+        def isatty(self):
+            return False
+
+    out = File()
+    bar = Progress(total=3, initial=0, n_latent=4, interval=0.0, stream=out)
+    assert bar.bar is None
+    for step in (1, 2, 3):
+        bar.update({"step": step, "E2": 1.0, "open_gates": 4, "lambda_eff": 1.0, "hit_fraction": 0.5}, tau=2.0)
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text and [line.split()[1] for line in text.splitlines()] == ["1/3", "2/3", "3/3"]
+
+
+@pytest.mark.parametrize("option,fragment", [
+    (["--gamma-init", "1e308"], "gamma_init=1e+308: beyond float32's largest value 3.403e+38"),
+    (["--tau", "1e308"], "tau=1e+308: beyond float32's largest value"),
+    (["--k", "1e300"], "k=1e+300: beyond float32's largest value"),
+    (["--k", "1e38", "--gamma-init", "10"], "k * gamma_init = 1e+39: beyond float32's largest value"),
+    (["--lambda-init", "1e30"], "lambda' = softplus(lambda)^2 = 1e+30^2 is beyond float32's largest value"),
+    (["--adam-eps", "1e-50"], "adam_eps=1e-50: rounds to 0 in float32"),
+    (["--dtype", "float64", "--lambda-init", "1e200"], "softplus(lambda)^2 = 1e+200^2 is beyond float64's"),
+    (["--lambda-init", "1e6", "--lambda-init-on", "effective"], "at most 490000"),
+])
+def test_floats_beyond_the_dtype_are_refused_without_warnings(option, fragment, tmp_path, capsys):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # -W error: any RuntimeWarning would end the command with a traceback
+        code = main(["train", *TINY, "--batches", "2", "--out", str(tmp_path / "r"), *option])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("argv,code,fragment", [
@@ -136,6 +219,7 @@ def test_reconstruct_writes_a_grid(trained, tmp_path):
     (["train", "--backend", "cupy"], 1, "cupy"),
     (["train", "--baseline", "--tau", "3"], 2, "--baseline trains with tau=0"),
     (["train", "--resume", "--overwrite"], 2, "exclude each other"),
+    (["train", "--repair-log"], 2, "--repair-log repairs the log of a run being resumed: add --resume"),
     (["train", "--resume"], 2, "nothing to resume"),
     (["evaluate", "/nonexistent/run"], 2, "no such run folder"),
     (["export"], 2, "required: RUN"),
@@ -190,13 +274,13 @@ def test_resume_without_batches_continues_to_the_runs_target(tmp_path):
     assert read_log(out / "log.csv")["step"] == list(range(1, 15))
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_a_diverging_run_stops_with_one_line(tmp_path):
     out = tmp_path / "r"
-    code, _, err = refimpl("train", *TINY, "--tau", "40", "--batches", "50", "--checkpoint-every", "1",
-                           "--lr", "1e30", "--out", out)
+    code, _, err = refimpl("train", *TINY, "--tau", "40", "--batches", "50", "--checkpoint-every", "1", "--lr", "1e10",
+                           "--out", out, env={"PYTHONWARNINGS": "error::RuntimeWarning"})
     assert code == 1
-    last = err.strip().splitlines()[-1]  # numpy's overflow warnings come before
+    assert len(err.strip().splitlines()) == 1, err  # no RuntimeWarning before it
+    last = err.strip()
     assert last.startswith("refimpl train: error: non-finite loss at step ") and "last good checkpoint" in last
     step = int(last.split("at step ")[1].split()[0])
     meta = ckpt.load(out / "checkpoint.npz")[1]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from refimpl.atomic import write_json
+from refimpl.atomic import write_csv, write_json
 from refimpl.evaluate import image_grid, save_image
 from refimpl import figures
 from refimpl.experiments import common, figure1, figure2, figure3, table1
@@ -58,7 +58,7 @@ def test_figure2(tmp_path):
 
     grid = Image.open(out / "figure2_reconstructions.png")  # the original and one reconstruction per tau
     scale = 96 // 8
-    assert grid.size == (scale * (3 * 10 + 2), scale * (10 + 2))
+    assert grid.size == (scale * (3 * 10 + 2), scale * (10 + 2) + 28)  # + the labels' strip
     if HAVE_MATPLOTLIB:  # plots are an optional extra; the CSV above is always written
         assert (out / "figure2.png").stat().st_size > 0
     else:
@@ -114,7 +114,7 @@ def test_experiment_errors_are_one_line(tmp_path):
 def test_result_files_are_written_atomically(tmp_path):
     """CSV (columns in order of first appearance), JSON and PNG go through atomic_write: a failed write
     leaves the old file and no temporary beside it."""
-    path = common.write_csv(tmp_path / "r.csv", [{"tau": 1.0, "gates": 3}, {"tau": 2.0, "extra": "x"}])
+    path = write_csv(tmp_path / "r.csv", [{"tau": 1.0, "gates": 3}, {"tau": 2.0, "extra": "x"}])
     with open(path, newline="") as f:
         assert list(csv.reader(f)) == [["tau", "gates", "extra"], ["1.0", "3", ""], ["2.0", "", "x"]]
     assert write_json(tmp_path / "r.json", {"a": [1, 2]}).read_text() == '{\n  "a": [\n    1,\n    2\n  ]\n}'

@@ -1,6 +1,7 @@
 """The run loop: architecture scaling, the log, checkpoints, resume bit for bit (also after a
 real SIGKILL), non-finite losses, SIGINT, baseline runs."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from refimpl.backend import to_host
 from refimpl.config import RunConfig, config_differences
 from refimpl.data.base import downsample
 from refimpl.model import build_architecture
-from refimpl.runlog import CsvLog, moving_average, read_log
+from refimpl.runlog import CsvLog, moving_average, read_log, verify_log
 from refimpl.training import NonFiniteLoss, Run, TrainingInterrupted, stream
 
 # A tiny run: 8x8 images (one conv), 2 channels, batch 8: a step takes a few milliseconds.
@@ -28,8 +29,8 @@ TINY = dict(image_size=8, channels=(2,), batch_size=8, latent=4, holdout=16)
 TINY_ARGS = ["--image-size", "8", "--channels", "2", "--batch-size", "8", "--latent", "4", "--holdout", "16"]
 
 
-def tiny_config(tau=40.0, **kw):
-    return RunConfig(**{**TINY, **kw}, hyper={"tau": tau, **kw.pop("hyper", {})})
+def tiny_config(tau=40.0, hyper=None, **kw):
+    return RunConfig(**{**TINY, **kw}, hyper={"tau": tau, **(hyper or {})})
 
 
 def checkpoint_state(path):
@@ -108,7 +109,7 @@ def test_moving_average_matches_the_recurrence():
     assert numpy.isnan(moving_average([]))
 
 
-def test_csv_log_truncate_drops_later_and_torn_rows(tmp_path):
+def test_verify_log_drops_later_and_torn_rows(tmp_path):
     path = tmp_path / "log.csv"
     log = CsvLog(path)
     for step in range(1, 11):
@@ -116,7 +117,7 @@ def test_csv_log_truncate_drops_later_and_torn_rows(tmp_path):
     log.close()
     with open(path, "a") as f:
         f.write("11,3.6")  # a row cut short by a kill
-    assert CsvLog.truncate(path, 6) == 6
+    assert verify_log(path, 6) == []
     cols = read_log(path)
     assert cols["step"] == [1, 2, 3, 4, 5, 6]
     assert cols["E2"] == [s / 3 for s in range(1, 7)]  # repr round-trips floats exactly
@@ -188,6 +189,20 @@ def test_resume_in_process_is_bit_identical(tmp_path):
     assert log_without_time(tmp_path / "a" / "log.csv") == log_without_time(tmp_path / "b" / "log.csv")
     # gates were sampled in this run, so the u draws were part of what had to continue
     assert read_log(tmp_path / "a" / "log.csv")["hit"][-1] == 1
+
+
+def test_resume_keeps_adams_per_parameter_step_counts(tmp_path):
+    """With adam_steps="per_parameter" gamma's count lags the global one until the first hit;
+    the checkpoint keeps every count, so a resumed run still ends bit for bit the same."""
+    if "adam_steps" not in {f.name for f in dataclasses.fields(Hyper)}:
+        pytest.skip("Hyper has no adam_steps")
+    config = lambda: tiny_config(tau=11.35, hyper={"adam_steps": "per_parameter"})  # first hit at step 28  # noqa: E731
+    Run.create(config(), tmp_path / "a").train(40, progress=False)
+    Run.create(config(), tmp_path / "b").train(20, progress=False)
+    meta = ckpt.load(tmp_path / "b" / "checkpoint.npz")[1]
+    assert meta["adam_steps"]["gamma"] < meta["adam_t"]  # gamma had no gradient on the first steps
+    Run.load(tmp_path / "b").train(40, progress=False)
+    assert_same_checkpoint(tmp_path / "a" / "checkpoint.npz", tmp_path / "b" / "checkpoint.npz")
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):

@@ -22,6 +22,7 @@ converts in memory (slow: about a minute for 183 files).
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import numpy
@@ -68,8 +69,9 @@ def read_cars3d_mat(path: str | os.PathLike, size: int = SIZE) -> numpy.ndarray:
 def list_cars3d_mats(folder: str | os.PathLike) -> list[Path]:
     """The .mat files of a Cars3D folder, in ``list.txt`` order if present, else sorted by name."""
     folder = Path(folder)
+    out = folder.parent if folder.name == "cars" else folder  # load_cars3d's path: where cars3d.npz would be
     if not folder.is_dir():
-        raise not_found(TITLE, folder, "cars3d.py", folder.parent)
+        raise not_found(TITLE, folder, "cars3d.py", out)
     listing = folder / "list.txt"
     if listing.is_file():
         names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
@@ -78,7 +80,7 @@ def list_cars3d_mats(folder: str | os.PathLike) -> list[Path]:
         paths = sorted(folder.glob("car_*_mesh.mat"))
     if not paths:
         raise DatasetError(f"{TITLE} folder {folder}: no car_*_mesh.mat files; download them with: "
-                           f"python data_scripts/cars3d.py --out {folder.parent}")
+                           f"python data_scripts/cars3d.py --out {shlex.quote(str(out))}")
     return paths
 
 
@@ -131,7 +133,7 @@ def load_cars3d(path: str | os.PathLike) -> Cars3D:
         mats = path / "cars" if (path / "cars").is_dir() else path
         arrays = cars3d_arrays(mats)
         return Cars3D(arrays["images"], arrays["factors"], arrays["names"], path=mats)
-    if path.is_dir():
+    if path.is_dir() or not path.suffix:  # a folder (perhaps not there yet)
         path = path / FILENAME
     if not path.is_file():
         raise not_found(TITLE, path, "cars3d.py", path.parent)

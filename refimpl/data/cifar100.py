@@ -126,5 +126,7 @@ def load_cifar100(path: str | os.PathLike, split: str = "train", upscale: str = 
     path = Path(path)
     if path.is_dir():
         path = path / split if (path / split).is_file() or not (path / FOLDER).is_dir() else path / FOLDER / split
+    elif not path.exists() and path.name not in SPLITS:  # a folder not there yet: where the script unpacks
+        path = path / split if path.name == FOLDER else path / FOLDER / split
     images, labels = read_cifar100_pickle(path)
     return CIFAR100(images, labels, upscale, path=path)

@@ -127,7 +127,7 @@ def load_dsprites(path: str | os.PathLike, check_values: bool = True) -> DSprite
     ``check_values`` also that ``imgs`` is binary (about a second on the full file).
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or not path.suffix:  # a folder (perhaps not there yet)
         path = path / FILENAME
     members = check_dsprites_file(path)
     vals = members.get("latents_values")

@@ -9,6 +9,7 @@ from deep inside numpy, h5py, scipy or pickle.
 from __future__ import annotations
 
 import os
+import shlex
 
 
 class DatasetError(ValueError):
@@ -22,7 +23,8 @@ class DatasetNotFoundError(DatasetError):
 def not_found(title: str, path: str | os.PathLike, script: str, out_dir: str | os.PathLike) -> DatasetNotFoundError:
     """The error for a missing ``path``: names ``data_scripts/<script>`` and its ``--out`` folder."""
     return DatasetNotFoundError(
-        f"{title} file not found: {path}; download it with: python data_scripts/{script} --out {out_dir}"
+        f"{title} file not found: {path}; download it with: python data_scripts/{script} --out "
+        f"{shlex.quote(str(out_dir))}"
     )
 
 

@@ -104,7 +104,8 @@ def load_mnist(path: str | os.PathLike, split: str = "train", labels: bool = Tru
         raise ValueError(f"split={split!r}: expected 'train' or 'test'")
     path = Path(path)
     label_path = None
-    if path.is_dir():
+    folder = path.is_dir() or not (path.exists() or path.name.startswith(("train-", "t10k-")))  # perhaps not there yet
+    if folder:
         image_path = _find(path, FILES[split][0])
         if image_path is None:
             raise not_found(TITLE, path / (FILES[split][0] + ".gz"), "mnist.py", path)

@@ -1,145 +1,99 @@
-"""What the experiment scripts share: options, running (and resuming) training runs, CSV, plots.
+"""What the experiment scripts share: options, presets that follow the dataset, and their runs.
 
 Every run of an experiment is an ordinary run folder (see :mod:`refimpl.training`) under
-``OUT/runs/``; running an experiment again resumes unfinished runs from their checkpoints
-and reuses finished ones, so an interrupted experiment loses at most ``checkpoint_every``
-batches per run. With ``--jobs J`` up to J runs train at once, in separate processes
-(each with one BLAS thread).
+``OUT/runs/``, trained by :mod:`refimpl.sweep` (here, on a local Dask cluster with
+``--jobs J``, or on a cluster with ``--scheduler ADDRESS``); running an experiment again
+resumes unfinished runs from their checkpoints and reuses finished ones, so an
+interrupted experiment loses at most ``checkpoint_every`` batches per run.
 
 Each script has small defaults that show the effect on a 2-core CPU and ``--full`` for
-the paper's settings; any option given explicitly overrides both.
+the paper's settings. A preset is stated for one dataset (the small ones for the
+built-in synthetic dSprites at 16x16); ``--dataset`` carries it over to another: the
+image size becomes the dataset's own (or the preset's pooled size where that divides
+it), the channel widths those of that size, and every tau is scaled by the ratio of the
+two datasets' default tolerances at their sizes, as ``refimpl train`` scales its
+default. One line says what was chosen; any option given explicitly still wins.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import fields
-from pathlib import Path
 
 from .. import options
-from ..atomic import atomic_write
-from ..config import RunConfig, Schedule
+from ..config import RunConfig, Schedule, default_tau, new_config
+from ..data import dataset_info
 from ..exits import ArgumentParser, run_command
-from ..optionspec import positive_int
-from ..training import open_run
+from ..sweep import Cluster, run_spec
 
-THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name != "hyper")
 CHECKPOINT_EVERY = 500  # the experiments' default: fewer, larger checkpoints than train's
 
 
 def parser(prog: str, description: str, own=("latent", "tau")) -> argparse.ArgumentParser:
     """The options every experiment takes: the run options of ``refimpl train`` (but ``own``, which the
-    script declares with its own meaning), the schedule, and how runs are spread over processes."""
+    script declares with its own meaning), the schedule, and where the runs train."""
     p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the paper's settings (hours to days on a CPU; use a GPU)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: experiments/<name>)")
     options.add_run_options(p, exclude=("baseline", *own), positional=False)
     options.add_options(p, Schedule, title="schedule (per run)")
     options.add_backend_option(p)
-    p.add_argument("--jobs", type=positive_int, default=1, metavar="J", help="runs trained at once (processes)")
-    p.add_argument("--blas-threads", type=int, default=1, metavar="T",
-                   help="BLAS threads per run (default 1: on a busy CPU, one thread per process is several times "
-                        "faster); 0 leaves the environment alone and, with --jobs 1, trains in this process")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    Cluster.add_arguments(p)
     return p
 
 
-def settings(args, small: dict, full: dict) -> dict:
-    """``full`` or ``small`` (by ``--full``), overridden by every run option given explicitly.
+def image_size_for(dataset: str, preset_size: int | None) -> int | None:
+    """The preset's pooled size where it divides ``dataset``'s images, else the dataset's own size (None)."""
+    native = dataset_info(dataset).shape[1]
+    return preset_size if preset_size and native % preset_size == 0 else None
+
+
+def settings(args, small: dict, full: dict, prog: str = "experiment") -> dict:
+    """``full`` or ``small`` (by ``--full``), carried over to ``--dataset``, then every run option given.
 
     The result holds RunConfig fields, ``batches``, ``checkpoint_every``, ``hyper`` (the
-    Hyper fields given) and the script's own preset keys.
+    Hyper fields given), ``tau_scale`` (for the preset's taus) and the script's own keys.
     """
-    chosen = {"checkpoint_every": CHECKPOINT_EVERY, **(full if args.full else small)}
+    preset = full if args.full else small
+    chosen = {"checkpoint_every": CHECKPOINT_EVERY, **preset}
     given = options.given_run_options(args)
     chosen["hyper"] = given.pop("hyper", {})
+    dataset = given.get("dataset", preset["dataset"])
+    if dataset != preset["dataset"]:
+        chosen.update(image_size=image_size_for(dataset, preset["image_size"]), channels=None)
     chosen.update(given)
     chosen.update(options.given(args, Schedule))
+    chosen["tau_scale"] = (default_tau(dataset, chosen["image_size"])
+                           / default_tau(preset["dataset"], preset["image_size"]))
+    if dataset != preset["dataset"]:
+        c, h, _ = dataset_info(dataset).shape
+        size = chosen["image_size"] or h
+        print(f"{prog}: {dataset}: {c}x{size}x{size} images ({'pooled from ' + str(h) if size != h else 'native size'})"
+              f", default channel widths, preset taus x {chosen['tau_scale']:.4g} (the ratio of default tolerances)",
+              file=sys.stderr)
     return chosen
 
 
-def run_spec(out, chosen: dict, *, backend=None, progress=True, **override) -> dict:
-    """Everything :func:`train_one` needs, as a picklable dict: run folder ``out`` with the settings
-    ``chosen`` (:func:`settings`) and ``override`` (e.g. ``latent``, ``tau``, ``baseline``, ``batches``)."""
+def spec(out, chosen: dict, *, backend=None, eval_images=None, **override) -> dict:
+    """The task of run folder ``out`` with the settings ``chosen`` (:func:`settings`) and ``override``
+    (e.g. ``latent``, ``tau``, ``baseline``, ``batches``); its options are checked now (OptionError)."""
     chosen = {**chosen, **override}
     given = {k: chosen[k] for k in CONFIG_FIELDS if k in chosen}
     given["hyper"] = dict(chosen.get("hyper", {}))
     if not chosen.get("baseline"):
         given["hyper"]["tau"] = float(chosen["tau"])
-    return {"out": str(out), "given": given, "batches": int(chosen["batches"]),
-            "checkpoint_every": int(chosen["checkpoint_every"]), "backend": backend, "progress": progress}
+    new_config(given)  # a combination that cannot work is refused before any run starts
+    return run_spec(out, given, Schedule(int(chosen["batches"]), int(chosen["checkpoint_every"])), backend,
+                    eval_images)
 
 
-def train_one(spec: dict) -> dict:
-    """Create (or resume, or reuse) the run ``spec`` describes and train it to ``spec["batches"]``.
-
-    Returns the run's summary plus ``out``.
-    """
-    schedule = Schedule(spec["batches"], spec["checkpoint_every"])
-    run = open_run(spec["out"], spec["given"], backend=spec["backend"], resume=None, schedule=schedule)
-    summary = run.train(schedule.batches, schedule.checkpoint_every, progress=spec["progress"])
-    return {**summary, "out": spec["out"]}
-
-
-def train_many(specs: list[dict], jobs: int = 1, quiet: bool = False, blas_threads: int = 1) -> list[dict]:
-    """:func:`train_one` for each spec, ``jobs`` at a time; summaries in the order of ``specs``.
-
-    Runs train in spawned worker processes whose BLAS uses ``blas_threads`` threads (the
-    thread count is read when NumPy loads, so it cannot be changed in this process);
-    ``blas_threads=0`` with ``jobs=1`` trains here instead. A progress bar is shown
-    when one run trains at a time.
-    """
-    if jobs <= 1 and blas_threads <= 0:
-        results = []
-        for spec in specs:
-            if not quiet:
-                print(f"run {spec['out']}: {spec['batches']} batches", file=sys.stderr, flush=True)
-            results.append(train_one({**spec, "progress": not quiet}))
-        return results
-    import multiprocessing
-
-    progress = jobs <= 1 and not quiet
-    saved = {k: os.environ.get(k) for k in THREAD_VARS}
-    if blas_threads > 0:
-        os.environ.update({k: str(blas_threads) for k in THREAD_VARS})  # read by the workers' BLAS at import
-    try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(train_one, {**spec, "progress": progress}) for spec in specs]
-            results = []
-            for spec, fut in zip(specs, futures):
-                results.append(fut.result())
-                if not quiet:
-                    r = results[-1]
-                    print(f"run {spec['out']}: done, {r['step']} batches, {r['open_gates']}/{r['n_latent']} gates "
-                          "open", file=sys.stderr, flush=True)
-            return results
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def write_csv(path, rows: list[dict]) -> Path:
-    """``rows`` as CSV (columns in order of first appearance), written atomically."""
-    path = Path(path)
-    columns = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=columns)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-    return path
+def report(name: str, written: list) -> list:
+    """The last line of every experiment: the files it wrote, and only those."""
+    print(f"{name}: wrote " + ", ".join(map(str, written)))
+    return written
 
 
 def main_wrapper(run, argv=None, prog: str = "experiment") -> int:

@@ -5,7 +5,7 @@ One run per tau (same seed, same data order); after training, the number of open
 held-out image. Writes ``figure2.csv`` (tau, open gates, gates, held-out error, training
 E2 moving average), ``figure2.png`` (||nu||_0 against tau with the reconstructions under
 it) and ``figure2_reconstructions.png`` (the fixed image, then its reconstruction at each
-tau, left to right; Pillow only).
+tau, left to right, each labelled with tau and its open gates; Pillow only).
 
 Default (small): built-in synthetic dSprites pooled to 16x16 (paper pattern, convs 32, 64),
 n = 10, tau in {0.5, 1, 2, 4, 8} (summed squared error of a 16x16 image; the sprites'
@@ -28,12 +28,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy
+
+from ..atomic import write_csv
 from ..evaluate import evaluate, image_grid, reconstructions, save_image
+from ..sweep import Cluster, Sweep
 from ..training import Run
 from ..optionspec import comma_list
 from .. import figures
 from . import common
 
+PROG = "python -m refimpl.experiments.figure2"
 SMALL = {"dataset": "synthetic-dsprites", "data": None, "batches": 5000, "batch_size": 64, "image_size": 16,
          "channels": None, "latent": 10, "taus": (0.5, 1.0, 2.0, 4.0, 8.0), "jobs": 2}
 FULL = {"dataset": "mnist", "data": None, "batches": None, "batch_size": 64, "image_size": None, "channels": None,
@@ -41,7 +46,7 @@ FULL = {"dataset": "mnist", "data": None, "batches": None, "batch_size": 64, "im
 
 
 def build_parser():
-    p = common.parser("python -m refimpl.experiments.figure2", __doc__)
+    p = common.parser(PROG, __doc__)
     p.add_argument("--latent", type=int, default=None, help="initial latent dimensions n (default: 10 small, 32 full)")
     p.add_argument("--taus", type=comma_list(float, 0.0, "numbers"), default=None, metavar="T1,T2,...",
                    help="the GECO tolerances to sweep")
@@ -49,48 +54,46 @@ def build_parser():
                    help="dataset index of the image to reconstruct (default: of 64 held-out images, "
                         "the one with the largest pixel sum)")
     p.add_argument("--eval-images", type=int, default=500, help="held-out images for the error (default 500)")
-    p.set_defaults(jobs=None)
     return p
 
 
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    s = common.settings(args, SMALL, FULL)
+    s = common.settings(args, SMALL, FULL, PROG)
     latent = s["latent"]
-    taus = args.taus or s["taus"]
-    jobs = args.jobs or s["jobs"]
+    taus = args.taus or tuple(tau * s["tau_scale"] for tau in s["taus"])
     out = Path(args.out or "experiments/figure2")
     batches = s["batches"]
     if batches is None:  # --full: epochs of the training split
         from ..data import open_dataset
 
-        n_train = len(open_dataset(s["dataset"], s["data"])) - 1000
+        n_train = len(open_dataset(s["dataset"], s["data"])) - s.get("holdout", 1000)
         batches = s["epochs"] * (n_train // s["batch_size"])
-    specs = [common.run_spec(out / "runs" / f"tau{tau:g}", s, tau=tau, batches=batches, backend=args.backend)
+    specs = [common.spec(out / "runs" / f"tau{tau:g}", s, tau=tau, batches=batches, backend=args.backend)
              for tau in taus]
-    summaries = common.train_many(specs, jobs=jobs, quiet=args.quiet, blas_threads=args.blas_threads)
+    with Sweep(out, Cluster.from_args(args, jobs=s["jobs"]), backend=args.backend) as sweep:
+        summaries = sweep.gather([sweep.submit(spec) for spec in specs])
 
     rows, recons, original = [], [], None
     for tau, summary in zip(taus, summaries):
         r = Run.load(summary["out"], backend=args.backend, for_training=False)
         ev = evaluate(r, limit=args.eval_images)
         index = args.image_index if args.image_index is not None else fixed_image(r)
-        x, x_rec = reconstructions(r, [index])
-        original = x
+        original, x_rec = reconstructions(r, [index])
         recons.append(x_rec)
         rows.append({"tau": tau, "open_gates": ev["open_gates"], "n_latent": latent,
                      "gates": "".join(map(str, ev["gates"])), "heldout_sse": ev["heldout_sse"],
                      "train_E2_ma95": ev.get("train_E2_ma95"), "batches": summary["step"], "image_index": index})
-    csv_path = common.write_csv(out / "figure2.csv", rows)
-    import numpy
-
-    grid = image_grid([numpy.concatenate([original] + recons)], scale=max(1, 96 // original.shape[-1]))
-    grid_path = save_image(grid, out / "figure2_reconstructions.png")
-    png = out / "figure2.png"
-    plot(rows, original, recons, png)
+    written = [write_csv(out / "figure2.csv", rows)]
+    labels = ["original"] + [f"tau {r['tau']:g}\n{r['open_gates']} open" for r in rows]  # one per column
+    grid = image_grid([numpy.concatenate([original] + recons)], scale=max(1, 96 // original.shape[-1]), labels=labels)
+    written.append(save_image(grid, out / "figure2_reconstructions.png"))
+    png = plot(rows, original, recons, out / "figure2.png")
+    written += [png] if png else []
     front = ", ".join(f"tau {r['tau']:g}: {r['open_gates']}" for r in rows)
-    print(f"figure2: open gates of {latent} after {batches} batches: {front}; {csv_path}, {png}, {grid_path}")
-    return {"csv": csv_path, "png": png, "grid": grid_path, "rows": rows}
+    print(f"figure2: open gates of {latent} after {batches} batches: {front}")
+    common.report("figure2", written)
+    return {"files": written, "rows": rows}
 
 
 def fixed_image(run) -> int:
@@ -103,11 +106,12 @@ def fixed_image(run) -> int:
     return int(candidates[int(ink.argmax())])
 
 
-def plot(rows, original, recons, path) -> None:
+def plot(rows, original, recons, path):
+    """The front with the reconstructions under it; the path written, or None without matplotlib."""
     plt = figures.pyplot()
     if plt is None:
         figures.no_plot_note(path)
-        return
+        return None
     k = len(rows)
     fig = plt.figure(figsize=(max(6.0, 1.3 * (k + 1)), 6.0))
     grid = fig.add_gridspec(2, k + 1, height_ratios=(3, 1))
@@ -125,11 +129,11 @@ def plot(rows, original, recons, path) -> None:
         a.imshow(img.transpose(1, 2, 0).squeeze(), cmap="gray", vmin=0, vmax=1)
         a.set_title(title, fontsize=8)
         a.axis("off")
-    figures.save_figure(fig, path)
+    return figures.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    return common.main_wrapper(run, argv, prog="python -m refimpl.experiments.figure2")
+    return common.main_wrapper(run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

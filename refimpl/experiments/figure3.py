@@ -23,9 +23,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..evaluate import evaluate, heldout_indices, image_grid, reconstructions, save_image, spread_indices
+from ..atomic import write_csv
+from ..sweep import Cluster, Sweep
 from ..training import Run
 from . import common
 
+PROG = "python -m refimpl.experiments.figure3"
 SMALL = {"dataset": "synthetic-dsprites", "data": None, "batches": 5000, "batch_size": 64, "image_size": 16,
          "channels": None, "latent": 10, "taus": (0.5, 4.0), "jobs": 2}
 FULL = {"dataset": "dsprites", "data": None, "batches": 50000, "batch_size": 64, "image_size": None,
@@ -33,26 +36,25 @@ FULL = {"dataset": "dsprites", "data": None, "batches": 50000, "batch_size": 64,
 
 
 def build_parser():
-    p = common.parser("python -m refimpl.experiments.figure3", __doc__)
+    p = common.parser(PROG, __doc__)
     p.add_argument("--latent", type=int, default=None, help="initial latent dimensions n (default 10)")
     p.add_argument("--low-tau", type=float, default=None, help="the low tolerance (default: 0.5 small, 25 full)")
     p.add_argument("--high-tau", type=float, default=None, help="the high tolerance (default: 4 small, 35 full)")
     p.add_argument("--count", type=int, default=8, help="images shown (default 8)")
     p.add_argument("--eval-images", type=int, default=500, help="held-out images for the error (default 500)")
-    p.set_defaults(jobs=None)
     return p
 
 
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    s = common.settings(args, SMALL, FULL)
+    s = common.settings(args, SMALL, FULL, PROG)
     latent = s["latent"]
-    taus = (args.low_tau if args.low_tau is not None else s["taus"][0],
-            args.high_tau if args.high_tau is not None else s["taus"][1])
+    taus = (args.low_tau if args.low_tau is not None else s["taus"][0] * s["tau_scale"],
+            args.high_tau if args.high_tau is not None else s["taus"][1] * s["tau_scale"])
     out = Path(args.out or "experiments/figure3")
-    specs = [common.run_spec(out / "runs" / f"tau{tau:g}", s, tau=tau, backend=args.backend) for tau in taus]
-    summaries = common.train_many(specs, jobs=args.jobs or s["jobs"], quiet=args.quiet,
-                                  blas_threads=args.blas_threads)
+    specs = [common.spec(out / "runs" / f"tau{tau:g}", s, tau=tau, backend=args.backend) for tau in taus]
+    with Sweep(out, Cluster.from_args(args, jobs=s["jobs"]), backend=args.backend) as sweep:
+        summaries = sweep.gather([sweep.submit(spec) for spec in specs])
     rows, image_rows = [], []
     for tau, summary in zip(taus, summaries):
         r = Run.load(summary["out"], backend=args.backend, for_training=False)
@@ -64,16 +66,17 @@ def run(argv=None) -> dict:
         rows.append({"tau": tau, "open_gates": ev["open_gates"], "n_latent": latent,
                      "gates": "".join(map(str, ev["gates"])), "heldout_sse": ev["heldout_sse"],
                      "batches": summary["step"]})
-    csv_path = common.write_csv(out / "figure3.csv", rows)
+    csv_path = write_csv(out / "figure3.csv", rows)
     png = out / "figure3.png"
     save_image(image_grid(image_rows, scale=max(1, 128 // image_rows[0].shape[-1])), png)
     print(f"figure3: originals (top), tau {taus[0]:g} with {rows[0]['open_gates']} dims (middle), "
-          f"tau {taus[1]:g} with {rows[1]['open_gates']} dims (bottom); {png}, {csv_path}")
-    return {"csv": csv_path, "png": png, "rows": rows}
+          f"tau {taus[1]:g} with {rows[1]['open_gates']} dims (bottom)")
+    common.report("figure3", [csv_path, png])
+    return {"files": [csv_path, png], "rows": rows}
 
 
 def main(argv=None) -> int:
-    return common.main_wrapper(run, argv, prog="python -m refimpl.experiments.figure3")
+    return common.main_wrapper(run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

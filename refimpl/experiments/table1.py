@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..atomic import write_csv
 from ..runlog import moving_average, read_log
+from ..sweep import Cluster, Sweep
 from ..training import LOG_FILE
 from ..optionspec import int_list
 from .. import figures
 from . import common
 
+PROG = "python -m refimpl.experiments.table1"
 SMALL = {"dataset": "synthetic-dsprites", "data": None, "batches": 3000, "batch_size": 64, "image_size": 16,
          "channels": None, "latents": (3, 5), "jobs": 2}
 FULL = {"dataset": "dsprites", "data": None, "batches": 200000, "batch_size": 64, "image_size": None,
@@ -35,10 +38,9 @@ FULL = {"dataset": "dsprites", "data": None, "batches": 200000, "batch_size": 64
 
 
 def build_parser():
-    p = common.parser("python -m refimpl.experiments.table1", __doc__)
+    p = common.parser(PROG, __doc__, own=("latent", "tau"))
     p.add_argument("--latents", type=int_list, default=None, metavar="N1,N2,...",
                    help="baseline dimensions n (default: 3,5 small; 5,10,30 full)")
-    p.set_defaults(jobs=None)
     return p
 
 
@@ -50,24 +52,30 @@ def open_gates_at(log: dict, step: int) -> int:
     return int(log["open_gates"][steps.index(step)])
 
 
+def baseline_tau(summary: dict) -> float:
+    """Step one's result: the 0.95 moving average of the baseline's final error E2 (the gated run's tau)."""
+    return moving_average(read_log(Path(summary["out"]) / LOG_FILE)["E2"], 0.95)
+
+
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    s = common.settings(args, SMALL, FULL)
+    s = common.settings(args, SMALL, FULL, PROG)
     latents = args.latents or s["latents"]
-    jobs = args.jobs or s["jobs"]
     budget = s["batches"]
     out = Path(args.out or "experiments/table1")
-
-    # step one: plain VAEs with n dimensions, tau = 0
-    base_specs = [common.run_spec(out / "runs" / f"baseline-n{n}", s, latent=n, batches=budget, baseline=True,
-                                  backend=args.backend) for n in latents]
-    base = common.train_many(base_specs, jobs=jobs, quiet=args.quiet, blas_threads=args.blas_threads)
-    taus = [moving_average(read_log(Path(b["out"]) / LOG_FILE)["E2"], 0.95) for b in base]
-
-    # step two: gated VAEs with 2n dimensions, tau = the baseline's error, 2B batches
-    gated_specs = [common.run_spec(out / "runs" / f"gated-n{2 * n}", s, latent=2 * n, tau=tau, batches=2 * budget,
-                                   backend=args.backend) for n, tau in zip(latents, taus)]
-    gated = common.train_many(gated_specs, jobs=jobs, quiet=args.quiet, blas_threads=args.blas_threads)
+    # The task graph: per n, baseline run -> its tau -> the gated 2n run; the n proceed independently.
+    with Sweep(out, Cluster.from_args(args, jobs=s["jobs"]), backend=args.backend) as sweep:
+        base, gated = [], []
+        for n in latents:
+            # step one: a plain VAE with n dimensions, tau = 0, B batches
+            base.append(sweep.submit(common.spec(out / "runs" / f"baseline-n{n}", s, latent=n, batches=budget,
+                                                 baseline=True, backend=args.backend)))
+            tau = sweep.submit_function(baseline_tau, base[-1])
+            # step two: a gated VAE with 2n dimensions, tau = the baseline's error, 2B batches
+            gated.append(sweep.submit(common.spec(out / "runs" / f"gated-n{2 * n}", s, latent=2 * n, tau=1.0,
+                                                  batches=2 * budget, backend=args.backend), tau=tau))
+        base, gated = sweep.gather(base), sweep.gather(gated)
+    taus = [baseline_tau(b) for b in base]
 
     marks = (budget, budget * 3 // 2, 2 * budget)
     rows, logs = [], []
@@ -76,21 +84,22 @@ def run(argv=None) -> dict:
         logs.append(log)
         rows.append({"dataset": s["dataset"], "n": n, "baseline_error_ma95": tau, "gated_n": 2 * n,
                      **{f"open_gates_{m}": open_gates_at(log, m) for m in marks}})
-    csv_path = common.write_csv(out / "table1.csv", rows)
-    png = out / "table1.png"
-    plot(latents, logs, marks, png)
+    written = [write_csv(out / "table1.csv", rows)]
+    png = plot(latents, logs, marks, out / "table1.png")
+    written += [png] if png else []
     for r in rows:
         counts = ", ".join(f"{r[f'open_gates_{m}']} at {m}" for m in marks)
         print(f"table1: n={r['n']}: baseline error {r['baseline_error_ma95']:.4g}; 2n={r['gated_n']} -> {counts}")
-    print(f"table1: {csv_path}, {png}")
-    return {"csv": csv_path, "png": png, "rows": rows}
+    common.report("table1", written)
+    return {"files": written, "rows": rows}
 
 
-def plot(latents, logs, marks, path) -> None:
+def plot(latents, logs, marks, path):
+    """Open gates of the gated runs over batches; the path written, or None without matplotlib."""
     plt = figures.pyplot()
     if plt is None:
         figures.no_plot_note(path)
-        return
+        return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (n, log) in enumerate(zip(latents, logs)):
         color = f"C{i}"
@@ -104,11 +113,11 @@ def plot(latents, logs, marks, path) -> None:
     ax.set_title("gated VAE with 2n dimensions, tau = baseline error (dashed: n)")
     ax.legend()
     ax.grid(alpha=0.3)
-    figures.save_figure(fig, path)
+    return figures.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    return common.main_wrapper(run, argv, prog="python -m refimpl.experiments.table1")
+    return common.main_wrapper(run, argv, prog=PROG)
 
 
 if __name__ == "__main__":
