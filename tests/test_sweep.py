@@ -210,23 +210,26 @@ def test_real_scheduler_survives_a_killed_worker_and_the_run_resumes_bit_for_bit
         with distributed.Client(address, timeout="30s") as client:
             client.wait_for_workers(2, timeout=60)
         out = tmp_path / "s"
-        opts = ["--image-size", "16", "--latent", "4", "--batches", "400", "--checkpoint-every", "10"]
+        opts = ["--image-size", "16", "--channels", "4,8", "--batch-size", "16", "--latent", "4", "--batches", "600",
+                "--checkpoint-every", "10"]
         sweep = subprocess.Popen([str(BIN / "refimpl"), "sweep", "--grid", "tau=5,40", *opts, "--quiet",
                                   "--scheduler", address, "--out", str(out)], env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         procs.append(sweep)
         while time.monotonic() < deadline + 120 and min(_log_rows(out / "runs" / t) for t in ("tau5", "tau40")) < 25:
             time.sleep(0.1)
+        unfinished = [t for t in ("tau5", "tau40") if not (out / "runs" / t / "summary.json").exists()]
         workers[0].kill()  # SIGKILL: its run is mid-way
+        assert len(unfinished) == 2, "both runs finished before the kill: make them longer"
         stdout, stderr = sweep.communicate(timeout=300)
         assert sweep.returncode == 0, stderr
         for tau in (5.0, 40.0):
             name = f"tau{tau:g}"
             log = (out / "runs" / name / "log.csv").read_text().splitlines()
-            assert [int(line.split(",")[0]) for line in log[1:]] == list(range(1, 401))
-            reference = Run.create(RunConfig(latent=4, image_size=16, hyper={"tau": tau}), tmp_path / f"ref-{name}",
-                                   schedule=Schedule(400, 10))
-            reference.train(400, 10, progress=False)
+            assert [int(line.split(",")[0]) for line in log[1:]] == list(range(1, 601))
+            config = RunConfig(latent=4, image_size=16, channels=(4, 8), batch_size=16, hyper={"tau": tau})
+            reference = Run.create(config, tmp_path / f"ref-{name}", schedule=Schedule(600, 10))
+            reference.train(600, 10, progress=False)
             assert_same_checkpoint(out / "runs" / name / "checkpoint.npz", tmp_path / f"ref-{name}" / "checkpoint.npz")
         assert np.isfinite([float(r["E2_ma95"]) for r in read_csv(out / "sweep.csv")]).all()
     finally:
