@@ -14,7 +14,6 @@ loaders publish (disent, latte); its size is not known to us.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -22,20 +21,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refimpl.data.cars3d import FILENAME, N_CARS, convert_cars3d, load_cars3d  # noqa: E402
-from refimpl.data.download import download, extract_tar  # noqa: E402
-from refimpl.data.errors import DatasetError  # noqa: E402
+from refimpl.data.download import download, extract_tar, run_script, script_parser  # noqa: E402
 
 URL = "http://www.scottreed.info/files/nips2015-analogy-data.tar.gz"
 MD5 = "4e866a7919c1beedf53964e6f7a23686"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/cars3d", help="folder to write cars3d.npz into")
-    parser.add_argument("--url", default=URL)
+def build_parser():
+    parser = script_parser(__doc__, "cars3d", "folder to write cars3d.npz into", url=URL, archive=True)
     parser.add_argument("--from-folder", help="convert this folder of car_*_mesh.mat files; download nothing")
-    parser.add_argument("--force", action="store_true", help="download again even if the archive is there")
-    parser.add_argument("--keep-archive", action="store_true", help="keep the .tar.gz")
     return parser
 
 
@@ -47,7 +41,8 @@ def outputs(out) -> list[Path]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    try:
+
+    def fetch_and_check():
         if args.from_folder:
             path = convert_cars3d(args.from_folder, outputs(out)[0])
         else:
@@ -58,13 +53,11 @@ def main(argv=None) -> int:
             if not args.keep_archive:
                 archive.unlink()
         ds = load_cars3d(path)
-    except (DatasetError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    n_cars = ds.factor_sizes[0]
-    note = "" if n_cars == N_CARS else f" (the official set has {N_CARS} cars)"
-    print(f"{path}: {len(ds)} images of {n_cars} cars{note}, OK")
-    return 0
+        n_cars = ds.factor_sizes[0]
+        note = "" if n_cars == N_CARS else f" (the official set has {N_CARS} cars)"
+        print(f"{path}: {len(ds)} images of {n_cars} cars{note}, OK")
+
+    return run_script(fetch_and_check)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ and the three files) are torchvision's; sizes are not checked (not known to us).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refimpl.data.cifar100 import FOLDER, load_cifar100  # noqa: E402
-from refimpl.data.download import check_file, download, extract_tar  # noqa: E402
+from refimpl.data.download import check_file, download, extract_tar, run_script, script_parser  # noqa: E402
 from refimpl.data.errors import DatasetError  # noqa: E402
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -29,13 +28,8 @@ MEMBER_MD5 = {
 COUNTS = {"train": 50000, "test": 10000}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/cifar100", help="folder to unpack cifar-100-python/ into")
-    parser.add_argument("--url", default=URL)
-    parser.add_argument("--force", action="store_true", help="download again even if the archive is there")
-    parser.add_argument("--keep-archive", action="store_true", help="keep the .tar.gz after unpacking")
-    return parser
+def build_parser():
+    return script_parser(__doc__, "cifar100", "folder to unpack cifar-100-python/ into", url=URL, archive=True)
 
 
 def outputs(out) -> list[Path]:
@@ -46,7 +40,8 @@ def outputs(out) -> list[Path]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    try:
+
+    def fetch_and_check():
         archive = download(args.url, out / "cifar-100-python.tar.gz", md5=MD5, force=args.force)
         extract_tar(archive, out, prefix=FOLDER + "/")
         for path, md5 in zip(outputs(out), MEMBER_MD5.values()):
@@ -58,10 +53,8 @@ def main(argv=None) -> int:
             print(f"{out / FOLDER / split}: {count} images, OK")
         if not args.keep_archive:
             archive.unlink()
-    except (DatasetError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_script(fetch_and_check)
 
 
 if __name__ == "__main__":

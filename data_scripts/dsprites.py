@@ -11,13 +11,12 @@ array headers are checked.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from refimpl.data.download import download  # noqa: E402
+from refimpl.data.download import download, run_script, script_parser  # noqa: E402
 from refimpl.data.dsprites import FILENAME, N_IMAGES, check_dsprites_file  # noqa: E402
 from refimpl.data.errors import DatasetError  # noqa: E402
 
@@ -25,12 +24,8 @@ URL = "https://github.com/deepmind/dsprites-dataset/raw/master/" + FILENAME
 MD5 = "7da33b31b13a06f4b04a70402ce90c2e"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/dsprites", help="folder to write the npz into")
-    parser.add_argument("--url", default=URL)
-    parser.add_argument("--force", action="store_true", help="download again even if the file is there")
-    return parser
+def build_parser():
+    return script_parser(__doc__, "dsprites", "folder to write the npz into", url=URL)
 
 
 def outputs(out) -> list[Path]:
@@ -40,18 +35,15 @@ def outputs(out) -> list[Path]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def fetch_and_check():
         path = download(args.url, outputs(args.out)[0], md5=MD5, force=args.force)
-        members = check_dsprites_file(path)
-    except (DatasetError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    n = members["imgs"].shape[0]
-    if n != N_IMAGES:
-        print(f"error: {path} holds {n} images, expected {N_IMAGES}", file=sys.stderr)
-        return 1
-    print(f"{path}: {n} images of 64x64, OK")
-    return 0
+        n = check_dsprites_file(path)["imgs"].shape[0]
+        if n != N_IMAGES:
+            raise DatasetError(f"{path} holds {n} images, expected {N_IMAGES}")
+        print(f"{path}: {n} images of 64x64, OK")
+
+    return run_script(fetch_and_check)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ most downloads). Sizes are not checked (not known to us); the idx headers are.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import urllib.error
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from refimpl.data.download import download  # noqa: E402
+from refimpl.data.download import download, run_script, script_parser  # noqa: E402
 from refimpl.data.errors import DatasetError  # noqa: E402
 from refimpl.data.mnist import load_mnist  # noqa: E402
 
@@ -32,11 +31,8 @@ FILES = {
 COUNTS = {"train": 60000, "test": 10000}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/mnist", help="folder to write the idx files into")
-    parser.add_argument("--force", action="store_true", help="download again even if the files are there")
-    return parser
+def build_parser():
+    return script_parser(__doc__, "mnist", "folder to write the idx files into")
 
 
 def outputs(out) -> list[Path]:
@@ -47,7 +43,8 @@ def outputs(out) -> list[Path]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    try:
+
+    def fetch_and_check():
         for name, md5 in FILES.items():
             for i, mirror in enumerate(MIRRORS):
                 try:
@@ -63,10 +60,8 @@ def main(argv=None) -> int:
                 raise DatasetError(f"MNIST {split} in {out}: {len(ds)} images of {ds.shape}, expected {count} of "
                                    "(1, 28, 28) with labels")
             print(f"{out}: MNIST {split}, {count} images, OK")
-    except (DatasetError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_script(fetch_and_check)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ audit loader that also gives the size and the SHA-256 below); we check size and 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from refimpl.data.download import download  # noqa: E402
+from refimpl.data.download import download, run_script, script_parser  # noqa: E402
 from refimpl.data.errors import DatasetError  # noqa: E402
 from refimpl.data.shapes3d import FAST_FILENAME, FILENAME, N_IMAGES, convert_shapes3d, load_shapes3d  # noqa: E402
 
@@ -29,12 +28,10 @@ SIZE = 267_573_662
 SHA256 = "0a0f6ed98baff276a50f3a081a7434d788da63cb135a98189b2a5b5769be1785"  # reported by one loader; not checked
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/shapes3d", help="folder to write 3dshapes.h5 into")
-    parser.add_argument("--url", default=URL)
-    parser.add_argument("--force", action="store_true", help="download again even if the file is there")
-    parser.add_argument("--uncompressed", action="store_true", help="also write the uncompressed 3dshapes.npz (fast random reads)")
+def build_parser():
+    parser = script_parser(__doc__, "shapes3d", "folder to write 3dshapes.h5 into", url=URL)
+    parser.add_argument("--uncompressed", action="store_true",
+                        help="also write the uncompressed 3dshapes.npz (fast random reads)")
     return parser
 
 
@@ -45,7 +42,8 @@ def outputs(out, uncompressed: bool = False) -> list[Path]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def fetch_and_check():
         path = download(args.url, outputs(args.out)[0], md5=MD5, size=SIZE, force=args.force)
         if args.uncompressed:
             print(f"writing {Path(args.out) / FAST_FILENAME} (5.9 GB) ...")
@@ -54,14 +52,11 @@ def main(argv=None) -> int:
         n = len(ds)
         ds.get([0, n - 1])  # one read from each end of the file
         ds.close()
-    except (DatasetError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if n != N_IMAGES:
-        print(f"error: {path} holds {n} images, expected {N_IMAGES}", file=sys.stderr)
-        return 1
-    print(f"{path}: {n} images of 64x64x3, OK")
-    return 0
+        if n != N_IMAGES:
+            raise DatasetError(f"{path} holds {n} images, expected {N_IMAGES}")
+        print(f"{path}: {n} images of 64x64x3, OK")
+
+    return run_script(fetch_and_check)
 
 
 if __name__ == "__main__":

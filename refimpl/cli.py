@@ -67,7 +67,8 @@ def build_parser() -> ArgumentParser:
 
     # -- export
     p = sub.add_parser("export", help="save the pruned model (closed dimensions removed)",
-                       description="Save refimpl.model.prune of the run's model: model.npz (state dict) and "
+                       description="Save refimpl.model.prune of the run's model: model.npz and model.safetensors "
+                                   "(its state dict) and "
                                    "model.json (config).")
     p.add_argument("run", metavar="RUN", help="run folder (or its checkpoint.npz)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN/export)")
@@ -177,9 +178,9 @@ def cmd_export(args) -> int:
     run = _load(args.run)
     out = Path(args.out) if args.out else run.out / EXPORT_DIR
     check_output_folder(out, EXPORT_FILES)
-    npz, js = export(run, out)
+    npz, safetensors, js = export(run, out)
     print(f"exported {run.model.open_gates()}/{run.config.latent} latent dimensions (step {run.state.step}) "
-          f"to {npz} and {js}")
+          f"to {npz}, {safetensors} and {js}")
     return 0
 
 

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy
+from safetensors import numpy as safetensors_numpy
 
 from . import checkpoint as ckpt
 from . import memory
@@ -150,8 +151,9 @@ def reconstructions(run: Run, indices):
 # Export
 
 
-def export(run: Run, out_dir) -> tuple[Path, Path]:
-    """Write the pruned model (``model.npz`` + ``model.json``) to ``out_dir``; returns the two paths."""
+def export(run: Run, out_dir) -> tuple[Path, Path, Path]:
+    """Write the pruned model to ``out_dir``: ``model.npz`` and ``model.safetensors`` (the same state dict,
+    PyTorch names; safetensors loads directly in PyTorch, JAX and others) and ``model.json``; returns the paths."""
     out_dir = Path(out_dir)
     pruned = prune(run.model)
     kept = [int(i) for i in numpy.nonzero(to_host(run.model.inference_gates()) > 0)[0]]
@@ -162,10 +164,14 @@ def export(run: Run, out_dir) -> tuple[Path, Path]:
         "encoder_output": run.hyper.encoder_output, "dtype": run.config.dtype, "step": run.state.step,
         "config": run.config.to_dict(),
     }
-    npz, js = out_dir / "model.npz", out_dir / "model.json"
+    npz, safetensors, js = out_dir / "model.npz", out_dir / "model.safetensors", out_dir / "model.json"
     atomic_write(npz, lambda f: numpy.savez(f, **arrays))
+    blob = safetensors_numpy.save(arrays, metadata={"format": EXPORT_FORMAT, "n_latent": str(pruned.n_latent),
+                                                    "kept_dimensions": ",".join(map(str, kept)),
+                                                    "description": "refimpl export; architecture etc. in model.json"})
+    atomic_write(safetensors, lambda f: f.write(blob))
     write_json(js, meta)
-    return npz, js
+    return npz, safetensors, js
 
 
 def load_export(path, backend: str | None = None) -> tuple[GatedVAE, dict]:

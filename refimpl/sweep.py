@@ -205,7 +205,7 @@ class Sweep:
         env = ({k: str(self.cluster.blas_threads) for k in THREAD_VARS} if self.cluster.blas_threads > 0 else {})
         resources = {"GPU": 1} if self.backend == "cupy" else None
         self._local_cluster = LocalCluster(n_workers=self.cluster.jobs, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, env=env, resources=resources,
+                                           dashboard_address=":0", env=env, resources=resources,
                                            silence_logs=50)
         return Client(self._local_cluster)
 

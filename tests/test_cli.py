@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy
 import pytest
@@ -114,6 +115,39 @@ def test_export_is_the_pruned_model(trained, tmp_path):
     assert "gamma" not in model.params and model.n_latent == 2
     x = run.images(run.split[1][:6])
     numpy.testing.assert_allclose(to_host(model.reconstruct(x)), to_host(run.model.reconstruct(x)), rtol=1e-5, atol=1e-6)
+    # model.safetensors: the same state dict, for PyTorch, JAX and others
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    tensors = load_file(run.out / "export" / "model.safetensors")
+    with numpy.load(run.out / "export" / "model.npz") as npz:
+        assert sorted(tensors) == sorted(npz.files) == sorted(model.state_dict())
+        for name in npz.files:
+            assert tensors[name].dtype == npz[name].dtype and numpy.array_equal(tensors[name], npz[name]), name
+    with safe_open(run.out / "export" / "model.safetensors", "np") as f:
+        assert f.metadata()["kept_dimensions"] == "0,2" and f.metadata()["n_latent"] == "2"
+
+
+def test_export_loads_into_the_torch_transcription(trained, tmp_path):
+    """model.safetensors loaded with safetensors.torch into bench/torch_algorithm1.py's model gives refimpl's outputs."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import torch_algorithm1 as ta
+
+    assert main(["export", str(trained), "--out", str(tmp_path / "e")]) == 0
+    model, meta = load_export(tmp_path / "e")
+    state = load_file(tmp_path / "e" / "model.safetensors")
+    theirs = ta.GatedVAE(meta["architecture"], meta["n_latent"], dtype=torch.float32)
+    theirs.load_arrays({**{k: v.numpy() for k, v in state.items()}, "gamma": numpy.ones(meta["n_latent"])})
+    theirs.eval()
+    run = Run.load(trained, for_training=False)
+    x = run.images(run.split[1][:6])
+    with torch.no_grad():
+        mu = theirs.encoder(torch.from_numpy(to_host(x)))[:, : meta["n_latent"]]
+        recon = theirs.decoder(mu).numpy()
+    numpy.testing.assert_allclose(recon, to_host(model.reconstruct(x)), rtol=1e-4, atol=1e-5)
 
 
 def test_reconstruct_writes_a_grid(trained, tmp_path, capsys):

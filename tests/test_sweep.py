@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refimpl import checkpoint as ckpt
 from refimpl.cli import main as cli_main
 from refimpl.config import RunConfig, Schedule
 from refimpl.experiments import figure2, table1
 from refimpl.sweep import Cluster, Sweep, grid_runs, parse_grid, run_name, run_spec
 from refimpl.training import Run
+from test_training import assert_same_checkpoint  # every array bit for bit, the meta but its timing
 
 distributed = pytest.importorskip("distributed")
 
@@ -30,21 +30,6 @@ BIN = Path(sys.executable).parent
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def checkpoint_without_timing(path):
-    arrays, meta = ckpt.load(path)
-    meta.pop("timing")
-    return arrays, meta
-
-
-def assert_same_checkpoint(a, b):
-    arrays_a, meta_a = checkpoint_without_timing(a)
-    arrays_b, meta_b = checkpoint_without_timing(b)
-    assert sorted(arrays_a) == sorted(arrays_b)
-    for name in arrays_a:
-        assert arrays_a[name].tobytes() == arrays_b[name].tobytes(), name
-    assert meta_a == meta_b
 
 
 def test_grid_parsing_and_run_names():

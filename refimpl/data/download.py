@@ -110,3 +110,35 @@ def extract_tar(archive: str | os.PathLike, out_dir: str | os.PathLike, prefix: 
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DatasetError(f"{archive}: unpacking failed ({type(exc).__name__}: {exc})") from None
     return written
+
+
+# ----------------------------------------------------------------------------------------
+# What the scripts in data_scripts/ share
+
+
+def script_parser(doc: str, dataset: str, out_help: str, url: str | None = None, archive: bool = False):
+    """The options of a ``data_scripts/<dataset>.py``: ``--out`` (default: the folder under $REFIMPL_DATA
+    where the loader looks, from the registry), ``--url``, ``--force`` and, for archives, ``--keep-archive``."""
+    import argparse
+
+    from . import data_root, dataset_info
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    default = data_root() / Path(dataset_info(dataset).path).parts[0]
+    parser.add_argument("--out", default=str(default), help=f"{out_help} (default: {default})")
+    if url is not None:
+        parser.add_argument("--url", default=url)
+    parser.add_argument("--force", action="store_true", help="download again even if the file is there")
+    if archive:
+        parser.add_argument("--keep-archive", action="store_true", help="keep the downloaded archive after unpacking")
+    return parser
+
+
+def run_script(body) -> int:
+    """``body()`` with a data script's one-line errors: 1 for a bad or missing file, 0 otherwise."""
+    try:
+        body()
+    except (DatasetError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -32,10 +32,14 @@ CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name != "hyper")
 CHECKPOINT_EVERY = 500  # the experiments' default: fewer, larger checkpoints than train's
 
 
-def parser(prog: str, description: str, own=("latent", "tau")) -> argparse.ArgumentParser:
+def parser(prog: str, description: str, own=("tau",), eval_images: int | None = None) -> argparse.ArgumentParser:
     """The options every experiment takes: the run options of ``refimpl train`` (but ``own``, which the
-    script declares with its own meaning), the schedule, and where the runs train."""
+    script declares with its own meaning), the schedule, and where the runs train; ``eval_images``: the
+    default of ``--eval-images`` for a script that evaluates its runs."""
     p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if eval_images is not None:
+        p.add_argument("--eval-images", type=int, default=eval_images,
+                       help=f"held-out images for the error (default {eval_images})")
     p.add_argument("--full", action="store_true", help="the paper's settings (hours to days on a CPU; use a GPU)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: experiments/<name>)")
     options.add_run_options(p, exclude=("baseline", *own), positional=False)

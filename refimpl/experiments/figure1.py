@@ -42,7 +42,6 @@ PROG = "python -m refimpl.experiments.figure1"
 
 def build_parser():
     p = common.parser(PROG, __doc__)
-    p.add_argument("--latent", type=int, default=None, help="initial latent dimensions n (default 10)")
     p.add_argument("--tau", type=float, default=None, help="GECO tolerance (default: 2.5 small, 25 full)")
     return p
 

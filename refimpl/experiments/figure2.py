@@ -46,14 +46,12 @@ FULL = {"dataset": "mnist", "data": None, "batches": None, "batch_size": 64, "im
 
 
 def build_parser():
-    p = common.parser(PROG, __doc__)
-    p.add_argument("--latent", type=int, default=None, help="initial latent dimensions n (default: 10 small, 32 full)")
+    p = common.parser(PROG, __doc__, eval_images=500)
     p.add_argument("--taus", type=comma_list(float, 0.0, "numbers"), default=None, metavar="T1,T2,...",
                    help="the GECO tolerances to sweep")
     p.add_argument("--image-index", type=int, default=None,
                    help="dataset index of the image to reconstruct (default: of 64 held-out images, "
                         "the one with the largest pixel sum)")
-    p.add_argument("--eval-images", type=int, default=500, help="held-out images for the error (default 500)")
     return p
 
 

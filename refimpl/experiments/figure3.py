@@ -36,12 +36,10 @@ FULL = {"dataset": "dsprites", "data": None, "batches": 50000, "batch_size": 64,
 
 
 def build_parser():
-    p = common.parser(PROG, __doc__)
-    p.add_argument("--latent", type=int, default=None, help="initial latent dimensions n (default 10)")
+    p = common.parser(PROG, __doc__, eval_images=500)
     p.add_argument("--low-tau", type=float, default=None, help="the low tolerance (default: 0.5 small, 25 full)")
     p.add_argument("--high-tau", type=float, default=None, help="the high tolerance (default: 4 small, 35 full)")
     p.add_argument("--count", type=int, default=8, help="images shown (default 8)")
-    p.add_argument("--eval-images", type=int, default=500, help="held-out images for the error (default 500)")
     return p
 
 
