@@ -8,20 +8,28 @@ interpretation switches as refimpl (``refimpl/model.py``, ``refimpl/algorithm1.p
 dicts of arrays named as refimpl's state dict (``encoder.conv1.weight``, ...,
 ``gamma``, plus ``lambda``), one step of Algorithm 1 is a pure function
 
-    step(params, buffers, opt_state, geco, x, u, eps) -> (params, buffers, opt_state, geco, record)
+    step(params, buffers, opt_state, geco, x, u, eps, u1=None) -> (params, buffers, opt_state, geco, record)
 
 (jit-compiled by default), gradients come from ``jax.grad``, StopGradient is
 ``jax.lax.stop_gradient``, the clamp of l. 21 is a ``jax.custom_vjp`` (interpretation
-(c)), the ARM term is added to gamma's gradient after ``jax.grad``, and ``optax.adam``
-takes the step, with lambda's gradient negated under ``lambda_update="ascent"`` so that
-Adam maximises L over it. optax's update (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
-is refimpl's and torch's (``refimpl/adam.py``) up to rounding. l. 3 is the caller's:
-``u`` is None on steps that sample no gates (:func:`samples_gates` reads the GECO
-state). Importing this module turns on ``jax_enable_x64`` for the process, so
-everything runs in float64 unless the inputs are float32. refimpl is imported only to
-read and write trace files.
+(c)), the ARM term (or DisARM, or REINFORCE-LOO: ``estimator``, interpretation (o)) is
+added to gamma's gradient after ``jax.grad``, and ``optax.adam`` takes the step, with
+lambda's gradient negated under ``lambda_update="ascent"`` so that Adam maximises L
+over it. optax's update (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) is refimpl's
+and torch's (``refimpl/adam.py``) up to rounding. l. 3 is the caller's: ``u`` is None
+on steps that sample no gates (:func:`samples_gates` reads the GECO state). Importing
+this module turns on ``jax_enable_x64`` for the process, so everything runs in float64
+unless the inputs are float32. refimpl is imported only to read and write trace files.
 
-Agreement with refimpl in float64 (``tests/test_jax_crosscheck.py``): every
+Adam's step count (interpretation (n)): optax's Adam keeps one count for the parameters
+it is given, so gamma gets an Adam state of its own beside the rest's
+(``opt_state = {"gamma": ..., "rest": ...}``). With ``adam_steps="global"`` (refimpl's
+default, as one optax.adam over everything) both are stepped every step, gamma with a
+zero gradient while it takes no part in L; with ``"per_parameter"`` (torch.optim.Adam's
+behaviour) gamma's state, value and count stay as they are on a step where it has no
+gradient: no L0 term (l. 24) and no gates sampled (l. 29).
+
+Agreement with refimpl in float64 (``tests/test_crosscheck.py``): every
 intermediate, gradient (the ARM term too), parameter and BatchNorm statistic to ~1e-13
 relative on the test models, under every interpretation switch. On Section 4's 64x64
 model parameters can differ more where a gradient is ~0 (Adam amplifies rounding noise
@@ -47,8 +55,8 @@ Use it on its own::
     key = jax.random.key(1)
     for x in batches:                                   # x: (B, C, H, W) in [0, 1]
         key, sub = jax.random.split(key)
-        u, eps = ja.draw(sub, geco, hyper, x.shape[0], 10)   # u is None unless gates are sampled (l. 3)
-        params, buffers, opt_state, geco, log = step(params, buffers, opt_state, geco, x, u, eps)
+        u, u1, eps = ja.draw(sub, geco, hyper, x.shape[0], 10)   # u is None unless gates are sampled (l. 3)
+        params, buffers, opt_state, geco, log = step(params, buffers, opt_state, geco, x, u, eps, u1)
         print(log["scalars"]["E2"], log["scalars"]["lambda_eff"])
 
 Replay a golden trace (``refimpl trace``, see refimpl/trace.py) and compare::
@@ -57,21 +65,19 @@ Replay a golden trace (``refimpl trace``, see refimpl/trace.py) and compare::
     .venv/bin/python bench/jax_algorithm1.py ref.npz --out jax.npz
     refimpl compare ref.npz jax.npz        # exit status 0: every tensor agrees
 
-``--plant arm-sign`` (or ``--flip-arm-sign``, as in the torch script) negates the ARM
-term of l. 29; ``--plant no-stop-gradient`` drops l. 20's StopGradient (so dC'/dC =
-1 - alpha instead of 1 once C_ma has history). Both are bugs planted to see ``compare``
-find them.
+``--plant NAME`` plants one of the porting bugs of refimpl's catalogue
+(``refimpl/porting_bugs.py``; ``--plant list`` prints it) to see ``compare`` find it:
+every bug of the catalogue has its hook here, as in the torch script (``--flip-arm-sign``
+is ``--plant arm-sign``; ``--plant no-stop-gradient`` drops l. 20's StopGradient, so
+dC'/dC = 1 - alpha instead of 1 once C_ma has history).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import sys
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 
@@ -82,67 +88,19 @@ import numpy  # noqa: E402
 import optax  # noqa: E402
 from jax import lax  # noqa: E402
 
-# Algorithm 1's parameters (Section 4) and refimpl's default interpretations (refimpl.algorithm1.Hyper).
-DEFAULTS = {
-    "alpha": 0.99, "k": 7.0, "lambda_min": 1e-5, "lambda_max": 5.0, "lr": 1e-3, "betas": (0.9, 0.999),
-    "adam_eps": 1e-8, "gamma_init": 0.42, "lambda_init": 1.0,
-    "error": "sse",  # (a) "sse" | "l2"
-    "lambda_update": "ascent",  # (b) "ascent" | "descent"
-    "lambda_clamp_grad": "outward",  # (c) "outward" | "zero"
-    "lambda_init_on": "raw",  # (d) "raw" | "effective"
-    "encoder_output": "logvar",  # (e) "logvar" | "logstd"
-    "kl_normalizer": "open",  # (f) "open" | "all"
-    "hit": "sticky",  # (g) "sticky" | "per_step"
-    "e1_batchnorm": "batch",  # (h) "batch" | "batch_update" | "running"
-    "gate_samples": "batch",  # (i) "batch" | "per_example"
-    "arm_objective": "error",  # (k) "error" | "loss"
-}
-ARCH_DEFAULTS = {"hidden": 128, "leaky_slope": 0.02, "bn_momentum": 0.8, "bn_eps": 1e-3, "bn_running_var": "biased"}
-# Planted bugs, for seeing `refimpl compare` find them: name -> what is wrong.
-PLANTS = {
-    "arm-sign": "l. 29: the ARM term is subtracted from gamma's gradient instead of added",
-    "no-stop-gradient": "l. 20: C' = C_ma without StopGradient, so dC'/dC = 1 - alpha after the first step",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/transcription.py, when imported from elsewhere
+# Framework-free parts shared with bench/torch_algorithm1.py: Section 4's defaults and refimpl's interpretations
+# (DEFAULTS), architecture helpers, initial lambda (d), the plant catalogue and the trace replay loop.
+from transcription import (ARCH_DEFAULTS, DEFAULTS, as_config, check_plant, conv_specs, feature_shape,  # noqa: E402
+                           initial_lambda, paper_architecture, plant_catalogue)
+import transcription  # noqa: E402
 
-
-def as_config(obj, defaults=None) -> SimpleNamespace:
-    """A namespace from a dict, a dataclass (refimpl's Architecture or Hyper) or a namespace."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    elif not isinstance(obj, dict):
-        obj = vars(obj)
-    return SimpleNamespace(**{**(defaults or {}), **obj})
+__all__ = ["ARCH_DEFAULTS", "DEFAULTS", "as_config", "draw", "feature_shape", "init_model", "init_state", "make_step",
+           "paper_architecture", "plant_catalogue", "replay", "samples_gates"]
 
 
 # ----------------------------------------------------------------------------------------
 # The model (Section 4): pure functions of flat dicts named as refimpl's state dict
-
-
-def _conv_out(size: int, spec) -> int:
-    return (size + 2 * spec.padding - spec.kernel) // spec.stride + 1
-
-
-def _specs(arch):
-    return [as_config(s) for s in arch.encoder_convs], [as_config(s) for s in arch.decoder_convs]
-
-
-def feature_shape(arch) -> tuple:
-    """(channels, height, width) after the encoder's last conv."""
-    c, h, w = arch.image_shape
-    for spec in _specs(arch)[0]:
-        c, h, w = spec.channels, _conv_out(h, spec), _conv_out(w, spec)
-    return c, h, w
-
-
-def paper_architecture(channels: int = 1) -> dict:
-    """Section 4's network for 64x64 images with ``channels`` colour channels (refimpl's widths and paddings)."""
-    def conv(c, k, s, p):
-        return {"channels": c, "kernel": k, "stride": s, "padding": p}
-
-    return {"image_shape": (channels, 64, 64),
-            "encoder_convs": [conv(32, 4, 2, 1), conv(32, 3, 2, 1), conv(64, 3, 2, 1), conv(64, 3, 2, 1)],
-            "decoder_convs": [conv(64, 3, 1, 1), conv(32, 3, 1, 1), conv(32, 3, 1, 1), conv(channels, 3, 1, 1)],
-            **ARCH_DEFAULTS}
 
 
 def leaky_relu(x, slope):
@@ -200,7 +158,7 @@ def encoder(p, buffers, x, arch, mode="update"):
     [conv -> leaky ReLU -> BatchNorm] per conv, flatten, fc1, leaky ReLU, fc2.
     """
     new = {}
-    for i, spec in enumerate(_specs(arch)[0], start=1):
+    for i, spec in enumerate(conv_specs(arch)[0], start=1):
         x = leaky_relu(conv2d(p, f"encoder.conv{i}", x, spec), arch.leaky_slope)
         x, stats = batchnorm(p, buffers, f"encoder.bn{i}", x, arch, mode)
         new.update(stats)
@@ -214,7 +172,7 @@ def decoder(p, buffers, z, arch, mode="update"):
     x = leaky_relu(linear(p, "decoder.fc1", z), arch.leaky_slope)
     x = leaky_relu(linear(p, "decoder.fc2", x), arch.leaky_slope)
     x = x.reshape(x.shape[0], *feature_shape(arch))
-    specs, new = _specs(arch)[1], {}
+    specs, new = conv_specs(arch)[1], {}
     for i, spec in enumerate(specs, start=1):
         x, stats = batchnorm(p, buffers, f"decoder.bn{i}", x, arch, mode)
         new.update(stats)
@@ -226,7 +184,7 @@ def decoder(p, buffers, z, arch, mode="update"):
 def parameter_shapes(arch, n_latent: int) -> dict:
     """Name -> shape of every model parameter, in refimpl's state-dict order (gamma, encoder, decoder)."""
     arch = as_config(arch, ARCH_DEFAULTS)
-    enc, dec = _specs(arch)
+    enc, dec = conv_specs(arch)
     shapes, in_ch = {"gamma": (n_latent,)}, arch.image_shape[0]
     for i, s in enumerate(enc, start=1):
         shapes[f"encoder.conv{i}.weight"] = (s.channels, in_ch, s.kernel, s.kernel)
@@ -277,13 +235,6 @@ def init_model(arch, n_latent: int, key, hyper=None, dtype=jnp.float64):
 # Algorithm 1
 
 
-def initial_lambda(h) -> float:
-    """Raw lambda at the start, interpretation (d): lambda = lambda_init, or lambda' = lambda_init."""
-    if h.lambda_init_on == "raw":
-        return float(h.lambda_init)
-    return math.log(math.expm1(math.sqrt(h.lambda_init)))  # softplus(lambda)^2 = lambda_init
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def clamp_lambda(raw, lo: float, hi: float, rule: str, ascent: bool):
     """l. 21's clamp of softplus(lambda)^2 to [lambda_min, lambda_max], gradient per interpretation (c).
@@ -331,11 +282,18 @@ def make_optimizer(hyper) -> optax.GradientTransformation:
     return optax.adam(h.lr, b1=h.betas[0], b2=h.betas[1], eps=h.adam_eps, eps_root=0.0)
 
 
+def _split(params: dict) -> dict:
+    """{"gamma": {"gamma": ...}, "rest": every other parameter}: gamma keeps an Adam state of its own (n)."""
+    return {"gamma": {"gamma": params["gamma"]}, "rest": {k: v for k, v in params.items() if k != "gamma"}}
+
+
 def init_state(params: dict, hyper):
-    """Adam's state (fresh) and GECO's (l. 1: hit = False; C_ma unset, NaN until l. 16 sets it)."""
+    """Adam's state (fresh: gamma's and the rest's, interpretation (n)) and GECO's (l. 1: hit = False;
+    C_ma unset, NaN until l. 16 sets it)."""
     dtype = params["gamma"].dtype
     geco = {"hit": jnp.asarray(False), "c_ma": jnp.asarray(jnp.nan, dtype), "last_constraint_met": jnp.asarray(False)}
-    return make_optimizer(hyper).init(params), geco
+    optimizer = make_optimizer(hyper)
+    return {part: optimizer.init(group) for part, group in _split(params).items()}, geco
 
 
 def samples_gates(geco: dict, hyper) -> bool:
@@ -345,41 +303,60 @@ def samples_gates(geco: dict, hyper) -> bool:
 
 
 def draw(key, geco: dict, hyper, batch: int, n: int, dtype=jnp.float64):
-    """The step's random draws from a JAX key: u (S, n) if gates are sampled (l. 4; else None), eps (B, n) (l. 11)."""
+    """The step's random draws from a JAX key: (u, u1, eps). u (S, n) if gates are sampled (l. 4; else None);
+    u1 (S, n), the second independent sample, only with estimator="reinforce_loo" (else None); eps (B, n) (l. 11)."""
     h = as_config(hyper, DEFAULTS)
-    ku, ke = jax.random.split(key)
+    ku, ku1, ke = jax.random.split(key, 3)
     samples = 1 if h.gate_samples == "batch" else batch
-    u = jax.random.uniform(ku, (samples, n), dtype) if samples_gates(geco, h) else None
-    return u, jax.random.normal(ke, (batch, n), dtype)
+    sampling = samples_gates(geco, h)
+    u = jax.random.uniform(ku, (samples, n), dtype) if sampling else None
+    u1 = jax.random.uniform(ku1, (samples, n), dtype) if sampling and h.estimator == "reinforce_loo" else None
+    return u, u1, jax.random.normal(ke, (batch, n), dtype)
 
 
 # XLA options for replays: a few small steps, where compiling takes ~100x longer than running. LLVM's
 # optimisation level changes code speed, not results (no fast-math either way); it halves compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# Where a planted bug needs uniforms the step was not given (more rows of u, or u where the trace has none).
+PLANT_DRAWS = numpy.random.default_rng(0)
 
 
 def make_step(arch, hyper, n_latent: int, *, plant: str | None = None, jit: bool = True,
               compiler_options: dict | None = None):
     """Algorithm 1's loop body (l. 3-31) as a pure function of the training state and the step's inputs.
 
-    ``step(params, buffers, opt_state, geco, x, u, eps) -> (params, buffers, opt_state, geco, record)``:
+    ``step(params, buffers, opt_state, geco, x, u, eps, u1=None) -> (params, buffers, opt_state, geco, record)``:
     params: name -> array (the model's, and ``lambda``); buffers: BatchNorm running
-    statistics; opt_state: optax Adam state; geco: ``hit``, ``c_ma`` (NaN before the first
-    step), ``last_constraint_met``; x: (B, C, H, W); u: (S, n) uniforms, or None when
-    the step samples no gates (l. 3 is the caller's: :func:`samples_gates`); eps: (B, n).
-    record: the step's inputs, intermediates, gradients (ARM term included) and scalars
-    as arrays, in the layout of refimpl's ``train_step(record=...)``.
-    plant: None, or one of :data:`PLANTS` (a deliberate bug). jit: compile the step with
-    ``jax.jit`` (``compiler_options`` passed on), else run it op by op.
+    statistics; opt_state: :func:`init_state`'s Adam states; geco: ``hit``, ``c_ma`` (NaN
+    before the first step), ``last_constraint_met``; x: (B, C, H, W); u: (S, n) uniforms,
+    or None when the step samples no gates (l. 3 is the caller's: :func:`samples_gates`);
+    eps: (B, n); u1: (S, n), the second sample's uniforms of estimator="reinforce_loo".
+    record: the step's inputs, intermediates, gradients (the estimator's term included) and
+    scalars as arrays, in the layout of refimpl's ``train_step(record=...)``.
+    plant: None, or a porting bug of refimpl's catalogue (``refimpl/porting_bugs.py``) to
+    plant; each is one ``plant == ...`` hook below. jit: compile the step with ``jax.jit``
+    (``compiler_options`` passed on), else run it op by op.
     """
     arch, h = as_config(arch, ARCH_DEFAULTS), as_config(hyper, DEFAULTS)
-    if plant is not None and plant not in PLANTS:
-        raise ValueError(f"plant={plant!r}: expected one of {', '.join(PLANTS)}")
+    check_plant(plant)
+    # plants that change a convention of the model (Sec. 4, interpretation (m))
+    if plant == "leaky-slope":
+        arch.leaky_slope = 0.01  # torch's default
+    if plant == "bn-unbiased-var":
+        arch.bn_running_var = "unbiased"
+    if plant == "bn-torch-momentum":
+        arch.bn_momentum = 1.0 - arch.bn_momentum  # torch's momentum (weight of the batch) read as Keras's
     n, optimizer = int(n_latent), make_optimizer(h)
     ascent = h.lambda_update == "ascent"
-    e1_mode = {"batch": "batch", "batch_update": "update", "running": "eval"}[h.e1_batchnorm]
+    maximise_lambda = ascent != (plant == "lambda-minimised")
+    adam_steps = h.adam_steps
+    if plant == "adam-steps":
+        adam_steps = {"global": "per_parameter", "per_parameter": "global"}[adam_steps]
+    e1_batchnorm = {"e1-eval-mode": "running", "e1-updates-bn": "batch_update"}.get(plant, h.e1_batchnorm)
+    e1_mode = {"batch": "batch", "batch_update": "update", "running": "eval"}[e1_batchnorm]
+    loo = h.estimator == "reinforce_loo"  # (o): two independent gate samples instead of an antithetic pair
 
-    def step(params, buffers, opt_state, geco, x, u, eps):
+    def step(params, buffers, opt_state, geco, x, u, eps, u1=None):
         dtype, batch = params["gamma"].dtype, x.shape[0]
         x, eps = jnp.asarray(x, dtype), jnp.asarray(eps, dtype)
         samples = 1 if h.gate_samples == "batch" else batch
@@ -389,9 +366,19 @@ def make_step(arch, hyper, n_latent: int, *, plant: str | None = None, jit: bool
         gamma = lax.stop_gradient(params["gamma"])
         if sampling:
             u = jnp.asarray(u, dtype)  # l. 4
-            nu1 = (u > jax.nn.sigmoid(-h.k * gamma)).astype(dtype)  # l. 5
-            nu2 = (u < jax.nn.sigmoid(h.k * gamma)).astype(dtype)  # l. 6
+            if loo:
+                u1 = jnp.asarray(u1, dtype)  # the second sample's uniforms
+            if plant == "u-per-image" and u.shape[0] == 1:
+                u = jnp.concatenate([u, jnp.asarray(PLANT_DRAWS.uniform(size=(batch - 1, n)), dtype)])
+            if loo and plant != "loo-antithetic":
+                nu1 = (u1 < jax.nn.sigmoid(h.k * gamma)).astype(dtype)  # (o): an independent sample for the E1 pass
+            else:
+                nu1 = (u > jax.nn.sigmoid(-h.k * gamma)).astype(dtype)  # l. 5
+            nu2 = (u < jax.nn.sigmoid(h.k * gamma)).astype(dtype)  # l. 6: the E2 pass and the KL term, every estimator
+            if plant == "nu-swapped":
+                nu1, nu2 = nu2, nu1
         else:
+            u1 = None
             nu1 = jnp.ones((samples, n), dtype)  # l. 8
             nu2 = jnp.ones((samples, n), dtype)  # l. 9
 
@@ -400,7 +387,7 @@ def make_step(arch, hyper, n_latent: int, *, plant: str | None = None, jit: bool
             # l. 11: z ~ f_enc(x), reparameterised (Eq. 6)
             encoded, new_buffers = encoder(p, buffers, x, arch)
             mu, s = encoded[:, :n], encoded[:, n:]
-            sigma = jnp.exp(0.5 * s) if h.encoder_output == "logvar" else jnp.exp(s)
+            sigma = jnp.exp(0.5 * s) if h.encoder_output == "logvar" and plant != "exp-s" else jnp.exp(s)
             z = mu + sigma * eps
             bufs = {**buffers, **new_buffers}
 
@@ -417,30 +404,40 @@ def make_step(arch, hyper, n_latent: int, *, plant: str | None = None, jit: bool
             e2 = per_image_error(x2, x, h.error)
             if not run_e1:
                 x1, e1 = lax.stop_gradient(x2), lax.stop_gradient(e2)
-            E1, E2 = e1.mean(), e2.mean()
+            E1, E2 = (e1.sum(), e2.sum()) if plant == "batch-sum" else (e1.mean(), e2.mean())
 
             C = E2 - h.tau  # l. 14
             c_ma_before = geco["c_ma"]
-            C_ma = jnp.where(jnp.isnan(c_ma_before), C,  # l. 15-16: i = 0
+            first_c_ma = (1 - h.alpha) * C if plant == "c-ma-from-zero" else C
+            C_ma = jnp.where(jnp.isnan(c_ma_before), first_c_ma,  # l. 15-16: i = 0
                              h.alpha * c_ma_before + (1 - h.alpha) * C)  # l. 17-18
+            C_prime = C + lax.stop_gradient(C_ma - C)  # l. 20
+            if plant == "loss-uses-c":
+                C_prime = C
+            if plant == "detach-wrong-side":
+                C_prime = lax.stop_gradient(C) + (C_ma - C)
             if plant == "no-stop-gradient":
-                C_prime = C_ma  # planted bug: dC'/dC = 1 - alpha
-            else:
-                C_prime = C + lax.stop_gradient(C_ma - C)  # l. 20
+                C_prime = C_ma
             raw = jax.nn.softplus(p["lambda"]) ** 2
-            lam_eff = clamp_lambda(raw, h.lambda_min, h.lambda_max, h.lambda_clamp_grad, ascent)  # l. 21
+            lo, hi = (h.lambda_max, h.lambda_min) if plant == "clamp-limits-swapped" else (h.lambda_min, h.lambda_max)
+            lam_eff = clamp_lambda(raw, lo, hi, h.lambda_clamp_grad, ascent)  # l. 21
+            if plant == "no-lambda-clamp":
+                lam_eff = raw
 
             # l. 22: L = lambda' C' + ||KL_elem * nu2||_1 / ||nu2||_0 (batch mean; (f): 0/0 -> 0)
             kl = kl_elementwise(mu, s, h.encoder_output)
-            if h.kl_normalizer == "open":
-                norm = jnp.maximum(nu2.sum(axis=1, keepdims=True), 1)
+            if plant == "kl-without-mu2":
+                kl = kl - 0.5 * mu * mu
+            kl_mask = nu1 if plant == "kl-on-nu1" else nu2
+            if h.kl_normalizer == "open" and plant != "kl-over-n":
+                norm = jnp.maximum(kl_mask.sum(axis=1, keepdims=True), 1)
             else:
                 norm = jnp.full((samples, 1), float(n), dtype)
-            kl_per_image = (kl * nu2 / norm).sum(axis=1)
+            kl_per_image = (kl * kl_mask / norm).sum(axis=1)
             kl_term = kl_per_image.mean()
             loss = lam_eff * C_prime + kl_term
-            gates_l1 = jax.nn.sigmoid(h.k * p["gamma"]).sum()
-            l0_added = C <= 0  # l. 23
+            gates_l1 = jax.nn.sigmoid((1.0 if plant == "l0-without-k" else h.k) * p["gamma"]).sum()
+            l0_added = C > 0 if plant == "l0-when-violated" else C <= 0  # l. 23
             loss = loss + jnp.where(l0_added, gates_l1, jnp.zeros_like(gates_l1))  # l. 24
             aux = {"mu": mu, "s": s, "z": z, "x1": x1, "x2": x2, "e1": e1, "e2": e2, "kl_elem": kl,
                    "kl_per_image": kl_per_image, "buffers": bufs, "norm": norm,
@@ -452,33 +449,59 @@ def make_step(arch, hyper, n_latent: int, *, plant: str | None = None, jit: bool
         grads, aux = jax.grad(objective, has_aux=True)(params)
         sc = aux["scalars"]
 
-        # l. 28-30: the ARM term, lambda' k (F(nu1) - F(nu2)) (u - 1/2), F per interpretation (k).
+        # l. 28-30: the ARM term, lambda' k (F(nu1) - F(nu2)) (u - 1/2), F per interpretation (k), or another
+        # estimator of gamma's gradient from the same two decoder passes (interpretation (o)).
         # On the step where hit first becomes true no u was drawn: nu1 = nu2, the term is 0 and skipped (l).
         arm = None
         if sampling:
-            lam_value = sc["lambda_eff"]
+            lam_value = 1.0 if plant == "arm-without-lambda" else sc["lambda_eff"]
             f1, f2 = lam_value * aux["e1"], lam_value * aux["e2"]
             if h.arm_objective == "loss":
                 norm1 = jnp.maximum(nu1.sum(axis=1, keepdims=True), 1) if h.kl_normalizer == "open" else aux["norm"]
                 f1 = f1 + (aux["kl_elem"] * nu1 / norm1).sum(axis=1)
                 f2 = f2 + aux["kl_per_image"]
-            arm = h.k * ((f1 - f2)[:, None] * (u - 0.5)).mean(axis=0)  # l. 29
+            k = 1.0 if plant == "arm-without-k" else h.k  # d phi / d gamma for the logits phi = k gamma
+            df = (f1 - f2)[:, None]
+            if h.estimator == "arm":  # l. 29, Eq. 13 (Yin & Zhou 2019)
+                arm = k * (df * (u - 0.5)).mean(axis=0)
+            elif h.estimator == "disarm":  # Dong, Mnih & Tucker 2020 on the same antithetic pair:
+                # 1/2 (F(b) - F(b~)) (-1)^b~ 1[b != b~] sigmoid(|phi|), b = nu1 = 1[1 - u < sigmoid(phi)], b~ = nu2;
+                # (-1)^b = 1 - 2b for b in {0, 1}
+                sign = 1.0 - 2.0 * (nu1 if plant == "disarm-sign" else nu2)
+                arm = k * (0.5 * df * sign * (nu1 != nu2) * jax.nn.sigmoid(jnp.abs(h.k * gamma))).mean(axis=0)
+            else:  # REINFORCE with a leave-one-out baseline, two samples: 1/2 sum_i (F_i - F_other)(nu_i - p)
+                prob = jax.nn.sigmoid(h.k * gamma)
+                arm = k * (0.5 * (df * (nu1 - prob) + (-df) * (nu2 - prob))).mean(axis=0)
             if plant == "arm-sign":
-                arm = -arm  # planted bug
+                arm = -arm
             grads = {**grads, "gamma": grads["gamma"] + arm}
 
         # l. 31: Adam on theta, phi, gamma and lambda; lambda is maximised under "ascent" (b)
-        descent = {**grads, "lambda": -grads["lambda"]} if ascent else grads
-        updates, opt_state = optimizer.update(descent, opt_state, params)
+        descent = {**grads, "lambda": -grads["lambda"]} if maximise_lambda else grads
+        l0_added = sc["l0_added"]
+        parts = _split(params)
+        updates, new_state = {}, {}
+        for part, group in parts.items():
+            part_updates, new_state[part] = optimizer.update({k: descent[k] for k in group}, opt_state[part], group)
+            if plant == "adam-no-bias-correction":  # the moments of optax's state, without 1 - beta^t
+                adam = new_state[part][0]
+                part_updates = jax.tree.map(lambda m, v: -h.lr * m / (jnp.sqrt(v) + h.adam_eps), adam.mu, adam.nu)
+            updates.update(part_updates)
+        if adam_steps == "per_parameter":
+            # (n): gamma takes part in L only through the L0 term (l. 24) and the estimator (l. 29); on a step
+            # with neither it has no gradient, and its value, moments and count stay as they are (torch.optim.Adam)
+            has_gradient = jnp.logical_or(sampling, l0_added)
+            new_state["gamma"] = jax.tree.map(lambda new, old: jnp.where(has_gradient, new, old),
+                                              new_state["gamma"], opt_state["gamma"])
+            updates["gamma"] = jnp.where(has_gradient, updates["gamma"], jnp.zeros_like(updates["gamma"]))
         params = optax.apply_updates(params, updates)
 
-        l0_added = sc["l0_added"]
-        geco = {"hit": geco["hit"] | l0_added,  # l. 25
-                "c_ma": sc["C_ma"], "last_constraint_met": l0_added}
-        record = {"x": x, "u": u, "nu1": nu1, "nu2": nu2, "eps": eps, "arm": arm, "grads": grads,
+        hit = True if plant == "hit-every-step" else geco["hit"] | l0_added  # l. 25
+        geco = {"hit": jnp.asarray(hit), "c_ma": sc["C_ma"], "last_constraint_met": l0_added}
+        record = {"x": x, "u": u, "u1": u1, "nu1": nu1, "nu2": nu2, "eps": eps, "arm": arm, "grads": grads,
                   **{k: aux[k] for k in ("mu", "s", "z", "x1", "x2", "e1", "e2", "kl_elem")},
                   "scalars": {**sc, "hit": geco["hit"]}}
-        return params, aux["buffers"], opt_state, geco, record
+        return params, aux["buffers"], new_state, geco, record
 
     return jax.jit(step, compiler_options=compiler_options) if jit else step
 
@@ -487,37 +510,46 @@ def make_step(arch, hyper, n_latent: int, *, plant: str | None = None, jit: bool
 # Replaying a golden trace (refimpl/trace.py)
 
 
-def load_adam_state(opt_state, t: int, m: dict, v: dict):
-    """optax's Adam state with step count t and moments m, v (name -> array), e.g. a trace's ``init/``."""
-    adam, *rest = opt_state
-    if not isinstance(adam, optax.ScaleByAdamState):
-        raise TypeError(f"expected optax.adam's state, got {type(adam).__name__}")
-    dtype = {k: p.dtype for k, p in adam.mu.items()}
-    adam = adam._replace(count=jnp.asarray(t, jnp.int32),
-                         mu={k: jnp.asarray(m[k], dtype[k]) for k in adam.mu},
-                         nu={k: jnp.asarray(v[k], dtype[k]) for k in adam.nu})
-    return (adam, *rest)
+def load_adam_state(opt_state, t: int, m: dict, v: dict, steps: dict | None = None):
+    """:func:`init_state`'s Adam states with moments m, v (name -> array), e.g. a trace's ``init/``, and step
+    counts: each parameter's own (``steps``, refimpl's Adam ``state_dict()["steps"]``; interpretation (n)),
+    or the global count ``t`` for all. Every parameter but gamma shares one optax count, so theirs must agree."""
+    steps = steps or {name: t for part in opt_state.values() for name in part[0].mu}
+    new = {}
+    for part, state in opt_state.items():
+        adam, *rest = state
+        if not isinstance(adam, optax.ScaleByAdamState):
+            raise TypeError(f"expected optax.adam's state, got {type(adam).__name__}")
+        counts = {int(steps[name]) for name in adam.mu}
+        if len(counts) != 1:
+            raise ValueError(f"Adam step counts {sorted(counts)} for the parameters of {part!r}: optax keeps one")
+        dtype = {k: p.dtype for k, p in adam.mu.items()}
+        adam = adam._replace(count=jnp.asarray(counts.pop(), jnp.int32),
+                             mu={k: jnp.asarray(m[k], dtype[k]) for k in adam.mu},
+                             nu={k: jnp.asarray(v[k], dtype[k]) for k in adam.nu})
+        new[part] = (adam, *rest)
+    return new
 
 
-def from_trace(trace):
+def from_trace(trace, plant: str | None = None):
     """(arch, hyper, n, params, buffers, opt_state, geco): the state a trace starts from."""
-    m = trace.manifest
-    first = trace.step(0)
-    dtype = jnp.dtype(str(first["input/x"].dtype))
-    arch, hyper = as_config(m["architecture"], ARCH_DEFAULTS), as_config(m["hyper"], DEFAULTS)
-    params = {name: jnp.asarray(first["param/" + name], dtype) for name in m["parameters"]}
-    buffers = {name: jnp.asarray(first["buffer/" + name], dtype) for name in m["buffers"]}
-    expected = parameter_shapes(arch, m["n_latent"])
+    init = transcription.initial_state(trace)
+    dtype = jnp.dtype(init.dtype)
+    arch, hyper = as_config(trace.manifest["architecture"], ARCH_DEFAULTS), as_config(trace.manifest["hyper"], DEFAULTS)
+    params = {name: jnp.asarray(a, dtype) for name, a in init.params.items()}
+    if plant == "lambda-init-wrong-side":  # the planted port keeps its own initial lambda
+        params["lambda"] = jnp.asarray(initial_lambda(hyper, flip=True), dtype)
+    buffers = {name: jnp.asarray(a, dtype) for name, a in init.buffers.items()}
+    expected = parameter_shapes(arch, init.n_latent)
     got = {k: tuple(v.shape) for k, v in params.items() if k != "lambda"}
     if got != {k: tuple(s) for k, s in expected.items()}:
         raise ValueError(f"{trace.path}: parameters {sorted(got)} do not fit the architecture in its manifest")
     opt_state, _ = init_state(params, hyper)
-    init = m["initial_state"]
-    opt_state = load_adam_state(opt_state, int(init["adam_t"]), trace.initial("adam_m"), trace.initial("adam_v"))
-    geco = {"hit": jnp.asarray(bool(init["hit"])),
-            "c_ma": jnp.asarray(numpy.nan if init["c_ma"] is None else float(init["c_ma"]), dtype),
-            "last_constraint_met": jnp.asarray(bool(init["last_constraint_met"]))}
-    return arch, hyper, int(m["n_latent"]), params, buffers, opt_state, geco
+    opt_state = load_adam_state(opt_state, init.adam_t, init.adam_m, init.adam_v, init.adam_steps)
+    geco = {"hit": jnp.asarray(init.hit),
+            "c_ma": jnp.asarray(numpy.nan if init.c_ma is None else init.c_ma, dtype),
+            "last_constraint_met": jnp.asarray(init.last_constraint_met)}
+    return arch, hyper, init.n_latent, params, buffers, opt_state, geco
 
 
 def _host(a):
@@ -532,66 +564,59 @@ def host_record(record: dict, names) -> dict:
     return out
 
 
-def _state(params, buffers, geco, names, buffer_names):
-    from refimpl.trace import snapshot
+class _Port:
+    """The pure step and its state, as bench/transcription.py's replay loop drives them."""
 
-    return snapshot({k: _host(params[k]) for k in names}, {k: _host(buffers[k]) for k in buffer_names},
-                    bool(geco["hit"]), float(geco["c_ma"]), bool(geco["last_constraint_met"]))
+    def __init__(self, trace, plant, jit=True):
+        arch, self.hyper, self.n, self.params, self.buffers, self.opt_state, self.geco = from_trace(trace, plant)
+        self.names, self.buffer_names = list(trace.manifest["parameters"]), list(trace.manifest["buffers"])
+        self.step = make_step(arch, self.hyper, self.n, plant=plant, jit=jit, compiler_options=FAST_COMPILE)
+
+    def sampling(self) -> bool:
+        return samples_gates(self.geco, self.hyper)  # l. 3
+
+    def snapshot(self) -> dict:
+        from refimpl.trace import snapshot
+
+        return snapshot({k: _host(self.params[k]) for k in self.names},
+                        {k: _host(self.buffers[k]) for k in self.buffer_names}, bool(self.geco["hit"]),
+                        float(self.geco["c_ma"]), bool(self.geco["last_constraint_met"]))
+
+    def replay_step(self, x, eps, u, u1) -> dict:
+        if self.sampling():  # a planted bug that changes hit samples where the trace has no u: its own draws
+            rows = 1 if self.hyper.gate_samples == "batch" else x.shape[0]
+            u = PLANT_DRAWS.uniform(size=(rows, self.n)) if u is None else u
+            if self.hyper.estimator == "reinforce_loo" and u1 is None:
+                u1 = PLANT_DRAWS.uniform(size=(rows, self.n))
+        else:
+            u = u1 = None
+        self.params, self.buffers, self.opt_state, self.geco, record = self.step(
+            self.params, self.buffers, self.opt_state, self.geco, x, u, eps, u1)
+        return host_record(record, self.names)
 
 
 def replay(trace_path, out_path, *, steps: int | None = None, plant: str | None = None, jit: bool = True) -> dict:
     """Replay the trace at ``trace_path`` in JAX on its recorded inputs; write a trace to ``out_path``.
 
+    ``plant``: a porting bug from refimpl's catalogue to plant (``refimpl/porting_bugs.py``).
     Returns the manifest written. A step at which the replay samples gates but the trace
-    holds no u (the two disagree on ``hit``) raises a ValueError naming the step.
+    holds no u (the two disagree on ``hit``) raises a ValueError naming the step; with a
+    plant, the replay draws its own u there instead, so that ``compare`` can show where hit
+    went wrong. ``jit=False`` runs the step op by op (no compilation of the whole step: for
+    many short replays, e.g. the tests, after the first).
     """
-    from refimpl.trace import build_manifest, read_trace, save_trace, step_entries, step_prefix
-
-    trace = read_trace(trace_path)
-    steps = trace.steps if steps is None else min(int(steps), trace.steps)
-    arch, hyper, n, params, buffers, opt_state, geco = from_trace(trace)
-    m = trace.manifest
-    names, buffer_names = list(m["parameters"]), list(m["buffers"])
-    step = make_step(arch, hyper, n, plant=plant, jit=jit, compiler_options=FAST_COMPILE)
-    arrays = {f"init/adam_{which}/{k}": v for which in ("m", "v") for k, v in trace.initial(f"adam_{which}").items()}
-    for k in range(steps):
-        recorded = trace.step(k)
-        sampling = samples_gates(geco, hyper)  # l. 3
-        if sampling and "input/u" not in recorded:
-            raise ValueError(f"{trace.path}: the JAX replay samples gates at step {k}, but the trace has no "
-                             f"{step_prefix(k)}/input/u (the two disagree on hit)")
-        before = _state(params, buffers, geco, names, buffer_names)
-        params, buffers, opt_state, geco, record = step(params, buffers, opt_state, geco, recorded["input/x"],
-                                                        recorded["input/u"] if sampling else None,
-                                                        recorded["input/eps"])
-        arrays.update(step_entries(k, before, host_record(record, names),
-                                   _state(params, buffers, geco, names, buffer_names)))
-    manifest = build_manifest(
-        arrays, steps=steps, writer=f"bench/jax_algorithm1.py (jax {jax.__version__}, optax {optax.__version__})",
-        architecture=m["architecture"], hyper=m["hyper"], n_latent=m["n_latent"], parameters=names,
-        buffers=buffer_names, initial_state=m["initial_state"], seed=m.get("seed"),
-        extra={"replay_of": str(trace.path), "plant": plant})
-    save_trace(out_path, arrays, manifest)
-    return manifest
+    return transcription.replay(trace_path, out_path, partial(_Port, jit=jit), framework="JAX", steps=steps,
+                                plant=plant, writer=f"bench/jax_algorithm1.py (jax {jax.__version__}, optax "
+                                                    f"{optax.__version__})")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Replay a refimpl trace in JAX and write a trace of the replay.")
-    parser.add_argument("trace", help="trace file written by `refimpl trace` (refimpl/trace.py)")
-    parser.add_argument("--out", default="jax_trace.npz", help="trace of the replay (default: jax_trace.npz)")
-    parser.add_argument("--steps", type=int, default=None, help="replay only the first STEPS steps")
-    parser.add_argument("--plant", choices=tuple(PLANTS), default=None,
-                        help="plant a bug: " + "; ".join(f"{k}: {v}" for k, v in PLANTS.items()))
-    parser.add_argument("--flip-arm-sign", action="store_true", help="the same as --plant arm-sign")
-    parser.add_argument("--no-jit", action="store_true", help="run the step op by op instead of compiling it")
-    args = parser.parse_args(argv)
-    if args.flip_arm_sign and args.plant not in (None, "arm-sign"):
-        parser.error("--flip-arm-sign and --plant name two different bugs")
-    plant = "arm-sign" if args.flip_arm_sign else args.plant
-    manifest = replay(args.trace, args.out, steps=args.steps, plant=plant, jit=not args.no_jit)
-    print(f"replayed {manifest['steps']} steps of {args.trace} in jax {jax.__version__} (optax {optax.__version__})"
-          f"{f', planted bug {plant}' if plant else ''}; wrote {args.out}")
-    return 0
+    def add_arguments(parser):
+        parser.add_argument("--no-jit", action="store_true", help="run the step op by op instead of compiling it")
+
+    return transcription.main(argv, framework="JAX", version=f"jax {jax.__version__} (optax {optax.__version__})",
+                              replay_trace=replay, default_out="jax_trace.npz", add_arguments=add_arguments,
+                              replay_options=lambda args: {"jit": not args.no_jit})
 
 
 if __name__ == "__main__":

@@ -5,13 +5,16 @@ Both libraries keep their idle worker threads spinning for a while after each pa
 spinning threads steal the cores the other side is computing on: on 2 cores torch's conv1 went
 from 7.3 ms alone to 13.9 ms alternating with refimpl. Short/passive waits remove that (7.6 ms);
 refimpl's own times did not change. This must run before numpy and torch are imported;
-explicit environment settings win.
+explicit environment settings win, and ``BENCH_LIBRARY_DEFAULTS=1`` leaves both libraries'
+defaults alone (bench/separate_processes.py sets it: a process running one side only has
+nothing to disturb, and runs as a user would run it).
 """
 
 import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ.get("BENCH_LIBRARY_DEFAULTS") != "1":
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def gpu_setup(torch=None) -> str:

@@ -1,9 +1,12 @@
 """Peak resident memory of one side's CPU training step, alone in a fresh process.
 
-    python bench/step_memory.py refimpl|torch float32|float64 gated|plain [batch] [latent] [channels]
+    python bench/step_memory.py refimpl|torch[:CONFIG] float32|float64 gated|plain [batch] [latent] [channels]
 
-Prints two numbers in MiB: the resident size after imports and model set-up, and the
-peak (``VmHWM`` of /proc/self/status) after three steps as bench_step.py runs them.
+CONFIG: a torch configuration of bench/torch_configs.py (nchw, the default; channels_last;
+compile; channels_last+compile). Prints two numbers in MiB: the resident size after
+imports and model set-up, and the peak (``VmHWM`` of /proc/self/status) after three steps
+as bench_step.py runs them (for the compiled configurations the first of them compiles:
+Inductor's own peak in this process counts, its compile workers' do not).
 (Not ``ru_maxrss``: Linux carries it over from the forking parent into the exec'd child,
 so a child of a large benchmark process would report the parent's peak.) For ``refimpl`` torch
 is kept out of the process (``sys.modules["torch"] = None``), so the numbers are NumPy's
@@ -29,6 +32,7 @@ def status_mib(field: str) -> float:
 
 def main(argv) -> None:
     side, dtype_name, kind = argv[:3]
+    side, _, config = side.partition(":")
     batch, latent, channels = (int(a) for a in (argv[3:6] or (64, 10, 3)))
     if side not in ("refimpl", "torch") or kind not in ("gated", "plain"):
         raise SystemExit(f"usage: {__doc__.split(chr(10))[2].strip()}")
@@ -38,13 +42,11 @@ def main(argv) -> None:
     import bench_step
     import numpy
 
-    from refimpl.rng import generator
-
     dtype = numpy.dtype(dtype_name).type
-    x = (generator(7).uniform(size=(batch, channels, 64, 64)) > 0.7).astype(numpy.float64)
+    x = bench_step.images(batch, channels)
     model, step = bench_step.refimpl_step(dtype, kind == "gated", latent, x, numpy)
     if side == "torch":
-        step = bench_step.torch_step(model, dtype, kind == "gated", x, "cpu")
+        step = bench_step.torch_step(model, dtype, kind == "gated", x, "cpu", config or "nchw")
     before = status_mib("VmRSS")
     for _ in range(3):
         step()

@@ -7,7 +7,7 @@ interpretation switches as refimpl (``refimpl/model.py``, ``refimpl/algorithm1.p
 ``refimpl/INTERPRETATIONS.md``). refimpl writes every gradient by hand; here autograd
 does it, StopGradient is ``.detach()``, and ``torch.optim.Adam`` (with ``maximize``
 for lambda) takes the step. The two agree to ~1e-12 in float64
-(``tests/test_torch_crosscheck.py``). The model and Algorithm 1 use torch only; refimpl
+(``tests/test_crosscheck.py``). The model and Algorithm 1 use torch only; refimpl
 is imported only to read and write trace files.
 
 Use it on its own::
@@ -30,7 +30,21 @@ Replay a golden trace (``refimpl trace``, see refimpl/trace.py) and compare::
 The replay reads the trace's manifest (architecture, Hyper, initial GECO and Adam
 state), loads the parameters and BatchNorm statistics recorded before step 0, then
 runs each step on the recorded inputs x, eps and u, and writes the same keys.
-``--flip-arm-sign`` plants a bug (the ARM term's sign) to see ``compare`` find it.
+``--plant NAME`` plants one of the porting bugs of refimpl's catalogue
+(``refimpl/porting_bugs.py``; ``--plant list`` prints it) to see ``compare`` find it;
+``--flip-arm-sign`` is ``--plant arm-sign``.
+
+Adam's step count (interpretation (n)): torch.optim.Adam skips a parameter whose
+``.grad`` is None, so gamma, which is outside the graph until the first hit (no L0 term,
+no ARM term), starts counting its steps there: ``adam_steps="per_parameter"``. With
+``"global"`` (refimpl's default) gamma is given a zero gradient on such steps, so torch
+counts them too, as TF/Keras and optax do.
+
+Gradient estimator of l. 29 (interpretation (o), ``hyper["estimator"]``): L0-ARM as in
+Eq. 13 (the default), DisARM on the same antithetic pair, or two-sample REINFORCE with
+a leave-one-out baseline, whose E1 pass uses a second, independent sample nu1 = 1[u1 <
+sigmoid(k gamma)] (u1 drawn after u); the E2 pass, the loss and the KL term use l. 6's
+nu2 = 1[u < sigmoid(k gamma)] under all three.
 
 BatchNorm: torch's ``momentum`` is the weight of the new batch, the paper's (Keras)
 "momentum 0.8" the weight of the old running value, so torch momentum = 1 - 0.8. torch
@@ -41,42 +55,24 @@ do its update and then fixes ``running_var`` up to the biased convention when as
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Algorithm 1's parameters (Section 4) and refimpl's default interpretations (refimpl.algorithm1.Hyper).
-DEFAULTS = {
-    "alpha": 0.99, "k": 7.0, "lambda_min": 1e-5, "lambda_max": 5.0, "lr": 1e-3, "betas": (0.9, 0.999),
-    "adam_eps": 1e-8, "gamma_init": 0.42, "lambda_init": 1.0,
-    "error": "sse",  # (a) "sse" | "l2"
-    "lambda_update": "ascent",  # (b) "ascent" | "descent"
-    "lambda_clamp_grad": "outward",  # (c) "outward" | "zero"
-    "lambda_init_on": "raw",  # (d) "raw" | "effective"
-    "encoder_output": "logvar",  # (e) "logvar" | "logstd"
-    "kl_normalizer": "open",  # (f) "open" | "all"
-    "hit": "sticky",  # (g) "sticky" | "per_step"
-    "e1_batchnorm": "batch",  # (h) "batch" | "batch_update" | "running"
-    "gate_samples": "batch",  # (i) "batch" | "per_example"
-    "arm_objective": "error",  # (k) "error" | "loss"
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/transcription.py, when imported from elsewhere
+# Framework-free parts shared with bench/jax_algorithm1.py: Section 4's defaults and refimpl's interpretations
+# (DEFAULTS), architecture helpers, initial lambda (d), the plant catalogue and the trace replay loop.
+from transcription import (ARCH_DEFAULTS, DEFAULTS, as_config, check_plant, conv_specs, feature_shape,  # noqa: E402
+                           initial_lambda, paper_architecture, plant_catalogue)
+import transcription  # noqa: E402
 
-
-def as_config(obj, defaults=None) -> SimpleNamespace:
-    """A namespace from a dict, a dataclass (refimpl's Architecture or Hyper) or a namespace."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    elif not isinstance(obj, dict):
-        obj = vars(obj)
-    return SimpleNamespace(**{**(defaults or {}), **obj})
+__all__ = ["ARCH_DEFAULTS", "DEFAULTS", "Algorithm1", "GatedVAE", "as_config", "feature_shape", "paper_architecture",
+           "plant_catalogue", "replay"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,26 +106,10 @@ class BatchNorm(nn.BatchNorm2d):
         return y
 
 
-def _conv_out(size: int, spec) -> int:
-    return (size + 2 * spec.padding - spec.kernel) // spec.stride + 1
-
-
-def _specs(arch):
-    return [as_config(s) for s in arch.encoder_convs], [as_config(s) for s in arch.decoder_convs]
-
-
-def feature_shape(arch) -> tuple:
-    """(channels, height, width) after the encoder's last conv."""
-    c, h, w = arch.image_shape
-    for spec in _specs(arch)[0]:
-        c, h, w = spec.channels, _conv_out(h, spec), _conv_out(w, spec)
-    return c, h, w
-
-
 def build_encoder(arch, n: int) -> nn.Sequential:
     """x: (N, C, H, W) -> (N, 2n): [conv -> leaky ReLU -> BatchNorm] per conv, flatten, fc1, leaky ReLU, fc2."""
     layers, in_ch = OrderedDict(), arch.image_shape[0]
-    for i, spec in enumerate(_specs(arch)[0], start=1):
+    for i, spec in enumerate(conv_specs(arch)[0], start=1):
         layers[f"conv{i}"] = nn.Conv2d(in_ch, spec.channels, spec.kernel, spec.stride, spec.padding)
         layers[f"act{i}"] = nn.LeakyReLU(arch.leaky_slope)
         layers[f"bn{i}"] = BatchNorm(spec.channels, arch.bn_momentum, arch.bn_eps, arch.bn_running_var)
@@ -150,7 +130,7 @@ def build_decoder(arch, n: int) -> nn.Sequential:
     layers["fc2"] = nn.Linear(arch.hidden, math.prod(feature))
     layers["act_fc2"] = nn.LeakyReLU(arch.leaky_slope)
     layers["reshape"] = nn.Unflatten(1, feature)
-    specs, in_ch = _specs(arch)[1], feature[0]
+    specs, in_ch = conv_specs(arch)[1], feature[0]
     for i, spec in enumerate(specs, start=1):
         layers[f"bn{i}"] = BatchNorm(in_ch, arch.bn_momentum, arch.bn_eps, arch.bn_running_var)
         layers[f"up{i}"] = nn.Upsample(scale_factor=2, mode="nearest")
@@ -158,24 +138,6 @@ def build_decoder(arch, n: int) -> nn.Sequential:
         layers[f"act{i}"] = nn.Sigmoid() if i == len(specs) else nn.LeakyReLU(arch.leaky_slope)
         in_ch = spec.channels
     return nn.Sequential(layers)
-
-
-ARCH_DEFAULTS = {"hidden": 128, "leaky_slope": 0.02, "bn_momentum": 0.8, "bn_eps": 1e-3, "bn_running_var": "biased"}
-
-
-def paper_architecture(channels: int = 1) -> dict:
-    """Section 4's network for 64x64 images with ``channels`` colour channels (refimpl's widths and paddings).
-
-    Encoder: convs 4x4/2 then three 3x3/2 (32, 32, 64, 64 channels, padding 1) down to 4x4;
-    decoder: four blocks of x2 upsample + 3x3/1 conv (64, 32, 32, C channels).
-    """
-    def conv(c, k, s, p):
-        return {"channels": c, "kernel": k, "stride": s, "padding": p}
-
-    return {"image_shape": (channels, 64, 64),
-            "encoder_convs": [conv(32, 4, 2, 1), conv(32, 3, 2, 1), conv(64, 3, 2, 1), conv(64, 3, 2, 1)],
-            "decoder_convs": [conv(64, 3, 1, 1), conv(32, 3, 1, 1), conv(32, 3, 1, 1), conv(channels, 3, 1, 1)],
-            **ARCH_DEFAULTS}
 
 
 class GatedVAE(nn.Module):
@@ -248,13 +210,6 @@ def kl_elementwise(mu, s, encoder_output: str):
     return -0.5 * (1.0 + log_var - log_var.exp() - mu.pow(2))
 
 
-def initial_lambda(h) -> float:
-    """Raw lambda at the start, interpretation (d): lambda = lambda_init, or lambda' = lambda_init."""
-    if h.lambda_init_on == "raw":
-        return float(h.lambda_init)
-    return math.log(math.expm1(math.sqrt(h.lambda_init)))  # softplus(lambda)^2 = lambda_init
-
-
 def _host(t):
     return t.detach().cpu().numpy().copy()
 
@@ -265,41 +220,76 @@ class Algorithm1:
     Batched reading (interpretation (i)): one u per batch (or per image with
     gate_samples="per_example"), E1, E2 and the KL term are batch means and C <= 0 is
     tested on the batch-mean C.
+
+    ``plant``: None, or the name of a porting bug from refimpl's catalogue
+    (``refimpl/porting_bugs.py``, ``--plant list``) to plant in this transcription; each
+    is one ``if self.plant == ...`` hook below.
     """
 
-    def __init__(self, model: GatedVAE, hyper, lam: float | None = None):
+    def __init__(self, model: GatedVAE, hyper, lam: float | None = None, plant: str | None = None):
         self.model, self.h = model, as_config(hyper, DEFAULTS)
         if not hasattr(self.h, "tau"):
             raise ValueError("hyper needs 'tau', the GECO tolerance")
+        self.plant = check_plant(plant)
         dtype = model.gamma.dtype
         with torch.no_grad():
             model.gamma.fill_(self.h.gamma_init)
-        self.lam = nn.Parameter(torch.tensor(initial_lambda(self.h) if lam is None else lam, dtype=dtype))
+        if lam is None:
+            lam = initial_lambda(self.h)
+            if self.plant == "lambda-init-wrong-side":
+                lam = initial_lambda(self.h, flip=True)
+        self.lam = nn.Parameter(torch.tensor(lam, dtype=dtype))
         self.hit = False  # l. 1
         self.c_ma = None  # set by l. 16 on the first step
         self.last_constraint_met = False  # for hit="per_step"
+        # (n): "per_parameter" is torch's own behaviour (a parameter without .grad is skipped, so
+        # gamma's step count starts at its first gradient); "global" gives it a zero gradient instead.
+        self.adam_steps = self.h.adam_steps
+        if self.plant == "adam-steps":
+            self.adam_steps = {"global": "per_parameter", "per_parameter": "global"}[self.adam_steps]
         # l. 31: Adam on theta, phi, gamma and lambda; lambda is maximised (interpretation (b))
+        maximize = self.h.lambda_update == "ascent"
+        if self.plant == "lambda-minimised":
+            maximize = not maximize
         self.optimizer = torch.optim.Adam(
-            [{"params": list(model.parameters())},
-             {"params": [self.lam], "maximize": self.h.lambda_update == "ascent"}],
+            [{"params": list(model.parameters())}, {"params": [self.lam], "maximize": maximize}],
             lr=self.h.lr, betas=tuple(self.h.betas), eps=self.h.adam_eps)
+        if self.plant == "leaky-slope":
+            for m in model.modules():
+                if isinstance(m, nn.LeakyReLU):
+                    m.negative_slope = 0.01
+        if self.plant == "bn-unbiased-var":
+            for bn in model.batchnorms():
+                bn.biased_running_var = False
+        if self.plant == "bn-torch-momentum":
+            for bn in model.batchnorms():
+                bn.momentum = model.arch.bn_momentum
 
     def named_parameters(self) -> dict:
         """Every parameter Adam updates, refimpl's names: the model's, then ``lambda``."""
         return {**dict(self.model.named_parameters()), "lambda": self.lam}
 
-    def load_adam_state(self, t: int, m: dict, v: dict) -> None:
-        """Adam's step count and moments (name -> array), e.g. from a trace's ``init/``."""
-        if t == 0:
-            return
+    def load_adam_state(self, t: int, m: dict, v: dict, steps: dict | None = None) -> None:
+        """Adam's moments (name -> array) and step counts, e.g. from a trace's ``init/`` and manifest.
+
+        ``steps``: each parameter's own count (refimpl's Adam state ``steps``); default ``t`` for all.
+        A parameter whose count is 0 has never been updated and gets no state, as in torch.
+        """
         for name, p in self.named_parameters().items():
-            self.optimizer.state[p] = {"step": torch.tensor(float(t)),
+            count = t if steps is None else int(steps[name])
+            if count == 0:
+                continue
+            self.optimizer.state[p] = {"step": torch.tensor(float(count)),
                                        "exp_avg": torch.as_tensor(m[name], dtype=p.dtype).clone(),
                                        "exp_avg_sq": torch.as_tensor(v[name], dtype=p.dtype).clone()}
 
     def _decoder_e1(self, z_gated):
         """l. 12's decoder pass, never differentiated, with BatchNorm per interpretation (h)."""
         decoder, mode = self.model.decoder, self.h.e1_batchnorm
+        if self.plant == "e1-eval-mode":
+            mode = "running"
+        if self.plant == "e1-updates-bn":
+            mode = "batch_update"
         with torch.no_grad():
             if mode == "running":
                 decoder.eval()
@@ -315,12 +305,16 @@ class Algorithm1:
                 for bn in self.model.batchnorms():
                     bn.update_running = True
 
-    def step(self, x, eps=None, u=None, generator=None, arm_sign: float = 1.0) -> dict:
+    def samples_gates(self) -> bool:
+        """l. 3: hit, or the previous step's C <= 0 with hit="per_step" (interpretation (g))."""
+        return self.hit if self.h.hit == "sticky" else self.last_constraint_met
+
+    def step(self, x, eps=None, u=None, generator=None, u1=None) -> dict:
         """One pass of Algorithm 1's loop body on x: (B, C, H, W).
 
-        eps (B, n) and u (S, n) are drawn from ``generator`` unless given (a replay gives
-        the recorded ones). ``arm_sign=-1`` plants a bug, for testing comparisons.
-        Returns host copies of inputs, intermediates, gradients and scalars, in the
+        eps (B, n), u (S, n) and, with estimator="reinforce_loo", u1 (S, n) are drawn from
+        ``generator`` unless given (a replay gives the recorded ones), in the order u, u1,
+        eps. Returns host copies of inputs, intermediates, gradients and scalars, in the
         layout of refimpl's ``train_step(record=...)``.
         """
         h, model = self.h, self.model
@@ -328,7 +322,8 @@ class Algorithm1:
         x = torch.as_tensor(x, dtype=dtype)
         gamma = model.gamma
         samples = 1 if h.gate_samples == "batch" else batch
-        sampling = self.hit if h.hit == "sticky" else self.last_constraint_met
+        sampling = self.samples_gates()
+        loo = h.estimator == "reinforce_loo"  # (o): two independent gate samples instead of an antithetic pair
 
         # l. 3-10: the gates
         with torch.no_grad():
@@ -336,10 +331,22 @@ class Algorithm1:
                 if u is None:
                     u = torch.rand((samples, n), generator=generator, dtype=dtype)  # l. 4
                 u = torch.as_tensor(u, dtype=dtype)
-                nu1 = (u > torch.sigmoid(-h.k * gamma)).to(dtype)  # l. 5
-                nu2 = (u < torch.sigmoid(h.k * gamma)).to(dtype)  # l. 6
+                if loo:  # the second sample's uniforms, drawn after u
+                    if u1 is None:
+                        u1 = torch.rand((samples, n), generator=generator, dtype=dtype)
+                    u1 = torch.as_tensor(u1, dtype=dtype)
+                if self.plant == "u-per-image" and u.shape[0] == 1:
+                    more = torch.rand((batch - 1, n), generator=torch.Generator().manual_seed(0), dtype=dtype)
+                    u = torch.cat([u, more])
+                if loo and self.plant != "loo-antithetic":
+                    nu1 = (u1 < torch.sigmoid(h.k * gamma)).to(dtype)  # (o): an independent sample for the E1 pass
+                else:
+                    nu1 = (u > torch.sigmoid(-h.k * gamma)).to(dtype)  # l. 5
+                nu2 = (u < torch.sigmoid(h.k * gamma)).to(dtype)  # l. 6: the E2 pass and the KL term, every estimator
+                if self.plant == "nu-swapped":
+                    nu1, nu2 = nu2, nu1
             else:
-                u = None
+                u = u1 = None
                 nu1 = torch.ones((samples, n), dtype=dtype)  # l. 8
                 nu2 = torch.ones((samples, n), dtype=dtype)  # l. 9
 
@@ -350,6 +357,8 @@ class Algorithm1:
             eps = torch.randn((batch, n), generator=generator, dtype=dtype)
         eps = torch.as_tensor(eps, dtype=dtype)
         sigma = torch.exp(0.5 * s) if h.encoder_output == "logvar" else torch.exp(s)
+        if self.plant == "exp-s":
+            sigma = torch.exp(s)
         z = mu + sigma * eps
 
         # l. 12: E1 (only for the ARM term; without sampling nu1 = nu2 = 1 and E1 = E2, so the
@@ -365,57 +374,103 @@ class Algorithm1:
         if not run_e1:
             x1, e1 = x2.detach(), e2.detach()
         E1 = e1.mean()
+        if self.plant == "batch-sum":
+            E1, E2 = e1.sum(), e2.sum()
 
         C = E2 - h.tau  # l. 14
         C_ma = C if self.c_ma is None else h.alpha * self.c_ma + (1 - h.alpha) * C  # l. 15-19
+        if self.plant == "c-ma-from-zero" and self.c_ma is None:
+            C_ma = (1 - h.alpha) * C
         C_prime = C + (C_ma - C).detach()  # l. 20: C' = C + StopGradient(C_ma - C)
+        if self.plant == "loss-uses-c":
+            C_prime = C
+        if self.plant == "detach-wrong-side":
+            C_prime = C.detach() + (C_ma - C)
+        if self.plant == "no-stop-gradient":
+            C_prime = C_ma
         raw = F.softplus(self.lam) ** 2  # (torch's softplus is the identity above 20: off by < 1e-8 there)
-        lam_eff = ClampLambda.apply(raw, h.lambda_min, h.lambda_max, h.lambda_clamp_grad,
-                                    h.lambda_update == "ascent")  # l. 21
+        lo, hi = h.lambda_min, h.lambda_max
+        if self.plant == "clamp-limits-swapped":
+            lo, hi = hi, lo
+        lam_eff = ClampLambda.apply(raw, lo, hi, h.lambda_clamp_grad, h.lambda_update == "ascent")  # l. 21
+        if self.plant == "no-lambda-clamp":
+            lam_eff = raw
 
         # l. 22: L = lambda' C' + ||KL_elem * nu2||_1 / ||nu2||_0 (batch mean; (f): 0/0 -> 0)
         kl = kl_elementwise(mu, s, h.encoder_output)
-        if h.kl_normalizer == "open":
-            norm = nu2.sum(dim=1, keepdim=True).clamp(min=1)
+        if self.plant == "kl-without-mu2":
+            kl = kl - 0.5 * mu.pow(2)
+        kl_mask = nu1 if self.plant == "kl-on-nu1" else nu2
+        if h.kl_normalizer == "open" and self.plant != "kl-over-n":
+            norm = kl_mask.sum(dim=1, keepdim=True).clamp(min=1)
         else:
             norm = torch.full((samples, 1), float(n), dtype=dtype)
-        kl_per_image = (kl * nu2 / norm).sum(dim=1)
+        kl_per_image = (kl * kl_mask / norm).sum(dim=1)
         kl_term = kl_per_image.mean()
         loss = lam_eff * C_prime + kl_term
         gates_l1 = torch.sigmoid(h.k * gamma).sum()
+        if self.plant == "l0-without-k":
+            gates_l1 = torch.sigmoid(gamma).sum()
         l0_added = C.item() <= 0  # l. 23
+        if self.plant == "l0-when-violated":
+            l0_added = C.item() > 0
         if l0_added:
             loss = loss + gates_l1  # l. 24
             self.hit = True  # l. 25
+        if self.plant == "hit-every-step":
+            self.hit = True
 
         # l. 27: backpropagation
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = self.named_parameters()
-        for p in params.values():  # parameters outside the graph (gamma without the L0 term) get 0, as in refimpl
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        if self.adam_steps == "global":  # (n): a zero gradient where a parameter is outside the graph (gamma
+            for p in params.values():  # without the L0 and ARM terms), so Adam counts this step for it too
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
 
-        # l. 28-30: the ARM term, lambda' k (F(nu1) - F(nu2)) (u - 1/2), F per interpretation (k)
+        # l. 28-30: the ARM term, lambda' k (F(nu1) - F(nu2)) (u - 1/2), F per interpretation (k), or another
+        # estimator of gamma's gradient from the same two decoder passes (interpretation (o))
         arm = None
         if sampling:
             with torch.no_grad():
                 lam_value = lam_eff.detach()
+                if self.plant == "arm-without-lambda":
+                    lam_value = torch.ones_like(lam_value)
                 f1, f2 = lam_value * e1, lam_value * e2.detach()
                 if h.arm_objective == "loss":
                     norm1 = nu1.sum(dim=1, keepdim=True).clamp(min=1) if h.kl_normalizer == "open" else norm
                     f1 = f1 + (kl.detach() * nu1 / norm1).sum(dim=1)
                     f2 = f2 + kl_per_image.detach()
-                arm = arm_sign * h.k * ((f1 - f2)[:, None] * (u - 0.5)).mean(dim=0)
-                gamma.grad += arm
-        grads = {name: _host(p.grad) for name, p in params.items()}
+                k = 1.0 if self.plant == "arm-without-k" else h.k  # d phi / d gamma for the logits phi = k gamma
+                df = (f1 - f2)[:, None]
+                if h.estimator == "arm":  # Eq. 13 (Yin & Zhou 2019)
+                    arm = k * (df * (u - 0.5)).mean(dim=0)
+                elif h.estimator == "disarm":  # Dong, Mnih & Tucker 2020 on the same antithetic pair:
+                    # 1/2 (F(b) - F(b~)) (-1)^b~ 1[b != b~] sigmoid(|phi|), b = nu1 = 1[1 - u < sigmoid(phi)], b~ = nu2
+                    sign = (-1.0) ** (nu1 if self.plant == "disarm-sign" else nu2)
+                    arm = k * (0.5 * df * sign * (nu1 != nu2) * torch.sigmoid((h.k * gamma).abs())).mean(dim=0)
+                else:  # REINFORCE with a leave-one-out baseline, two samples: 1/2 sum_i (F_i - F_other)(nu_i - p)
+                    p = torch.sigmoid(h.k * gamma)
+                    arm = k * (0.5 * (df * (nu1 - p) + (-df) * (nu2 - p))).mean(dim=0)
+                if self.plant == "arm-sign":
+                    arm = -arm
+                if gamma.grad is None:  # per_parameter: gamma's first gradient may be the ARM term alone
+                    gamma.grad = arm.clone()
+                else:
+                    gamma.grad += arm
+        grads = {name: _host(torch.zeros_like(p) if p.grad is None else p.grad) for name, p in params.items()}
 
-        self.optimizer.step()  # l. 31
+        if self.plant == "adam-no-bias-correction":
+            adam_without_bias_correction(self.optimizer)
+        else:
+            self.optimizer.step()  # l. 31
         self.c_ma = C_ma.item()
         self.last_constraint_met = l0_added
 
         return {
-            "x": _host(x), "u": None if u is None else _host(u), "nu1": _host(nu1), "nu2": _host(nu2),
+            "x": _host(x), "u": None if u is None else _host(u), "u1": None if u1 is None else _host(u1),
+            "nu1": _host(nu1), "nu2": _host(nu2),
             "eps": _host(eps), "mu": _host(mu), "s": _host(s), "z": _host(z), "x1": _host(x1), "x2": _host(x2),
             "e1": _host(e1), "e2": _host(e2), "kl_elem": _host(kl), "arm": None if arm is None else _host(arm),
             "grads": grads,
@@ -426,6 +481,28 @@ class Algorithm1:
 
 
 # ----------------------------------------------------------------------------------------
+# Planted porting bugs (refimpl/porting_bugs.py holds the catalogue: name, line, first tensor)
+
+
+@torch.no_grad()
+def adam_without_bias_correction(optimizer) -> None:
+    """The ``adam-no-bias-correction`` plant: torch.optim.Adam's step without 1 - beta^t."""
+    for group in optimizer.param_groups:
+        b1, b2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = -p.grad if group["maximize"] else p.grad
+            state = optimizer.state[p]
+            if not state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+            state["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+            state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.sub_(group["lr"] * state["exp_avg"] / (state["exp_avg_sq"].sqrt() + group["eps"]))
+
+
+# ----------------------------------------------------------------------------------------
 # Replaying a golden trace (refimpl/trace.py)
 
 
@@ -433,75 +510,74 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-def from_trace(trace) -> Algorithm1:
+def from_trace(trace, plant: str | None = None) -> Algorithm1:
     """Model and Algorithm 1 in the state a trace starts from: weights, statistics, lambda, GECO and Adam state."""
-    m = trace.manifest
-    first = trace.step(0)
-    dtype = _torch_dtype(str(first["input/x"].dtype))
-    model = GatedVAE(m["architecture"], m["n_latent"], dtype=dtype)
-    algo = Algorithm1(model, dict(m["hyper"]))
-    params = {k[len("param/"):]: v for k, v in first.items() if k.startswith("param/")}
-    buffers = {k[len("buffer/"):]: v for k, v in first.items() if k.startswith("buffer/")}
-    with torch.no_grad():
-        algo.lam.copy_(torch.as_tensor(params.pop("lambda"), dtype=dtype))
-    model.load_arrays({**params, **buffers})  # after Algorithm1(), which sets gamma to gamma_init
-    init = m["initial_state"]
-    algo.hit, algo.c_ma, algo.last_constraint_met = bool(init["hit"]), init["c_ma"], bool(init["last_constraint_met"])
-    algo.load_adam_state(int(init["adam_t"]), trace.initial("adam_m"), trace.initial("adam_v"))
+    init = transcription.initial_state(trace)
+    dtype = _torch_dtype(init.dtype)
+    model = GatedVAE(trace.manifest["architecture"], init.n_latent, dtype=dtype)
+    algo = Algorithm1(model, dict(trace.manifest["hyper"]), plant=plant)
+    params = dict(init.params)
+    lam = params.pop("lambda")
+    if plant != "lambda-init-wrong-side":  # the planted port keeps its own initial lambda
+        with torch.no_grad():
+            algo.lam.copy_(torch.as_tensor(lam, dtype=dtype))
+    model.load_arrays({**params, **init.buffers})  # after Algorithm1(), which sets gamma to gamma_init
+    algo.hit, algo.c_ma, algo.last_constraint_met = init.hit, init.c_ma, init.last_constraint_met
+    # each parameter's own step count (interpretation (n)): the manifest's, or adam_t for all in older traces
+    algo.load_adam_state(init.adam_t, init.adam_m, init.adam_v, init.adam_steps)
     return algo
 
 
-def _state(algo: Algorithm1):
-    from refimpl.trace import snapshot
+class _Port:
+    """Algorithm1 as bench/transcription.py's replay loop drives it."""
 
-    buffers = {k: v for k, v in algo.model.state_dict().items() if not k.endswith("num_batches_tracked")
-               and k not in dict(algo.model.named_parameters())}
-    return snapshot({k: _host(p) for k, p in algo.named_parameters().items()}, {k: _host(b) for k, b in buffers.items()},
-                    algo.hit, algo.c_ma, algo.last_constraint_met)
+    def __init__(self, trace, plant):
+        self.algo = from_trace(trace, plant=plant)
+        self.own_draws = torch.Generator().manual_seed(0)  # a plant that changes hit draws its own u
+
+    def sampling(self) -> bool:
+        return self.algo.samples_gates()
+
+    def snapshot(self) -> dict:
+        from refimpl.trace import snapshot
+
+        algo = self.algo
+        params = dict(algo.model.named_parameters())
+        buffers = {k: v for k, v in algo.model.state_dict().items()
+                   if not k.endswith("num_batches_tracked") and k not in params}
+        return snapshot({k: _host(p) for k, p in algo.named_parameters().items()},
+                        {k: _host(b) for k, b in buffers.items()}, algo.hit, algo.c_ma, algo.last_constraint_met)
+
+    def replay_step(self, x, eps, u, u1) -> dict:
+        def tensor(a):
+            return None if a is None else torch.as_tensor(a)
+
+        return self.algo.step(tensor(x), eps=tensor(eps), u=tensor(u), u1=tensor(u1), generator=self.own_draws)
 
 
-def replay(trace_path, out_path, *, steps: int | None = None, arm_sign: float = 1.0) -> dict:
+def replay(trace_path, out_path, *, steps: int | None = None, plant: str | None = None, arm_sign: float = 1.0) -> dict:
     """Replay the trace at ``trace_path`` in torch on its recorded inputs; write a trace to ``out_path``.
 
-    Returns the manifest written. A step at which the replay samples gates but the trace
-    holds no u (the two disagree on ``hit``) raises a ValueError naming the step.
+    ``plant``: a porting bug from refimpl's catalogue to plant (``refimpl/porting_bugs.py``);
+    ``arm_sign=-1`` is the same as ``plant="arm-sign"``. Returns the manifest written. A
+    step at which the replay samples gates but the trace holds no u (the two disagree on
+    ``hit``) raises a ValueError naming the step; with a plant, the replay draws its own u
+    there instead, so that ``compare`` can show where hit went wrong.
     """
-    from refimpl.trace import build_manifest, read_trace, save_trace, step_entries, step_prefix
-
-    trace = read_trace(trace_path)
-    steps = trace.steps if steps is None else min(int(steps), trace.steps)
-    algo = from_trace(trace)
-    arrays = {f"init/adam_{which}/{k}": v for which in ("m", "v") for k, v in trace.initial(f"adam_{which}").items()}
-    for k in range(steps):
-        recorded = trace.step(k)
-        sampling = algo.hit if algo.h.hit == "sticky" else algo.last_constraint_met
-        if sampling and "input/u" not in recorded:
-            raise ValueError(f"{trace.path}: the torch replay samples gates at step {k}, but the trace has no "
-                             f"{step_prefix(k)}/input/u (the two disagree on hit)")
-        before = _state(algo)
-        record = algo.step(torch.as_tensor(recorded["input/x"]), eps=torch.as_tensor(recorded["input/eps"]),
-                           u=torch.as_tensor(recorded["input/u"]) if sampling else None, arm_sign=arm_sign)
-        arrays.update(step_entries(k, before, record, _state(algo)))
-    m = trace.manifest
-    manifest = build_manifest(
-        arrays, steps=steps, writer=f"bench/torch_algorithm1.py (torch {torch.__version__})",
-        architecture=m["architecture"], hyper=m["hyper"], n_latent=m["n_latent"], parameters=m["parameters"],
-        buffers=m["buffers"], initial_state=m["initial_state"], seed=m.get("seed"),
-        extra={"replay_of": str(trace.path), "arm_sign": arm_sign})
-    save_trace(out_path, arrays, manifest)
-    return manifest
+    if arm_sign not in (1.0, -1.0):
+        raise ValueError(f"arm_sign={arm_sign!r}: expected 1.0 or -1.0")
+    if arm_sign == -1.0:
+        if plant not in (None, "arm-sign"):
+            raise ValueError(f"arm_sign=-1 and plant={plant!r} name two different bugs")
+        plant = "arm-sign"
+    return transcription.replay(trace_path, out_path, _Port, framework="torch", steps=steps, plant=plant,
+                                writer=f"bench/torch_algorithm1.py (torch {torch.__version__})",
+                                extra={"arm_sign": -1.0 if plant == "arm-sign" else 1.0})
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Replay a refimpl trace in PyTorch and write a trace of the replay.")
-    parser.add_argument("trace", help="trace file written by `refimpl trace` (refimpl/trace.py)")
-    parser.add_argument("--out", default="torch_trace.npz", help="trace of the replay (default: torch_trace.npz)")
-    parser.add_argument("--steps", type=int, default=None, help="replay only the first STEPS steps")
-    parser.add_argument("--flip-arm-sign", action="store_true", help="plant a bug: negate the ARM term (l. 29)")
-    args = parser.parse_args(argv)
-    manifest = replay(args.trace, args.out, steps=args.steps, arm_sign=-1.0 if args.flip_arm_sign else 1.0)
-    print(f"replayed {manifest['steps']} steps of {args.trace} in torch {torch.__version__}; wrote {args.out}")
-    return 0
+    return transcription.main(argv, framework="PyTorch", version=f"torch {torch.__version__}", replay_trace=replay,
+                              default_out="torch_trace.npz")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,14 @@ PyTorch's default is 1e-8; Keras's is 1e-7 and Keras adds it to sqrt(v) *before*
 bias correction of v ("epsilon hat"), which only matters in the first steps. We use
 the PyTorch form with the PyTorch default 1e-8.
 
+Step counts (interpretation (n) of ``refimpl/INTERPRETATIONS.md``): ``t`` in the bias
+corrections is counted per parameter, in ``steps[name]``. A plain ``step(grads)`` steps
+every parameter, so every count equals the global count ``t`` (TF/Keras and optax keep
+one count for all). ``step(grads, skip=names)`` leaves the named parameters exactly as
+they are -- no moment decay, no update, no count -- which is what ``torch.optim.Adam``
+does with a parameter whose ``.grad`` is None: its count then starts at its first
+gradient (Algorithm 1's gamma before the first hit, ``Hyper.adam_steps="per_parameter"``).
+
 Parameters and gradients are dicts of backend arrays (``Layer.parameters()`` and
 ``Layer.gradients()``); ``step`` updates the parameter arrays in place. ``maximize``
 names parameters that are moved up their gradient instead of down (GECO's lambda).
@@ -35,20 +43,34 @@ class Adam:
         self.params = params
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
         self.maximize = frozenset(maximize)
-        self.t = 0
+        self.t = 0  # calls of step(): the global count
+        self.steps = {name: 0 for name in params}  # updates each parameter has had: its own count
         self.m = {name: array_module(p).zeros_like(p) for name, p in params.items()}
         self.v = {name: array_module(p).zeros_like(p) for name, p in params.items()}
 
-    def step(self, grads: dict) -> None:
-        """One update of every parameter from ``grads`` (same names as the parameters)."""
-        missing = sorted(set(self.params) - set(grads))
+    def step(self, grads: dict, skip=()) -> None:
+        """One update of every parameter from ``grads`` (same names as the parameters).
+
+        ``skip``: names of parameters that had no gradient at this step; they are left
+        untouched (moments, value and step count), as ``torch.optim.Adam`` leaves a
+        parameter whose ``.grad`` is None. Their entries in ``grads`` are not read.
+        """
+        skip = frozenset(skip)
+        unknown = sorted(skip - set(self.params))
+        if unknown:
+            raise ValueError(f"Adam.step: skip names {unknown}, not among the parameters")
+        missing = sorted(set(self.params) - set(grads) - skip)
         if missing:
             raise ValueError(f"Adam.step: no gradient for {missing}")
         self.t += 1
         b1, b2 = self.betas
-        correction1 = 1 - b1**self.t
-        correction2 = 1 - b2**self.t
         for name, p in self.params.items():
+            if name in skip:
+                continue
+            self.steps[name] += 1
+            t = self.steps[name]
+            correction1 = 1 - b1**t
+            correction2 = 1 - b2**t
             m, v = self.m[name], self.v[name]
             if enabled_for(p):  # the same formulas as below, as one CUDA kernel (refimpl/kernels.py)
                 adam_update(p, grads[name], m, v, sign=-1.0 if name in self.maximize else 1.0, b1=b1, b2=b2,
@@ -63,15 +85,30 @@ class Adam:
             p -= (self.lr / correction1) * (m / denom)
 
     def state_dict(self) -> dict:
-        """Host copies of the step count and moments (for checkpoints)."""
-        return {"t": self.t, "m": {k: to_host(a).copy() for k, a in self.m.items()},
+        """Host copies of the step counts and moments (for checkpoints): ``t`` (global),
+        ``steps`` (name -> the parameter's own count), ``m``, ``v``."""
+        return {"t": self.t, "steps": dict(self.steps),
+                "m": {k: to_host(a).copy() for k, a in self.m.items()},
                 "v": {k: to_host(a).copy() for k, a in self.v.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output. A state without ``steps`` (checkpoints written
+        before per-parameter counts existed, when every parameter stepped every time) gives
+        every parameter the global count ``t``."""
         for key in ("m", "v"):
             if set(state[key]) != set(self.params):
                 raise ValueError(f"Adam state {key!r} names {sorted(state[key])}, expected {sorted(self.params)}")
-        self.t = int(state["t"])
+        t = int(state["t"])
+        steps = state.get("steps")
+        if steps is None:
+            steps = {name: t for name in self.params}
+        if set(steps) != set(self.params):
+            raise ValueError(f"Adam state 'steps' names {sorted(steps)}, expected {sorted(self.params)}")
+        bad = sorted(name for name, s in steps.items() if not 0 <= int(s) <= t)
+        if bad:
+            raise ValueError(f"Adam state 'steps' of {bad} outside [0, t={t}]")
+        self.t = t
+        self.steps = {name: int(steps[name]) for name in self.params}
         for name, p in self.params.items():
             xp = array_module(p)
             self.m[name][...] = to_device(state["m"][name], xp, p.dtype)

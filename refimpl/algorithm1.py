@@ -10,11 +10,19 @@ Algorithm 1 and each of Eqs. 8-15 to this file.
 
 Gradients are written by hand, in the order of the chain rule from L back to the
 parameters (l. 27), then the ARM term is added to gamma's gradient (l. 28-30) and
-Adam updates theta, phi, gamma and lambda (l. 31). GECO's scalars (C, C_ma, lambda')
-are computed on the host in float64.
+Adam updates theta, phi, gamma and lambda (l. 31; with ``adam_steps="per_parameter"``
+gamma only on steps where it has a gradient, interpretation (n)). GECO's scalars (C,
+C_ma, lambda') are computed on the host in float64.
+
+The gradient estimator of l. 29 (interpretation (o), ``Hyper.estimator``): L0-ARM as
+the paper writes it (Eq. 13), DisARM on the same antithetic pair of gate vectors, or
+two-sample REINFORCE with a leave-one-out baseline on two independent gate vectors;
+all three use the two decoder passes of l. 12-13, and the E2 pass (l. 13, the one the
+loss and the KL term use) always has nu2 = 1[u < sigmoid(k gamma)].
 
 Random draws, in this order per step, from the one generator passed in: u (S, n)
-when gates are sampled (l. 4), then eps (B, n) for the reparameterisation (l. 11).
+when gates are sampled (l. 4), then u1 (S, n), the second independent sample, only
+with ``estimator="reinforce_loo"``, then eps (B, n) for the reparameterisation (l. 11).
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ from .layers.activations import sigmoid
 from .model import GatedVAE
 from .optionspec import OptionError, float_pair, option
 from .rng import standard_normal, uniform
+
+
+# l. 29's gradient estimators for gamma (interpretation (o)); the first is the paper's.
+ESTIMATORS = ("arm", "disarm", "reinforce_loo")
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,13 @@ class Hyper:
                                letter="i")
     arm_objective: str = option("error", "l. 29: F = lambda' E as written, or lambda' E plus the KL term",
                                 choices=("error", "loss"), letter="k")
+    adam_steps: str = option("global", "l. 31: one Adam step count for every parameter (TF/Keras, optax), or a "
+                             "count per parameter that starts at its first gradient (torch.optim.Adam: gamma before "
+                             "the first hit has none)", choices=("global", "per_parameter"), letter="n")
+    estimator: str = option("arm", "l. 29: the gradient estimator for gamma from the two decoder passes: L0-ARM "
+                            "(Eq. 13, the paper's), DisARM (Dong et al. 2020) on the same antithetic gates, or "
+                            "two-sample REINFORCE with a leave-one-out baseline on two independent gate samples "
+                            "(draws a second u)", choices=ESTIMATORS, letter="o")
 
     def __post_init__(self):
         checks = [
@@ -134,9 +153,18 @@ def lambda_gradient(lam: float, c_prime: float, hyper: Hyper) -> float:
     return 0.0 if pushes_out else grad
 
 
-def gate_masks(u, gamma, k: float):
-    """l. 5-6: nu1 = 1[u > sigmoid(-k gamma)], nu2 = 1[u < sigmoid(k gamma)]. u: (S, n), gamma: (n,) -> two (S, n)."""
-    return (u > sigmoid(-k * gamma)).astype(u.dtype), (u < sigmoid(k * gamma)).astype(u.dtype)
+def gate_masks(u, gamma, k: float, u1=None):
+    """l. 5-6: nu1 = 1[u > sigmoid(-k gamma)], nu2 = 1[u < sigmoid(k gamma)]. u: (S, n), gamma: (n,) -> two (S, n).
+
+    ``u1`` (reinforce_loo, interpretation (o)): a second, independent draw; then nu1 =
+    1[u1 < sigmoid(k gamma)], an independent sample instead of l. 5's antithetic twin
+    (1[u > sigmoid(-k gamma)] = 1[1 - u < sigmoid(k gamma)]). nu2 is l. 6's either way.
+    """
+    p = sigmoid(k * gamma)
+    nu2 = (u < p).astype(u.dtype)
+    if u1 is None:
+        return (u > sigmoid(-k * gamma)).astype(u.dtype), nu2
+    return (u1 < p).astype(u.dtype), nu2
 
 
 def arm_term(u, f1, f2, k: float):
@@ -146,6 +174,45 @@ def arm_term(u, f1, f2, k: float):
     With S = 1 this is k (mean F1 - mean F2)(u - 1/2), Eq. 13 on batch means.
     """
     return k * ((f1 - f2)[:, None] * (u - 0.5)).mean(axis=0)
+
+
+def disarm_term(nu1, nu2, gamma, f1, f2, k: float):
+    """DisARM (Dong, Mnih & Tucker 2020) on l. 5-6's antithetic pair, per logit phi = k gamma, times k:
+
+        k * mean_b[ 1/2 (F(nu1)_b - F(nu2)_b) (-1)^nu2 1[nu1 != nu2] sigmoid(|k gamma|) ].
+
+    (-1)^nu2 1[nu1 != nu2] = nu1 - nu2 (it is +1 where nu1 = 1, nu2 = 0 and -1 the other way),
+    which is how it is computed here. Their b = 1[1 - u < sigmoid(phi)] is our nu1, their
+    b~ = 1[u < sigmoid(phi)] our nu2; the sign is (-1)^(b~) = (-1)^nu2, checked exactly against
+    the enumerated gradient in tests/test_arm.py. nu1, nu2: (S, n); f1, f2: (B,) -> (n,).
+    """
+    weight = 0.5 * (nu1 - nu2) * sigmoid(k * abs(gamma))
+    return k * ((f1 - f2)[:, None] * weight).mean(axis=0)
+
+
+def reinforce_loo_term(nu1, nu2, gamma, f1, f2, k: float):
+    """Two-sample REINFORCE with a leave-one-out baseline (Kool et al. 2019), times k:
+
+        k * mean_b[ 1/2 ((F(nu1)_b - F(nu2)_b)(nu1 - p) + (F(nu2)_b - F(nu1)_b)(nu2 - p)) ],  p = sigmoid(k gamma),
+
+    nu - p being d log P(nu)/d(k gamma) of a Bernoulli; each sample's baseline is the other's F.
+    With two samples it equals k mean_b[1/2 (F1 - F2)(nu1 - nu2)]. nu1, nu2: two independent
+    samples (:func:`gate_masks` with ``u1``), (S, n); f1, f2: (B,) -> (n,).
+    """
+    p = sigmoid(k * gamma)
+    d = (f1 - f2)[:, None]
+    return k * (0.5 * (d * (nu1 - p) + (-d) * (nu2 - p))).mean(axis=0)
+
+
+def estimator_term(estimator: str, u, nu1, nu2, gamma, f1, f2, k: float):
+    """l. 29's term for gamma under interpretation (o), without lambda' (carried in f). -> (n,)"""
+    if estimator == "arm":
+        return arm_term(u, f1, f2, k)
+    if estimator == "disarm":
+        return disarm_term(nu1, nu2, gamma, f1, f2, k)
+    if estimator == "reinforce_loo":
+        return reinforce_loo_term(nu1, nu2, gamma, f1, f2, k)
+    raise ValueError(f"estimator={estimator!r}: expected one of {', '.join(ESTIMATORS)}")
 
 
 def per_image_error(x_rec, x, kind: str):
@@ -222,9 +289,12 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     sampling = state.hit if hyper.hit == "sticky" else state.last_constraint_met
 
     # l. 3-10: gate masks, (S, n) with S = 1 (one u per batch) or B
+    u1 = None
     if sampling:  # l. 3
         u = uniform(rng, (samples, n), xp, dtype)  # l. 4
-        nu1, nu2 = gate_masks(u, gamma, hyper.k)  # l. 5-6 (Eq. 12's 1[u < sigma(k gamma)] and its antithetic twin)
+        if hyper.estimator == "reinforce_loo":  # (o): a second, independent gate sample for the E1 pass
+            u1 = uniform(rng, (samples, n), xp, dtype)
+        nu1, nu2 = gate_masks(u, gamma, hyper.k, u1)  # l. 5-6 (Eq. 12's 1[u < sigma(k gamma)] and its antithetic twin)
     else:
         u = None
         nu1 = xp.ones((samples, n), dtype=dtype)  # l. 8
@@ -295,8 +365,8 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
         dgamma += hyper.k * gate_prob * (1 - gate_prob)  # d/dgamma sum_j sigmoid(k gamma_j), Eq. 13's last term
     state.lam_grad[...] = lambda_gradient(lam, c_prime, hyper)  # dL/dlambda through l. 21-22
 
-    # l. 28-30: the ARM term. On the step where hit first becomes true no u was drawn
-    # (l. 3 was false), nu1 = nu2 and E1 - E2 = 0, so the term is zero and skipped.
+    # l. 28-30: the ARM term (or the estimator of (o)). On the step where hit first becomes true
+    # no u was drawn (l. 3 was false), nu1 = nu2 and E1 - E2 = 0, so the term is zero and skipped.
     arm = None
     if sampling:
         f1, f2 = lam_eff * e1, lam_eff * e2
@@ -305,10 +375,15 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
                            else open_count)
             f1 = f1 + (kl * nu1 / open_count1).sum(axis=1)
             f2 = f2 + kl_per_image
-        arm = arm_term(u, f1, f2, hyper.k)  # l. 29: Eq. 13's first term, times lambda' (in f) and k. (n,)
+        # l. 29: Eq. 13's first term, times lambda' (in f) and k, or DisARM / REINFORCE-LOO per (o). (n,)
+        arm = estimator_term(hyper.estimator, u, nu1, nu2, gamma, f1, f2, hyper.k)
         dgamma += arm
 
-    state.optimizer.step(state.gradients())  # l. 31
+    # l. 31. (n): gamma is part of L only through the L0 term (l. 24) and the ARM term (l. 29); on a
+    # step with neither it has no gradient, and with adam_steps="per_parameter" Adam leaves it alone.
+    gamma_has_gradient = l0_added or sampling
+    skip = ("gamma",) if hyper.adam_steps == "per_parameter" and not gamma_has_gradient else ()
+    state.optimizer.step(state.gradients(), skip=skip)  # l. 31
     state.c_ma = c_ma
     state.last_constraint_met = bool(c <= 0)
     state.step += 1
@@ -321,7 +396,7 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
         "hit": state.hit, "l0_added": bool(l0_added),
     }
     if record is not None:
-        tensors = {"x": x, "u": u, "nu1": nu1, "nu2": nu2, "eps": eps, "mu": mu, "s": s, "z": z, "x1": x1, "x2": x2,
+        tensors = {"x": x, "u": u, "u1": u1, "nu1": nu1, "nu2": nu2, "eps": eps, "mu": mu, "s": s, "z": z, "x1": x1, "x2": x2,
                    "e1": e1, "e2": e2, "kl_elem": kl, "arm": arm}
         record.update({k: (None if v is None else to_host(v).copy()) for k, v in tensors.items()})
         record["grads"] = {k: to_host(v).copy() for k, v in state.gradients().items()}

@@ -14,10 +14,21 @@ Rows are ordered by step, then within a step in Algorithm 1's line order
 (:func:`order_key`), so the first diverging row is the earliest point where the two
 computations part ways: e.g. a wrong ARM term shows as ``arm/gamma`` of the first step
 that samples gates, before the gamma gradient and the parameters after the step.
+``arm/gamma`` holds l. 29's term whichever estimator the trace ran (``hyper.estimator``,
+interpretation (o)); two traces with different estimators are listed as a manifest
+difference, and diverge at ``input/u1`` or ``value/nu1`` (reinforce_loo against the
+antithetic pair) or at ``arm/gamma`` (arm against disarm).
 
 Parameters and BatchNorm statistics can differ more than gradients for a benign reason
 (Adam divides by |g| + eps, so where a gradient is ~0 rounding noise is amplified by up
 to lr / eps); :func:`diagnose` notes it and ``param_rtol`` sets a separate tolerance.
+It also notes a ``param_after/gamma`` that diverges while its gradient agrees on the
+first step where gamma has a gradient (or a step where it has none): Adam's step count
+for gamma, interpretation (n) (``--adam-steps``).
+
+Likely causes: the porting bugs of :mod:`refimpl.porting_bugs` whose first diverging
+tensor matches the comparison's first divergence (``Comparison.likely_causes``, printed
+under the table and in the JSON as ``likely_causes``).
 
 Command line (wired by ``refimpl.cli``): ``refimpl compare A B [--rtol R] [--atol A]
 [--param-rtol R] [--all] [--json FILE]``; exit status 0 when every tensor agrees,
@@ -33,6 +44,7 @@ from pathlib import Path
 
 import numpy
 
+from .porting_bugs import likely_causes
 from .trace import STEP_KEYS, Trace, read_trace, split_key
 
 DEFAULT_RTOL = 1e-8
@@ -102,6 +114,7 @@ class Comparison:
     rows: list = field(default_factory=list)
     manifest_differences: list = field(default_factory=list)
     param_rtol: float | None = None
+    estimator: str | None = None  # trace A's l. 29 estimator (interpretation (o)); narrows the likely causes
 
     @property
     def ok(self) -> bool:
@@ -110,6 +123,13 @@ class Comparison:
     @property
     def first_divergence(self) -> Row | None:
         return next((r for r in self.rows if not r.ok), None)
+
+    @property
+    def likely_causes(self) -> list:
+        """Porting bugs of the catalogue (:mod:`refimpl.porting_bugs`) whose first diverging tensor is
+        this comparison's first divergence; [] when everything agrees."""
+        first = self.first_divergence
+        return [] if first is None or first.step is None else likely_causes(first.name, self.estimator)
 
     def worst(self, step) -> Row | None:
         rows = [r for r in self.rows if r.step == step and r.max_rel is not None]
@@ -121,6 +141,8 @@ class Comparison:
                 "ok": self.ok,
                 "tensors": len(self.rows), "diverging": sum(not r.ok for r in self.rows),
                 "first_divergence": None if first is None else _json_row(first),
+                "likely_causes": [{"name": b.name, "line": b.line, "description": b.description}
+                                  for b in self.likely_causes],
                 "manifest_differences": self.manifest_differences,
                 "rows": [_json_row(r) for r in self.rows]}
 
@@ -172,6 +194,11 @@ class Comparison:
             lines.append(f"{n_bad} of {len(self.rows)} tensors diverge; first: {where} {first.name} "
                          f"(max abs err {_fmt(first.max_abs)}, max rel err {_fmt(first.max_rel)}"
                          + (f", {first.note}" if first.note else "") + ")")
+            causes = self.likely_causes
+            if causes:
+                lines.append(f"likely causes (porting bugs whose first diverging tensor is {first.name}; "
+                             "refimpl/porting_bugs.py):")
+                lines += [f"  {b.name} ({b.line}): {b.description}" for b in causes]
         if not all_rows:
             most = "" if limit is None else f" (at most {limit})"
             lines.append(f"(shown: diverging tensors{most} and each step's largest error; --all for every tensor)")
@@ -231,11 +258,28 @@ def _as_trace(t) -> Trace:
     return t if isinstance(t, Trace) else read_trace(t)
 
 
+def _hyper_defaults() -> dict:
+    """Hyper's defaults: a trace written before a switch existed (``adam_steps``, ``estimator``) ran its default."""
+    from dataclasses import MISSING, fields
+
+    from .algorithm1 import Hyper
+
+    return {f.name: f.default for f in fields(Hyper) if f.default is not MISSING}
+
+
 def manifest_differences(ma: dict, mb: dict) -> list:
-    """One line per manifest entry of :data:`MANIFEST_FIELDS` that differs between the two traces."""
+    """One line per manifest entry of :data:`MANIFEST_FIELDS` that differs between the two traces.
+
+    A ``hyper`` key missing from one manifest counts as Hyper's default for it (a trace from
+    before the switch existed), so an old ARM trace and a new one with ``estimator="arm"`` agree.
+    """
     out = []
     for name in MANIFEST_FIELDS:
         va, vb = ma.get(name), mb.get(name)
+        if name == "hyper" and isinstance(va, dict) and isinstance(vb, dict):
+            defaults = _hyper_defaults()
+            va = {**{k: d for k, d in defaults.items() if k in vb}, **va}
+            vb = {**{k: d for k, d in defaults.items() if k in va}, **vb}
         if isinstance(va, dict) and isinstance(vb, dict):
             for k in sorted(set(va) | set(vb)):
                 if va.get(k) != vb.get(k):
@@ -260,7 +304,7 @@ def compare_traces(a, b, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
     ta, tb = _as_trace(a), _as_trace(b)
     result = Comparison(str(ta.path), str(tb.path), float(rtol), float(atol),
                         manifest_differences=manifest_differences(ta.manifest, tb.manifest),
-                        param_rtol=None if param_rtol is None else float(param_rtol))
+                        param_rtol=None if param_rtol is None else float(param_rtol), estimator=ta.estimator)
     parameters = ta.manifest.get("parameters") or tb.manifest.get("parameters") or []
     for key in sort_keys(set(ta.keys()) | set(tb.keys()), parameters):
         step, name = split_key(key)
@@ -284,6 +328,10 @@ def diagnose(ta: Trace, tb: Trace, step, name: str, rtol: float, atol: float, sc
 
     - ``param/`` or ``buffer/`` equal in each trace to the previous step's ``*_after``:
       the difference was carried over from there.
+    - ``param_after/gamma`` whose gradient agrees, on the first step where gamma has a
+      gradient (the L0 term or sampled gates) after earlier Adam steps, or on a step where
+      it has none after having had one: Adam's step count for gamma (interpretation (n),
+      :func:`_adam_steps_note`).
     - ``param_after/<p>`` whose gradient agrees, but which differs only at elements
       with |grad| < 1e3 * adam_eps: Adam's first update is lr * g / (|g| + eps), so
       where the gradient is ~0 (e.g. a conv bias followed by BatchNorm, in a channel
@@ -307,6 +355,9 @@ def diagnose(ta: Trace, tb: Trace, step, name: str, rtol: float, atol: float, sc
     g_abs, g_scale, g_note = tensor_errors(ta[gkey], tb[gkey])
     if g_note or g_abs > atol + rtol * g_scale:
         return ""
+    note = _adam_steps_note(ta, step) if pname == "gamma" else ""
+    if note:
+        return note
     eps = float((ta.manifest.get("hyper") or {}).get("adam_eps", 1e-8))
     a, b = numpy.asarray(ta[prefix + name], numpy.float64), numpy.asarray(tb[prefix + name], numpy.float64)
     bad = numpy.abs(a - b) > atol + rtol * scale
@@ -314,6 +365,34 @@ def diagnose(ta: Trace, tb: Trace, step, name: str, rtol: float, atol: float, sc
     if bad.any() and (g[bad] < 1e3 * eps).all():
         return (f"Adam-amplified rounding noise: gradient agrees; differs only where |grad| < {1e3 * eps:g} "
                 f"({int(bad.sum())} of {bad.size} elements)")
+    return ""
+
+
+def _gamma_has_gradient(t: Trace, step: int) -> bool:
+    """Whether gamma is part of L at ``step``: the L0 term is added (l. 24) or gates are sampled (the ARM term, l. 29)."""
+    p = f"step{step:04d}/value/"
+    return bool(t.get(p + "l0_added", False)) or bool(t.get(p + "sampling", False))
+
+
+def _adam_steps_note(ta: Trace, step: int) -> str:
+    """Why ``param_after/gamma`` can differ while its gradient agrees: Adam's step count for gamma
+    (interpretation (n), ``Hyper.adam_steps``). torch.optim.Adam skips a parameter without a
+    gradient and counts its steps from its first one ("per_parameter"); TF/Keras and optax (and
+    refimpl's default) count every step for every parameter ("global")."""
+    init = ta.manifest.get("initial_state") or {}
+    adam_t = int(init.get("adam_t") or 0)
+    m0 = ta.get("init/adam_m/gamma")
+    had_gradient = bool(init.get("hit")) or (m0 is not None and bool(numpy.any(m0 != 0)))
+    earlier = had_gradient or any(_gamma_has_gradient(ta, k) for k in range(step))
+    switch = "interpretation (n), --adam-steps global|per_parameter"
+    if _gamma_has_gradient(ta, step) and not earlier and adam_t + step > 0:
+        return (f"gradient agrees; gamma's first gradient (first hit / first gate sample) comes on Adam step "
+                f"{adam_t + step + 1}: likely Adam's step count for gamma, {switch} (bias correction with t = "
+                f"{adam_t + step + 1} globally, 1 per parameter)")
+    if not _gamma_has_gradient(ta, step) and earlier:
+        return ("gradient agrees; gamma has no gradient at this step (no L0 term, no gates sampled): likely Adam's "
+                f"step count for gamma, {switch} (torch.optim.Adam leaves it alone; a global count moves it on its "
+                "moments)")
     return ""
 
 

@@ -22,10 +22,12 @@ model's state dict, plus ``lambda``, GECO's raw multiplier; ``<b>`` a buffer nam
 ``stepKKKK/buffer/<b>``        BatchNorm running statistics before the step
 ``stepKKKK/input/x``           the batch (B, C, H, W)
 ``stepKKKK/input/u``           l. 4: uniforms (S, n), S = 1 or B; only on steps that sample gates
+``stepKKKK/input/u1``          the second, independent uniforms (S, n) of estimator="reinforce_loo" (nu1's)
 ``stepKKKK/input/eps``         l. 11: standard normal noise (B, n)
 ``stepKKKK/value/<v>``         intermediates, see :data:`VALUES`
 ``stepKKKK/grad/<p>``          the gradient Adam is given at l. 31 (for gamma: l. 27 + the ARM term)
-``stepKKKK/arm/gamma``         l. 29: the ARM term alone (n,); only on steps that sample gates
+``stepKKKK/arm/gamma``         l. 29: the estimator's term alone (n,): ARM, or DisARM / REINFORCE-LOO
+                               per the manifest's ``hyper.estimator``; only on steps that sample gates
 ``stepKKKK/param_after/<p>``   parameters after the Adam step (l. 31)
 ``stepKKKK/buffer_after/<b>``  BatchNorm running statistics after the step
 ``manifest``                   0-d unicode array: the JSON manifest (see :func:`build_manifest`)
@@ -70,8 +72,11 @@ STEP_KEYS = (
     ("input", "x", "2", "the batch x_i (B, C, H, W)"),
     ("value", "sampling", "3", "gates sampled at this step (bool): hit, or the previous step's C <= 0 with hit=per_step"),
     ("input", "u", "4", "uniforms (S, n), S = 1 or B; only on steps that sample gates"),
-    ("value", "nu1", "5/8", "gate mask of the E1 pass (S, n)"),
-    ("value", "nu2", "6/9", "gate mask of the E2 pass (S, n)"),
+    ("input", "u1", "4", "the second, independent uniforms (S, n) of estimator=reinforce_loo (nu1's sample); "
+                         "only with that estimator, on steps that sample gates"),
+    ("value", "nu1", "5/8", "gate mask of the E1 pass (S, n): 1[u > sigmoid(-k gamma)], or 1[u1 < sigmoid(k gamma)] "
+                            "with estimator=reinforce_loo"),
+    ("value", "nu2", "6/9", "gate mask of the E2 pass (S, n): 1[u < sigmoid(k gamma)] (every estimator)"),
     ("value", "mu", "11", "encoder mean (B, n)"),
     ("value", "s", "11", "encoder log-scale output (B, n): log sigma^2 or log sigma (Hyper.encoder_output)"),
     ("input", "eps", "11", "standard normal noise (B, n)"),
@@ -94,8 +99,10 @@ STEP_KEYS = (
     ("value", "L", "22-24", "the loss L"),
     ("value", "hit", "25", "hit after the step (bool)"),
     ("grad", "*", "27", "the gradient Adam is given at l. 31, in backpropagation order (gamma's: below)"),
-    ("arm", "gamma", "29", "the ARM term alone (n,); only on steps that sample gates"),
-    ("grad", "gamma", "29", "gamma's gradient: l. 27 plus the ARM term"),
+    ("arm", "gamma", "29", "the estimator's term alone (n,): L0-ARM (Eq. 13), or DisARM / REINFORCE-LOO per "
+                           "hyper.estimator (interpretation (o); the key is the same for all three); only on steps "
+                           "that sample gates"),
+    ("grad", "gamma", "29", "gamma's gradient: l. 27 plus the estimator's term"),
     ("param_after", "*", "31", "parameters after the Adam step"),
 )
 # The intermediates under stepKKKK/value/: (name, line, meaning), recorded in the manifest.
@@ -165,6 +172,8 @@ def step_entries(step: int, before: dict, record: dict, after: dict) -> dict:
     out[p + "input/x"] = _host(record["x"])
     if record.get("u") is not None:
         out[p + "input/u"] = _host(record["u"])
+    if record.get("u1") is not None:
+        out[p + "input/u1"] = _host(record["u1"])
     out[p + "input/eps"] = _host(record["eps"])
     sc = record["scalars"]
     values = {name: record[name] for name in ("nu1", "nu2", "mu", "s", "z", "x1", "e1", "x2", "e2", "kl_elem")}
@@ -267,7 +276,7 @@ def write_trace(path, state, batches, rng, steps: int, *, seed=None, extra: dict
     arrays = {f"init/adam_m/{k}": v for k, v in opt["m"].items()}
     arrays.update({f"init/adam_v/{k}": v for k, v in opt["v"].items()})
     initial = {"step": state.step, "hit": state.hit, "c_ma": state.c_ma,
-               "last_constraint_met": state.last_constraint_met, "adam_t": opt["t"]}
+               "last_constraint_met": state.last_constraint_met, "adam_t": opt["t"], "adam_steps": opt["steps"]}
     for k, x in enumerate(_batch_source(batches, steps)):
         before = snapshot(state.parameters(), buffers(), state.hit, state.c_ma, state.last_constraint_met)
         record = {}
@@ -298,6 +307,11 @@ class Trace:
     def steps(self) -> int:
         return int(self.manifest["steps"])
 
+    @property
+    def estimator(self) -> str:
+        """l. 29's estimator (interpretation (o)); "arm" for traces written before the switch existed."""
+        return (self.manifest.get("hyper") or {}).get("estimator", "arm")
+
     def keys(self):
         return self.arrays.keys()
 
@@ -318,6 +332,9 @@ class Trace:
             step, rest = split_key(key)
             if rest in ("input/u", "arm/gamma"):
                 hint = " (u and the ARM term exist only on steps that sample gates)"
+            elif rest == "input/u1":
+                hint = (" (u1 exists only with estimator=reinforce_loo, on steps that sample gates; this trace's "
+                        f"estimator: {self.estimator})")
             elif step is not None and step >= self.steps:
                 hint = f" (the trace has steps 0..{self.steps - 1})"
             raise TraceKeyError(f"{self.path}: trace has no key {key!r}{hint}") from None

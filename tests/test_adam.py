@@ -153,3 +153,130 @@ def test_bad_arguments_name_the_parameter(kwargs, name):
 def test_nan_arguments_rejected(kwargs, name):
     with pytest.raises(ValueError, match=rf"\b{name}="):
         Adam(make_params(0), **kwargs)
+
+
+# ---------------------------------------------------------------- per-parameter step counts (interpretation (n))
+
+SKIPS = {  # step -> parameters without a gradient at that step
+    0: ("conv.bias",), 1: ("conv.bias",), 2: ("conv.bias", "lam"), 3: ("conv.bias",), 6: ("conv.bias",), 9: ("lam",),
+}
+
+
+def run_torch_with_missing_grads(params, grads, skips, maximize=(), **kwargs):
+    """torch.optim.Adam where a parameter's .grad is None on the steps ``skips`` names."""
+    torch = pytest.importorskip("torch")
+    tensors = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    groups = [{"params": [tensors[k] for k in tensors if k not in maximize], "maximize": False}]
+    if maximize:
+        groups.append({"params": [tensors[k] for k in maximize], "maximize": True})
+    opt = torch.optim.Adam(groups, **kwargs)
+    history = []
+    for step, g in enumerate(grads):
+        for k, p in tensors.items():
+            p.grad = None if k in skips.get(step, ()) else torch.tensor(g[k], dtype=torch.float64)
+        opt.step()
+        history.append({k: p.detach().numpy().copy() for k, p in tensors.items()})
+    return history
+
+
+def run_ours_skipping(params, grads, skips, **kwargs):
+    params = {k: v.copy() for k, v in params.items()}
+    opt = Adam(params, **kwargs)
+    history = []
+    for step, g in enumerate(grads):
+        opt.step(g, skip=skips.get(step, ()))
+        history.append({k: v.copy() for k, v in params.items()})
+    return history, opt
+
+
+@pytest.mark.parametrize("maximize", [(), ("lam",)])
+def test_skipped_parameters_match_torch_with_grad_none(maximize):
+    """skip= is torch's .grad = None: the parameter, its moments and its step count stay as they are,
+    so its bias corrections count from its first gradient."""
+    params, grads = make_params(4), grad_stream(5, 12)
+    kwargs = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-7, "maximize": maximize}
+    ours, opt = run_ours_skipping(params, grads, SKIPS, **kwargs)
+    theirs = run_torch_with_missing_grads(params, grads, SKIPS, **kwargs)
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        for name in SHAPES:
+            err = rel_err(a[name], b[name])
+            assert err <= TOL, f"step {step + 1}, {name}: relative error {err:.3e}"
+    # untouched while skipped, including before its first gradient
+    for step in (0, 1, 2, 3):
+        np.testing.assert_array_equal(ours[step]["conv.bias"], params["conv.bias"])
+    np.testing.assert_array_equal(ours[6]["conv.bias"], ours[5]["conv.bias"])
+    assert opt.t == 12 and opt.steps == {"conv.weight": 12, "conv.bias": 7, "fc.weight": 12, "lam": 10}
+    # the first update of a parameter whose count starts late is lr * sign(g) (up to eps), as at t = 1
+    first = ours[4]["conv.bias"] - params["conv.bias"]
+    np.testing.assert_allclose(np.abs(first), 1e-2, rtol=1e-4)
+
+
+def test_global_count_differs_from_per_parameter_count():
+    """A parameter given zero gradients for 4 steps (the global count) vs skipped for them: the first
+    real update is lr (1 - b1)/(1 - b1^5) sqrt((1 - b2^5)/(1 - b2)) = 0.5455 lr against lr."""
+    params = make_params(6)
+    grads = grad_stream(7, 5)
+    zero = [{**g, "conv.bias": np.zeros(3)} if step < 4 else g for step, g in enumerate(grads)]
+    glob, _ = run_ours(params, zero, lr=1e-3)
+    per, _ = run_ours_skipping(params, grads, {s: ("conv.bias",) for s in range(4)}, lr=1e-3)
+    np.testing.assert_array_equal(glob[3]["conv.bias"], params["conv.bias"])  # zero gradient, zero moments: no move
+    factor = 0.1 / (1 - 0.9**5) * np.sqrt((1 - 0.999**5) / 0.001)
+    assert factor == pytest.approx(0.5455, abs=1e-4)
+    np.testing.assert_allclose(np.abs(glob[4]["conv.bias"] - params["conv.bias"]), factor * 1e-3, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(per[4]["conv.bias"] - params["conv.bias"]), 1e-3, rtol=1e-4)
+
+
+@given(split=st.integers(1, 11), seed=st.integers(0, 2**32 - 1))
+def test_state_dict_carries_per_parameter_counts(split, seed):
+    """Resuming from state_dict() continues bit for bit, skipped steps and all."""
+    params, grads = make_params(seed), grad_stream(seed + 1, 12)
+    kwargs = {"lr": 2e-2, "betas": (0.7, 0.95), "eps": 1e-6, "maximize": ("lam",)}
+    straight, _ = run_ours_skipping(params, grads, SKIPS, **kwargs)
+    first = {k: v.copy() for k, v in params.items()}
+    opt = Adam(first, **kwargs)
+    for step in range(split):
+        opt.step(grads[step], skip=SKIPS.get(step, ()))
+    state = opt.state_dict()
+    assert state["steps"] == opt.steps and state["t"] == split
+    resumed_params = {k: straight[split - 1][k].copy() for k in SHAPES}
+    resumed = Adam(resumed_params, **kwargs)
+    resumed.load_state_dict(state)
+    for step in range(split, 12):
+        resumed.step(grads[step], skip=SKIPS.get(step, ()))
+    for k in SHAPES:
+        np.testing.assert_array_equal(resumed_params[k], straight[-1][k])
+
+
+def test_old_state_without_steps_gives_every_parameter_the_global_count():
+    """Checkpoints from before per-parameter counts hold only t: every parameter stepped every time."""
+    params, grads = make_params(8), grad_stream(9, 6)
+    straight, _ = run_ours(params, grads, lr=1e-2)
+    opt = Adam({k: v.copy() for k, v in params.items()}, lr=1e-2)
+    for g in grads[:3]:
+        opt.step(g)
+    old = opt.state_dict()
+    del old["steps"]
+    resumed_params = {k: straight[2][k].copy() for k in SHAPES}
+    resumed = Adam(resumed_params, lr=1e-2)
+    resumed.load_state_dict(old)
+    assert resumed.t == 3 and resumed.steps == {k: 3 for k in SHAPES}
+    for g in grads[3:]:
+        resumed.step(g)
+    for k in SHAPES:
+        np.testing.assert_array_equal(resumed_params[k], straight[-1][k])
+
+
+def test_step_count_errors_name_the_parameter():
+    opt = Adam(make_params(0))
+    with pytest.raises(ValueError, match=r"skip names \['nope'\]"):
+        opt.step(grad_stream(0, 1)[0], skip=("nope",))
+    grads = grad_stream(0, 1)[0]
+    del grads["conv.bias"]
+    opt.step(grads, skip=("conv.bias",))  # a skipped parameter needs no gradient
+    state = opt.state_dict()
+    bad = {**state, "steps": {**state["steps"], "lam": 5}}
+    with pytest.raises(ValueError, match=r"'steps' of \['lam'\] outside \[0, t=1\]"):
+        Adam(make_params(0)).load_state_dict(bad)
+    bad = {**state, "steps": {k: v for k, v in state["steps"].items() if k != "lam"}}
+    with pytest.raises(ValueError, match="'steps' names"):
+        Adam(make_params(0)).load_state_dict(bad)

@@ -151,6 +151,34 @@ def test_train_step_gradients_match_finite_differences(config, seed):
     check_against_finite_differences(state, x, record, generator(seed + 3))
 
 
+@pytest.mark.parametrize("config", ["default_violated", "sampled_met_l0"])
+@settings(max_examples=2)
+@given(seed=st.integers(0, 2**16))
+def test_gradients_two_steps_in_where_c_ma_differs_from_c(config, seed):
+    """A step with history (the cases above start fresh, where C_ma = C and l. 20 cannot be checked): after a
+    step on another batch, C_ma = alpha C_ma_prev + (1 - alpha) C != C. L must use C' with the value C_ma (not C:
+    the loss value check fails) and the gradient of C (not of C_ma, (1 - alpha) = 0.01 times smaller, nor 0)."""
+    options, hit, tau, gamma, fused = CONFIGS[config]
+    n, batch = 4, 3
+    model = GatedVAE(tiny_arch(), n, rng=generator(seed), dtype=F64, fused=fused)
+    hyper = Hyper(tau=tau, **options)
+    state = init_state(model, hyper)
+    if gamma is not None:
+        model.params["gamma"][...] = gamma
+    state.hit = hit
+    train_step(state, generator(seed + 4).uniform(0, 1, (batch, 1, 8, 8)), generator(seed + 5))  # the history
+    c_ma_before = state.c_ma
+    x = generator(seed + 1).uniform(0, 1, (batch, 1, 8, 8))
+    record = run_step(state, x, seed + 2)
+    c, c_ma = record["scalars"]["C"], record["scalars"]["C_ma"]
+    assert c_ma == pytest.approx(hyper.alpha * c_ma_before + (1 - hyper.alpha) * c, rel=1e-13, abs=1e-12)  # l. 18
+    assert abs(c_ma - c) > 1e-2  # the loss value tells C_ma from C (E is ~20 here)
+    assert record["scalars"]["loss"] == pytest.approx(
+        record["scalars"]["lambda_eff"] * c_ma + record["scalars"]["kl"] + (record["scalars"]["gates_l1"] if c <= 0
+                                                                            else 0.0), rel=1e-12)
+    check_against_finite_differences(state, x, record, generator(seed + 3))
+
+
 @pytest.mark.parametrize("rule", ["outward", "zero"])
 @pytest.mark.parametrize("update", ["ascent", "descent"])
 @pytest.mark.parametrize("side", ["max", "min"])

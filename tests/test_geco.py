@@ -185,3 +185,30 @@ def test_gates_before_and_after_the_first_hit():
             differ.append(not np.array_equal(record["nu1"], record["nu2"]))
         np.testing.assert_array_equal(record["eps"], replay.standard_normal((batch, n)))
     assert state.hit and any(differ)  # the sampled phase gave nu1 != nu2 on some step
+
+
+def test_adam_steps_changes_only_gamma_and_only_from_the_first_hit():
+    """(n): with the first hit at the third step, "global" and "per_parameter" give bit-identical runs except
+    gamma, which neither moves before the hit (zero gradient, zero moments); from the hit on gamma's updates
+    differ: its first is lr sign(g) per parameter, lr (1 - b1)/(1 - b1^3) sqrt((1 - b2^3)/(1 - b2)) globally."""
+    taus = [VIOLATED, VIOLATED, MET, MET]
+    runs = {}
+    for adam_steps in ("global", "per_parameter"):
+        state = make_state(adam_steps=adam_steps)
+        gammas = [state.model.params["gamma"].copy()]
+        logs = []
+        for tau in taus:
+            logs += run(state, [tau], seed=len(logs) + 1)
+            gammas.append(state.model.params["gamma"].copy())
+        runs[adam_steps] = (state, gammas, logs)
+        assert [log["l0_added"] for log in logs] == [False, False, True, True]
+        assert state.optimizer.steps["gamma"] == (4 if adam_steps == "global" else 2)
+    (sg, gg, _), (sp, gp, _) = runs["global"], runs["per_parameter"]
+    for name, p in sg.parameters().items():
+        if name != "gamma":
+            np.testing.assert_array_equal(p, sp.parameters()[name])
+    for g in (gg, gp):
+        np.testing.assert_array_equal(g[2], g[0])  # no move before the first hit
+    factor = 0.1 / (1 - 0.9**3) * math.sqrt((1 - 0.999**3) / 0.001)
+    np.testing.assert_allclose(np.abs(gg[3] - gg[2]), factor * 1e-3, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(gp[3] - gp[2]), 1e-3, rtol=1e-4)

@@ -4,7 +4,9 @@ Round trip and manifest of a refimpl trace; atomic writing and one-line errors n
 the file and the key; refimpl's trace against the PyTorch replay of the same inputs
 (bench/torch_algorithm1.py) agreeing to 1e-8 in float64; and a planted bug (the ARM
 term's sign in the replay) found at the right tensor: the ARM term of the first step
-that samples gates, not anything earlier.
+that samples gates, not anything earlier. The tolerances are tested at their boundary
+(2 x rtol diverges, 0.5 x rtol agrees; the same for param_rtol). Every other planted
+porting bug of the catalogue: tests/test_porting_bugs.py.
 """
 
 import dataclasses
@@ -104,7 +106,10 @@ def test_manifest(ref_trace):
     assert m["hyper"] == json.loads(json.dumps(HYPER.as_dict()))
     assert m["parameters"] == list(state.parameters()) and m["parameters"][-1] == "lambda"
     assert m["buffers"] == [name for name, _ in state.model.named_buffers()]
-    assert m["initial_state"] == {"step": 0, "hit": False, "c_ma": None, "last_constraint_met": False, "adam_t": 0}
+    initial = dict(m["initial_state"])
+    if "adam_steps" in initial:  # Adam's per-parameter step counts (interpretation (n)), where recorded
+        assert initial.pop("adam_steps") == {name: 0 for name in m["parameters"]}
+    assert initial == {"step": 0, "hit": False, "c_ma": None, "last_constraint_met": False, "adam_t": 0}
     assert [v["name"] for v in m["values"]] == list(VALUE_NAMES)
     assert set(m["keys"]) == set(trace.keys())
     for key, spec in m["keys"].items():
@@ -163,7 +168,8 @@ def test_read_errors_name_the_file_and_key(ref_trace, tmp_path):
 def test_compare_ordering_follows_algorithm1():
     params = ["gamma", "encoder.conv1.weight", "encoder.fc2.bias", "decoder.fc1.weight", "decoder.conv2.bias", "lambda"]
     expected = ["state/hit", "param/gamma", "param/encoder.conv1.weight", "param/lambda", "buffer/encoder.bn1.running_mean",
-                "input/x", "value/sampling", "input/u", "value/nu1", "value/nu2", "value/mu", "value/s", "input/eps",
+                "input/x", "value/sampling", "input/u", "input/u1", "value/nu1", "value/nu2", "value/mu", "value/s",
+                "input/eps",
                 "value/z", "value/x1", "value/E1", "value/x2", "value/E2", "buffer_after/encoder.bn1.running_mean",
                 "value/C", "value/C_ma", "value/C_prime", "value/lambda_eff", "value/kl_elem", "value/l0_added",
                 "value/L", "value/hit", "grad/lambda", "grad/decoder.conv2.bias", "grad/decoder.fc1.weight",
@@ -174,6 +180,44 @@ def test_compare_ordering_follows_algorithm1():
     keys = ["step0001/input/x", "step0000/param_after/gamma", "init/adam_m/gamma", "step0000/input/x"]
     assert sort_keys(keys, params) == ["init/adam_m/gamma", "step0000/input/x", "step0000/param_after/gamma",
                                        "step0001/input/x"]
+
+
+def test_estimators_share_the_arm_key_and_loo_records_u1(tmp_path):
+    """(o): every estimator writes l. 29's term to arm/gamma; reinforce_loo records its second draw as input/u1
+    (only on steps that sample gates), and the manifest's hyper.estimator says which formula it is."""
+    traces = {}
+    for estimator in ("disarm", "reinforce_loo"):
+        path = tmp_path / f"{estimator}.npz"
+        write_trace(path, make_state(dataclasses.replace(HYPER, estimator=estimator)), batches(), generator(1), STEPS)
+        traces[estimator] = t = read_trace(path)
+        assert t.estimator == estimator == t.manifest["hyper"]["estimator"]
+        for k in range(STEPS):
+            sampled = bool(t[f"step{k:04d}/value/sampling"])
+            assert (f"step{k:04d}/arm/gamma" in t) == sampled
+            assert (f"step{k:04d}/input/u1" in t) == (sampled and estimator == "reinforce_loo")
+    with pytest.raises(TraceKeyError, match=r"input/u1'.*only with estimator=reinforce_loo.*estimator: disarm"):
+        traces["disarm"]["step0001/input/u1"]
+    # the two draw the same u (l. 4) and differ in nu1: antithetic (disarm) or the independent u1 (reinforce_loo)
+    np.testing.assert_array_equal(traces["disarm"]["step0001/input/u"], traces["reinforce_loo"]["step0001/input/u"])
+    result = compare_traces(traces["disarm"].path, traces["reinforce_loo"].path)
+    assert "hyper.estimator: 'disarm' vs 'reinforce_loo'" in result.manifest_differences
+    assert (result.first_divergence.step, result.first_divergence.name) == (1, "input/u1")
+    assert result.first_divergence.note == "missing in A"
+
+
+def test_manifest_without_a_newer_switch_counts_as_its_default(ref_trace, tmp_path):
+    """A trace written before Hyper.estimator (or adam_steps) existed ran the default: compare lists no difference,
+    and Trace.estimator says "arm"."""
+    trace = read_trace(ref_trace)
+    old_hyper = {k: v for k, v in trace.manifest["hyper"].items() if k not in ("estimator", "adam_steps")}
+    save_trace(tmp_path / "old.npz", dict(trace.arrays), {**trace.manifest, "hyper": old_hyper})
+    old = read_trace(tmp_path / "old.npz")
+    assert old.estimator == "arm"
+    result = compare_traces(old, trace)
+    assert result.ok and result.manifest_differences == []
+    other = {**trace.manifest, "hyper": {**old_hyper, "estimator": "disarm"}}
+    save_trace(tmp_path / "disarm.npz", dict(trace.arrays), other)
+    assert compare_traces(old, tmp_path / "disarm.npz").manifest_differences == ["hyper.estimator: 'arm' vs 'disarm'"]
 
 
 def test_compare_identical_and_perturbed(ref_trace, tmp_path):
@@ -206,6 +250,47 @@ def test_compare_identical_and_perturbed(ref_trace, tmp_path):
     assert "DIVERGES" in table and "first: step 1 value/z" in table
     doc = json.loads(result.to_json())
     assert doc["first_divergence"]["key"] == key and doc["diverging"] == 2
+
+
+def perturbed(ref_trace, tmp_path, changes: dict):
+    """A copy of the trace with ``changes`` (key -> relative perturbation factor f: a -> a * (1 + f))."""
+    trace = read_trace(ref_trace)
+    arrays = dict(trace.arrays)
+    for key, f in changes.items():
+        arrays[key] = arrays[key] * (1 + f)
+    path = tmp_path / "p.npz"
+    save_trace(path, arrays, trace.manifest)
+    return path
+
+
+@pytest.mark.parametrize("rtol", [1e-8, 1e-5])
+def test_compare_rtol_boundary(ref_trace, tmp_path, rtol):
+    """A tensor perturbed by 2 rtol (relative to its largest magnitude) diverges; by 0.5 rtol it agrees. So a
+    tolerance loosened (or tightened) by a factor 2 or more fails this test."""
+    key = "step0001/value/z"
+    for factor, ok in ((2.0, False), (0.5, True)):
+        result = compare_traces(ref_trace, perturbed(ref_trace, tmp_path, {key: factor * rtol}), rtol=rtol)
+        assert result.ok == ok, (factor, result.to_table())
+        row = next(r for r in result.rows if r.key == key)
+        assert row.ok == ok and row.max_rel == pytest.approx(factor * rtol, rel=1e-3)
+        if not ok:
+            assert result.first_divergence.key == key
+
+
+@pytest.mark.parametrize("param_rtol", [1e-6, 1e-4])
+def test_compare_param_rtol_boundary(ref_trace, tmp_path, param_rtol):
+    """param_rtol governs parameters and BatchNorm statistics only: 2 param_rtol diverges, 0.5 param_rtol agrees;
+    a non-state tensor perturbed by 0.5 param_rtol still diverges under rtol."""
+    state_keys = ["step0002/param_after/encoder.fc1.weight", "step0002/buffer_after/decoder.bn1.running_var"]
+    for key in state_keys:
+        for factor, ok in ((2.0, False), (0.5, True)):
+            path = perturbed(ref_trace, tmp_path, {key: factor * param_rtol})
+            result = compare_traces(ref_trace, path, rtol=1e-8, param_rtol=param_rtol)
+            assert result.ok == ok, (key, factor, result.to_table())
+            assert not compare_traces(ref_trace, path, rtol=1e-8).ok  # without param_rtol: rtol applies
+    path = perturbed(ref_trace, tmp_path, {"step0001/grad/encoder.fc1.weight": 0.5 * param_rtol})
+    first = compare_traces(ref_trace, path, rtol=1e-8, param_rtol=param_rtol).first_divergence
+    assert first.key == "step0001/grad/encoder.fc1.weight"
 
 
 def test_cli_compare_exit_status(ref_trace, tmp_path, capsys):
