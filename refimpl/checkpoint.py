@@ -51,16 +51,23 @@ def save(path, arrays: dict, meta: dict) -> None:
     atomic_write(path, lambda f: numpy.savez(f, **members))
 
 
+def read_npz(path, error, missing: str, unreadable: str) -> dict:
+    """Every member of the .npz file ``path`` as host arrays (no pickles); ``error`` with the message
+    ``missing`` if there is no such file, ``unreadable + " not a readable .npz file (...)"`` if it is damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        with numpy.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise error(f"{unreadable} not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
 def load(path) -> tuple[dict, dict]:
     """Read a checkpoint: ``(arrays, meta)``; arrays are host numpy arrays."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with numpy.load(path, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise CheckpointError(f"checkpoint {path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    arrays = read_npz(path, CheckpointError, f"checkpoint not found: {path}", f"checkpoint {path}:")
     if "meta" not in arrays:
         raise CheckpointError(f"checkpoint {path}: no 'meta' member; not a refimpl checkpoint")
     try:

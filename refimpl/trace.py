@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import math
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from . import __version__
 from .algorithm1 import train_step
 from .backend import to_host
 from .atomic import atomic_write
+from .checkpoint import read_npz
 
 FORMAT = "refimpl-trace"
 VERSION = 1
@@ -357,13 +357,7 @@ class Trace:
 def read_trace(path) -> Trace:
     """Read and validate a trace file; a :class:`TraceError` (naming the file and key) if malformed."""
     path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"{path}: no such trace file")
-    try:
-        with numpy.load(path, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise TraceError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    arrays = read_npz(path, TraceError, f"{path}: no such trace file", f"{path}:")
     if "manifest" not in arrays:
         raise TraceKeyError(f"{path}: trace has no key 'manifest'; not a {FORMAT} file")
     try:
