@@ -69,7 +69,7 @@ def _hms(seconds: float) -> str:
 
 
 class StopOnSignal:
-    """Turns the first SIGINT / SIGTERM into a flag checked between steps (so a step is never
+    """Turns the first SIGINT / SIGTERM / SIGHUP into a flag checked between steps (so a step is never
     cut in half); a second one raises KeyboardInterrupt at once. Only in the main thread."""
 
     def __init__(self):
@@ -83,7 +83,7 @@ class StopOnSignal:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 self._old[sig] = signal.signal(sig, self._handler)
         return self
 

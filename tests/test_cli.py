@@ -322,7 +322,7 @@ def test_a_diverging_run_stops_with_one_line(tmp_path):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_ctrl_c_and_sigterm_save_and_exit(tmp_path, sig, code):
     out = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "-m", "refimpl", "train", *TINY, "--tau", "40", "--batches", "100000",
