@@ -25,7 +25,7 @@ ja = transcription_ports.module_fixture("jax")
 def test_standalone_training_draws_from_its_key(ja, estimator):
     """Without a trace: weights and the draws u, u1, eps from JAX keys; same keys, same run; the step is pure."""
     hyper = {"tau": 40.0, "gamma_init": 0.1, "estimator": estimator}
-    step = ja.make_step(ARCH16, hyper, 4, compiler_options=ja.FAST_COMPILE)
+    step = ja.make_step(ARCH16, hyper, 4, jit=False)  # op by op (the compiled step: tests/test_crosscheck.py)
     images = generator(5)
     xs = [images.uniform(size=(BATCH, 1, 16, 16)) for _ in range(3)]
 

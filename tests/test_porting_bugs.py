@@ -161,9 +161,9 @@ def test_adam_steps_mismatch_where_gamma_drops_out_again(port, tmp_path):
     assert first.note.startswith("gradient agrees; gamma has no gradient at this step") and "(n)" in first.note
 
 
-def test_per_parameter_traces_replay_in_torch(traces, port, tmp_path):
-    """A refimpl trace with adam_steps="per_parameter" replays in torch (its own Adam behaviour) to 1e-8; the
-    global replay of it is pinpointed at param_after/gamma of the first hit."""
+def test_per_parameter_traces_replay(traces, port, tmp_path):
+    """A refimpl trace with adam_steps="per_parameter" replays to 1e-8 (in torch its own Adam behaviour, in JAX
+    gamma's optax state held still); the global replay of it is pinpointed at param_after/gamma of the first hit."""
     path = tmp_path / "per.npz"
     write_trace(path, make_state(**HYPER, adam_steps="per_parameter"), batches(), generator(1), STEPS)
     port.replay(path, tmp_path / "port.npz")
