@@ -73,11 +73,10 @@ def child(args):
         sync()
         if i >= args.warmup - 1:
             times.append(time.perf_counter() - t0)
-    if gpu:
-        import torch
-
-        peak = (xp.get_default_memory_pool().total_bytes() if args.child == "refimpl"
-                else torch.cuda.max_memory_reserved()) / 2**20
+    if gpu and args.child == "refimpl":
+        peak = xp.get_default_memory_pool().total_bytes() / 2**20
+    elif gpu:
+        peak = bench_step.torch.cuda.max_memory_reserved() / 2**20
     else:
         peak = status_mib("VmHWM")
     print(json.dumps({"side": args.child, "times": times, "first": first, "peak_mib": peak}))
@@ -202,7 +201,6 @@ def main(argv=None):
     sides = sides_for(args.backend, args.configs)
     sys.path.insert(0, str(HERE))
     import timing
-    import torch_configs  # noqa: F401 (sides_for imported torch already; environment() describes it)
 
     env = timing.environment(sys.modules.get("torch"), threads_note=False)
     env["thread waits"] = "each library's defaults"
