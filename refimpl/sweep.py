@@ -32,12 +32,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .atomic import write_json
-from .config import RunConfig, Schedule
+from .config import Schedule
 from .optionspec import OptionError
 from .training import TrainingInterrupted, open_run
 
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name != "hyper")
 STOP_FILE = ".stop"
 MARKER_FILE = "runs/.sweep.json"  # written by the client: a worker that cannot see it cannot see the runs
 
@@ -71,6 +70,11 @@ def run_spec(out, given: dict, schedule: Schedule, backend: str | None = None, e
     ``hyper`` a dict), the schedule, the backend; ``eval_images``: held-out images to evaluate after."""
     return {"out": str(out), "given": given, "batches": int(schedule.batches),
             "checkpoint_every": int(schedule.checkpoint_every), "backend": backend, "eval_images": eval_images}
+
+
+def with_tau(spec: dict, tau) -> dict:
+    """``spec`` with its run's tau set to ``tau`` (Table 1: the baseline's error, known only after it ran)."""
+    return {**spec, "given": {**spec["given"], "hyper": {**spec["given"]["hyper"], "tau": float(tau)}}}
 
 
 def train_one(spec: dict, progress: bool = False, stop=None) -> dict:
@@ -110,7 +114,7 @@ def worker_task(spec: dict, sweep_dir: str, tau=None) -> dict:
         raise RunFolderNotVisible(f"worker {get_worker().address} cannot see the sweep folder {sweep_dir} "
                                   f"(no {MARKER_FILE}): the runs' folders must be on a filesystem every worker sees")
     if tau is not None:
-        spec = {**spec, "given": {**spec["given"], "hyper": {**spec["given"]["hyper"], "tau": float(tau)}}}
+        spec = with_tau(spec, tau)
     return train_one(spec, stop=_stop_requested(sweep_dir))
 
 
@@ -221,8 +225,7 @@ class Sweep:
         """Train the run ``spec`` (:func:`run_spec`); ``tau``: a future (or value) giving its tau. A future."""
         if self.cluster.local:
             if tau is not None:
-                tau = tau.result() if isinstance(tau, _Done) else tau
-                spec = {**spec, "given": {**spec["given"], "hyper": {**spec["given"]["hyper"], "tau": float(tau)}}}
+                spec = with_tau(spec, tau.result() if isinstance(tau, _Done) else tau)
             self._say(f"run {spec['out']}: {spec['batches']} batches")
             return _Done(self._finished(train_one(spec, progress=not self.cluster.quiet)))
         resources = {"GPU": 1} if spec["backend"] == "cupy" else None

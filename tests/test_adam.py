@@ -38,7 +38,8 @@ def run_ours(params, grads, **kwargs):
     return history, opt
 
 
-def run_torch(params, grads, maximize=(), **kwargs):
+def run_torch(params, grads, maximize=(), skips=None, **kwargs):
+    """torch.optim.Adam on ``grads``; a parameter's .grad is None on the steps ``skips`` names (step -> names)."""
     torch = pytest.importorskip("torch")
     tensors = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
     groups = [{"params": [tensors[k] for k in tensors if k not in maximize], "maximize": False}]
@@ -46,9 +47,9 @@ def run_torch(params, grads, maximize=(), **kwargs):
         groups.append({"params": [tensors[k] for k in maximize], "maximize": True})
     opt = torch.optim.Adam(groups, **kwargs)
     history = []
-    for g in grads:
+    for step, g in enumerate(grads):
         for k, p in tensors.items():
-            p.grad = torch.tensor(g[k], dtype=torch.float64)
+            p.grad = None if k in (skips or {}).get(step, ()) else torch.tensor(g[k], dtype=torch.float64)
         opt.step()
         history.append({k: p.detach().numpy().copy() for k, p in tensors.items()})
     return history
@@ -162,23 +163,6 @@ SKIPS = {  # step -> parameters without a gradient at that step
 }
 
 
-def run_torch_with_missing_grads(params, grads, skips, maximize=(), **kwargs):
-    """torch.optim.Adam where a parameter's .grad is None on the steps ``skips`` names."""
-    torch = pytest.importorskip("torch")
-    tensors = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
-    groups = [{"params": [tensors[k] for k in tensors if k not in maximize], "maximize": False}]
-    if maximize:
-        groups.append({"params": [tensors[k] for k in maximize], "maximize": True})
-    opt = torch.optim.Adam(groups, **kwargs)
-    history = []
-    for step, g in enumerate(grads):
-        for k, p in tensors.items():
-            p.grad = None if k in skips.get(step, ()) else torch.tensor(g[k], dtype=torch.float64)
-        opt.step()
-        history.append({k: p.detach().numpy().copy() for k, p in tensors.items()})
-    return history
-
-
 def run_ours_skipping(params, grads, skips, **kwargs):
     params = {k: v.copy() for k, v in params.items()}
     opt = Adam(params, **kwargs)
@@ -196,7 +180,7 @@ def test_skipped_parameters_match_torch_with_grad_none(maximize):
     params, grads = make_params(4), grad_stream(5, 12)
     kwargs = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-7, "maximize": maximize}
     ours, opt = run_ours_skipping(params, grads, SKIPS, **kwargs)
-    theirs = run_torch_with_missing_grads(params, grads, SKIPS, **kwargs)
+    theirs = run_torch(params, grads, skips=SKIPS, **kwargs)
     for step, (a, b) in enumerate(zip(ours, theirs)):
         for name in SHAPES:
             err = rel_err(a[name], b[name])
