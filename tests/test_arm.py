@@ -155,9 +155,10 @@ def exact_expectation(step, gamma, k, rows, independent=False):
         centre = split((left + right) / 2)
         arm, nu1, nu2 = step(*centre)
         total = total + volume * arm
-        want1, want2 = expected_gates(*centre)
-        np.testing.assert_array_equal(nu1, want1)
-        np.testing.assert_array_equal(nu2, want2)
+        if (right - left).min() > 1e-12:  # a narrower box (|gamma| ~ 1e-16) adds < 1e-11 to the total, and
+            want1, want2 = expected_gates(*centre)  # its centre may round to either side of sigmoid(+-k gamma)
+            np.testing.assert_array_equal(nu1, want1)
+            np.testing.assert_array_equal(nu2, want2)
         inset = 1e-6 * (right - left)
         if inset.min() > 1e-12:  # boxes far wider than rounding in sigmoid
             for u in (left + inset, right - inset):
@@ -226,16 +227,9 @@ def objective_values(table, record, n, objective, normalizer):
     return values
 
 
-@pytest.mark.parametrize("estimator", ESTIMATORS)
-@given(n=st.integers(1, 4), k=st.floats(0.5, 10.0), data=st.data(),
-       objective=st.sampled_from(["error", "loss"]), normalizer=st.sampled_from(["open", "all"]))
-def test_exact_expectation_equals_enumerated_gradient(estimator, n, k, data, objective, normalizer):
+def check_exact_expectation(estimator, k, gamma, table, seed, objective, normalizer):
     """l. 29 as train_step computes it, integrated exactly over u (and u1), is d/dgamma E_nu[F] (to 1e-10)."""
-    batch = 2
-    gamma = np.array(data.draw(st.lists(st.floats(-1.0, 1.0), min_size=n, max_size=n)))
-    table = np.array(data.draw(st.lists(st.lists(st.floats(0.0, 10.0), min_size=2**n, max_size=2**n),
-                                        min_size=batch, max_size=batch)))
-    seed = data.draw(st.integers(0, 2**16))
+    n, batch = len(gamma), table.shape[0]
     hyper = {"arm_objective": objective, "kl_normalizer": normalizer, "estimator": estimator}
     state = make_state(n, k, gamma, hyper, table, seed, batch)
     x = np.zeros((batch, 1, 8, 8))
@@ -247,6 +241,26 @@ def test_exact_expectation_equals_enumerated_gradient(estimator, n, k, data, obj
     expected = enumerated_gradient(objective_values(table, record, n, objective, normalizer), gamma, k)
     got = exact_expectation(stepper(state, x, eps), gamma, k, rows=1, independent=independent(estimator))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@given(n=st.integers(1, 4), k=st.floats(0.5, 10.0), data=st.data(),
+       objective=st.sampled_from(["error", "loss"]), normalizer=st.sampled_from(["open", "all"]))
+def test_exact_expectation_equals_enumerated_gradient(estimator, n, k, data, objective, normalizer):
+    batch = 2
+    gamma = np.array(data.draw(st.lists(st.floats(-1.0, 1.0), min_size=n, max_size=n)))
+    table = np.array(data.draw(st.lists(st.lists(st.floats(0.0, 10.0), min_size=2**n, max_size=2**n),
+                                        min_size=batch, max_size=batch)))
+    seed = data.draw(st.integers(0, 2**16))
+    check_exact_expectation(estimator, k, gamma, table, seed, objective, normalizer)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("gamma", [2.220446049250313e-16, -5e-324, 0.0])
+def test_exact_expectation_gamma_near_zero(estimator, gamma):
+    """A CI draw: at gamma = 2.2e-16 the middle box is one ulp wide and its centre rounded to the
+    other side of sigmoid(-k gamma) in the test than in the library; such a box adds nothing measurable."""
+    check_exact_expectation(estimator, 1.0, np.array([gamma]), np.zeros((2, 2)), 0, "error", "open")
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
