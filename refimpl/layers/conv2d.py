@@ -63,7 +63,8 @@ class Conv2d(Layer):
         n, o, ho, wo = self.output_shape(x.shape)
         cols = im2col(x, self.kernel, self.stride, self.padding)
         w2 = self.params["weight"].reshape(o, -1)
-        y = w2 @ cols + self.params["bias"][:, None]  # (O, N*Ho*Wo)
+        y = w2 @ cols  # (O, N*Ho*Wo)
+        y += self.params["bias"][:, None]
         self._cache = (cols, x.shape) if cache else None
         return y.reshape(o, n, ho, wo).transpose(1, 0, 2, 3).copy()
 
