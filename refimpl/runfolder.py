@@ -33,12 +33,13 @@ EVAL_FILE = "eval.json"  # refimpl evaluate
 RECONSTRUCTIONS_FILE = "reconstructions.png"  # refimpl reconstruct
 PLOT_FILE = "plot.png"  # refimpl plot (refimpl.plot.PLOT_FILE)
 FACTORS_FILES = ("factors.json", "factors.png")  # refimpl factors (refimpl.factors.JSON_FILE, PNG_FILE)
+MILESTONES_FILE = "milestones.md"  # refimpl milestones
 LOCK_FILE = ".lock"
 EXPORT_DIR = "export"  # refimpl export
 EXPORT_FILES = ("model.npz", "model.json", "model.safetensors")
 # Every file refimpl writes into a run folder, removed in this order on overwrite: a folder
 # cut short mid-way still holds a run (config and checkpoint) or only a config (leftovers).
-RUN_FILES = (EVAL_FILE, RECONSTRUCTIONS_FILE, PLOT_FILE, *FACTORS_FILES, SUMMARY_FILE, LOG_FILE, CHECKPOINT_FILE,
+RUN_FILES = (EVAL_FILE, RECONSTRUCTIONS_FILE, PLOT_FILE, *FACTORS_FILES, MILESTONES_FILE, SUMMARY_FILE, LOG_FILE, CHECKPOINT_FILE,
              CONFIG_FILE)
 
 

@@ -1,0 +1,152 @@
+"""Figure 1 in numbers: ``refimpl milestones RUN`` reads Section 4.1's events off a run's log.csv.
+
+Section 4.1 tells Figure 1 as a sequence of events: lambda rises until the error dives
+below tau, then drops to a small value; after ca. 10K batches the gates close in a
+staircase (9 open after 10K, 6 at 20K, 5 at 25K); lambda rises again whenever the error
+exceeds tau; late in training a gate closes, the constraint breaks and it reopens. The
+claims ledger (docs/claims.md) quotes these events for the 64x64 runs; this module
+computes them from ``log.csv`` (:mod:`refimpl.runlog`), so every number there can be
+recomputed with one command:
+
+- lambda': its first value, its peak and the batch of the peak, its last value;
+- the first batch with C_ma < 0 (l. 16's moving average of the constraint: E2 < tau on
+  average), and every later stretch of at least ``min_stretch`` batches with C_ma >= 0
+  again (the constraint violated, lambda' rising: the "bumps" of Figure 1), with
+  lambda''s peak in each;
+- the staircase: the batch at which the number of open inference gates (``open_gates``,
+  1[gamma > 0] after the step) first takes each new value, and how often it went up
+  (a closed gate reopening);
+- each gate's closings and reopenings: the batches where gamma_j changes sign (from the
+  log's ``gamma_j`` columns; logs written before gamma logging have none);
+- the last ``tail`` batches: mean E2 against tau, mean hit fraction, ||sigmoid(k gamma)||_1.
+
+Command line: ``refimpl milestones RUN [--tail N] [--min-stretch N] [--json] [--out FILE]``
+prints a Markdown summary (``--json``: the numbers as JSON) and writes it atomically to
+``RUN/milestones.md`` (or FILE).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy
+
+from .atomic import atomic_write
+from .plot import gamma_columns, load_log, run_folder
+from .runfolder import LOG_FILE, MILESTONES_FILE
+
+PROG = "refimpl milestones"
+TAIL = 500  # batches averaged at the end of the run
+MIN_STRETCH = 50  # shortest stretch of C_ma >= 0 after the first dive that is reported
+
+
+def _int(x) -> int:
+    return int(round(float(x)))
+
+
+def staircase(steps, open_gates) -> list[tuple[int, int]]:
+    """[(batch, open gates)]: the first row, then every row where the count changes. steps, open_gates: (T,)."""
+    change = numpy.flatnonzero(numpy.diff(open_gates) != 0) + 1
+    return [(_int(steps[i]), _int(open_gates[i])) for i in (0, *change)]
+
+
+def sign_changes(steps, gamma) -> list[tuple[int, str]]:
+    """[(batch, "closed" | "opened")] where the inference gate 1[gamma > 0] flips. steps, gamma: (T,)."""
+    open_ = gamma > 0
+    flips = numpy.flatnonzero(open_[1:] != open_[:-1]) + 1
+    return [(_int(steps[i]), "opened" if open_[i] else "closed") for i in flips]
+
+
+def violated_stretches(steps, c_ma, lam, start: int, min_len: int) -> list[dict]:
+    """Stretches of rows from ``start`` on with C_ma >= 0 lasting >= min_len rows: first and last batch and
+    lambda''s peak (and its batch) inside each. steps, c_ma, lam: (T,)."""
+    out = []
+    violated = numpy.concatenate([[False], c_ma[start:] >= 0, [False]])
+    edges = numpy.flatnonzero(violated[1:] != violated[:-1])
+    for a, b in zip(edges[::2] + start, edges[1::2] + start):
+        if b - a >= min_len:
+            peak = a + int(numpy.argmax(lam[a:b]))
+            out.append({"from": _int(steps[a]), "to": _int(steps[b - 1]), "lambda_peak": float(lam[peak]),
+                        "lambda_peak_batch": _int(steps[peak])})
+    return out
+
+
+def milestones(log: dict, tail: int = TAIL, min_stretch: int = MIN_STRETCH) -> dict:
+    """The events of Section 4.1 in ``log`` (columns name -> (T,) float arrays, :func:`refimpl.plot.load_log`)."""
+    steps, lam, c_ma = log["step"], log["lambda_eff"], log["C_ma"]
+    peak = int(numpy.argmax(lam))
+    below = numpy.flatnonzero(c_ma < 0)
+    first_below = int(below[0]) if below.size else None
+    stairs = staircase(steps, log["open_gates"])
+    last = slice(max(0, len(steps) - tail), None)
+    gammas = gamma_columns(log)
+    return {
+        "batches": _int(steps[-1]),
+        "tau": float(log["tau"][-1]),
+        "lambda_first": float(lam[0]),
+        "lambda_peak": float(lam[peak]),
+        "lambda_peak_batch": _int(steps[peak]),
+        "lambda_last": float(lam[-1]),
+        "c_ma_below_zero_from": None if first_below is None else _int(steps[first_below]),
+        "min_stretch": min_stretch,
+        "violated_again": ([] if first_below is None else
+                           violated_stretches(steps, c_ma, lam, first_below, min_stretch)),
+        "staircase": stairs,
+        "reopenings": sum(1 for (_, a), (_, b) in zip(stairs, stairs[1:]) if b > a),
+        "gates": {name[6:]: sign_changes(steps, log[name]) for name in gammas},
+        "tail": {"batches": len(steps[last]), "E2_mean": float(log["E2"][last].mean()),
+                 "hit_fraction_mean": float(log["hit_fraction"][last].mean()),
+                 "gates_l1_last": float(log["gates_l1"][-1]), "open_gates_last": _int(log["open_gates"][-1])},
+    }
+
+
+def to_markdown(m: dict, title: str) -> str:
+    """The milestones as a short Markdown report."""
+    t = m["tail"]
+    lines = [f"# Milestones of {title}", "",
+             f"- batches: {m['batches']:,}; tau = {m['tau']:g}",
+             f"- lambda': {m['lambda_first']:.3g} at the start, peak {m['lambda_peak']:.3g} at batch "
+             f"{m['lambda_peak_batch']:,}, {m['lambda_last']:.3g} at the end",
+             "- C_ma < 0 (E2 under tau on average) first at batch "
+             + ("(never)" if m["c_ma_below_zero_from"] is None else f"{m['c_ma_below_zero_from']:,}")]
+    stretches = m["violated_again"]
+    lines.append(f"- C_ma >= 0 again after that, for {m['min_stretch']} batches or more: {len(stretches)} time(s)"
+                 + "".join(f"\n  - batches {s['from']:,}-{s['to']:,}: lambda' up to {s['lambda_peak']:.3g} "
+                           f"(batch {s['lambda_peak_batch']:,})" for s in stretches))
+    lines.append("- open gates (staircase): " + " -> ".join(f"{count} (batch {step:,})" for step, count in m["staircase"])
+                 + f"; reopenings: {m['reopenings']}")
+    if m["gates"]:
+        lines.append("- gate by gate (sign changes of gamma_j):")
+        for j, events in m["gates"].items():
+            text = ", ".join(f"{what} at {step:,}" for step, what in events) or "no change"
+            lines.append(f"  - gate {j}: {text}")
+    lines.append(f"- last {t['batches']:,} batches: mean E2 {t['E2_mean']:.4g} against tau {m['tau']:g}, mean hit "
+                 f"fraction {t['hit_fraction_mean']:.3f}; at the end ||sigmoid(k gamma)||_1 = {t['gates_l1_last']:.3f}, "
+                 f"{t['open_gates_last']} gate(s) open")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser) -> None:
+    """The options of ``refimpl milestones``."""
+    from .optionspec import positive_int
+
+    parser.add_argument("run", metavar="RUN", help="run folder (or its checkpoint.npz)")
+    parser.add_argument("--tail", type=positive_int, default=TAIL, metavar="N",
+                        help=f"batches averaged at the end (default: {TAIL})")
+    parser.add_argument("--min-stretch", type=positive_int, default=MIN_STRETCH, metavar="N",
+                        help=f"shortest stretch of C_ma >= 0 after the first dive that is listed (default: {MIN_STRETCH})")
+    parser.add_argument("--json", action="store_true", help="JSON instead of Markdown")
+    parser.add_argument("--out", default=None, metavar="FILE", help=f"output file (default: RUN/{MILESTONES_FILE})")
+
+
+def run(args) -> int:
+    """``refimpl milestones``: print the report and write it."""
+    folder = run_folder(args.run)
+    m = milestones(load_log(folder / LOG_FILE), tail=args.tail, min_stretch=args.min_stretch)
+    text = json.dumps(m, indent=1) + "\n" if args.json else to_markdown(m, folder.name)
+    out = args.out or folder / MILESTONES_FILE
+    atomic_write(out, lambda f: f.write(text.encode()))
+    sys.stdout.write(text)
+    return 0
+

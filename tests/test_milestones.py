@@ -1,0 +1,77 @@
+"""refimpl.milestones: Section 4.1's events read off a log (a constructed one with known events,
+and a tiny real run through the command line)."""
+
+import json
+
+import numpy
+import pytest
+
+from refimpl import milestones as ms
+from refimpl.cli import main as cli_main
+from refimpl.config import RunConfig
+from refimpl.training import Run
+
+
+def constructed_log():
+    """200 batches with known events: lambda' peaks at batch 40; C_ma < 0 from batch 50, >= 0 again
+    over batches 100-159 (lambda' peaks at 130 inside) and over 180-185 (short); gate 1 closes at
+    120 and reopens at 170, gate 2 closes at 150; open gates 3 -> 2 (120) -> 1 (150) -> 2 (170)."""
+    steps = numpy.arange(1, 201, dtype=float)
+    lam = numpy.where(steps <= 40, 1 + steps / 40, 2 - (steps - 40) / 100)
+    lam[99:160] += numpy.where(steps[99:160] <= 130, (steps[99:160] - 99) / 50, (160 - steps[99:160]) / 50)
+    c_ma = numpy.full(200, 5.0)
+    c_ma[49:] = -1.0
+    c_ma[99:159] = 0.5
+    c_ma[179:185] = 0.0
+    g0 = numpy.full(200, 0.4)
+    g1 = numpy.where((steps >= 120) & (steps < 170), -0.1, 0.3)
+    g2 = numpy.where(steps >= 150, -0.2, 0.2)
+    open_gates = (g0 > 0).astype(float) + (g1 > 0) + (g2 > 0)
+    e2 = numpy.linspace(30, 10, 200)
+    return {"step": steps, "lambda_eff": lam, "C_ma": c_ma, "open_gates": open_gates, "E2": e2,
+            "hit_fraction": numpy.linspace(0, 1, 200), "gates_l1": numpy.linspace(3, 1.5, 200),
+            "tau": numpy.full(200, 20.0), "gamma_0": g0, "gamma_1": g1, "gamma_2": g2}
+
+
+def test_events_of_a_constructed_log():
+    m = ms.milestones(constructed_log(), tail=50, min_stretch=10)
+    assert m["batches"] == 200 and m["tau"] == 20.0
+    assert (m["lambda_first"], m["lambda_peak"], m["lambda_peak_batch"]) == (1.025, 2.0, 40)
+    assert m["c_ma_below_zero_from"] == 50
+    [bump] = m["violated_again"]  # the 6-batch stretch at 180-185 is under min_stretch
+    assert (bump["from"], bump["to"], bump["lambda_peak_batch"]) == (100, 159, 130)
+    assert m["staircase"] == [(1, 3), (120, 2), (150, 1), (170, 2)]
+    assert m["reopenings"] == 1
+    assert m["gates"] == {"0": [], "1": [(120, "closed"), (170, "opened")], "2": [(150, "closed")]}
+    t = m["tail"]
+    assert t["batches"] == 50 and t["open_gates_last"] == 2
+    assert t["E2_mean"] == pytest.approx(numpy.linspace(30, 10, 200)[-50:].mean(), rel=1e-12)
+    assert ms.milestones(constructed_log(), min_stretch=5)["violated_again"][1]["from"] == 180
+    text = ms.to_markdown(m, "made-up")
+    for words in ("peak 2 at batch 40", "first at batch 50", "batches 100-159", "3 (batch 1) -> 2 (batch 120) -> "
+                  "1 (batch 150) -> 2 (batch 170); reopenings: 1", "gate 1: closed at 120, opened at 170",
+                  "gate 0: no change"):
+        assert words in text
+
+
+def test_a_constraint_never_met_and_a_log_without_gamma_columns():
+    log = {k: v for k, v in constructed_log().items() if not k.startswith("gamma_")}
+    log["C_ma"] = numpy.ones(200)
+    m = ms.milestones(log)
+    assert m["c_ma_below_zero_from"] is None and m["violated_again"] == [] and m["gates"] == {}
+    assert "first at batch (never)" in ms.to_markdown(m, "x") and "gate by gate" not in ms.to_markdown(m, "x")
+
+
+def test_command_line_on_a_real_run(tmp_path, capsys):
+    out = tmp_path / "r"
+    config = RunConfig(dataset="synthetic-dsprites", latent=3, image_size=16, holdout=100, hyper={"tau": 1.0})
+    Run.create(config, out).train(6, progress=False)
+    assert cli_main(["milestones", str(out), "--tail", "4"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# Milestones of r") and "batches: 6;" in text and "last 4 batches" in text
+    assert (out / "milestones.md").read_text() == text
+    assert cli_main(["milestones", str(out / "checkpoint.npz"), "--json", "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["batches"] == 6 and len(m["gates"]) == 3 and m["staircase"][0] == [1, m["staircase"][0][1]]
+    assert cli_main(["milestones", str(tmp_path / "nothing")]) == 1
+    assert "no such run folder" in capsys.readouterr().err
