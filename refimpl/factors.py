@@ -3,8 +3,13 @@
 Section 4.3 says the 3 dimensions kept at tau = 35 on dSprites "probably" encode scale,
 x and y. Where a dataset's generative factors are known, this module measures it:
 
-1. Encode held-out images (the run's split; the first ``count`` of them, or all if
-   there are fewer) in inference mode, as :mod:`refimpl.evaluate` does: BatchNorm
+1. Encode ``count`` images of the run's held-out split (``sample="heldout"``, the
+   default) or of its training split (``"training"``: more images than a small
+   held-out split has; which factor a dimension holds is a property of the code, not
+   of generalisation): all of them if there are fewer, else a uniform random subset
+   drawn from the run seed's ``factors`` stream (the split's indices are sorted, and
+   dataset order follows the factors, so its first ``count`` would be one shape),
+   in inference mode, as :mod:`refimpl.evaluate` does: BatchNorm
    running statistics, z = mu. Gates are 1[gamma > 0] (``GatedVAE.inference_gates``).
    codes: (N, n) on the host.
 2. Factors: the dataset's discrete factor classes (``latents_classes``: dSprites and
@@ -60,6 +65,8 @@ from .optionspec import OptionError
 JSON_FILE = "factors.json"
 PNG_FILE = "factors.png"
 DEFAULT_COUNT, DEFAULT_BINS, DEFAULT_BATCH = 5000, 20, 250
+SAMPLES = ("heldout", "training")  # which split of the run the images come from
+SAMPLE_WORDS = {"heldout": "held-out", "training": "training"}
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -215,10 +222,30 @@ def encode(run, indices, batch_size: int = DEFAULT_BATCH) -> numpy.ndarray:
     return numpy.concatenate(parts).astype(numpy.float64)
 
 
-def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch_size: int = DEFAULT_BATCH) -> dict:
-    """Factor scores of a :class:`refimpl.training.Run` on ``count`` held-out images (all if fewer): a JSON-able dict.
+def _pool(run, sample: str) -> numpy.ndarray:
+    training, heldout = run.split
+    return heldout if sample == "heldout" else training
 
-    Keys: run, step, dataset, n_latent, sample_size, heldout_images, bins, factors,
+
+def sample_indices(run, count: int, sample: str = "heldout") -> numpy.ndarray:
+    """Up to ``count`` sorted dataset indices of the run's ``sample`` split: all when fewer, else a uniform
+    random subset from the run seed's ``factors`` stream (the same subset every time)."""
+    if sample not in SAMPLES:
+        raise OptionError(f"sample={sample!r}: expected one of {', '.join(SAMPLES)}")
+    pool = _pool(run, sample)
+    if count >= pool.size:
+        return pool
+    from .training import stream
+
+    return numpy.sort(stream(run.config.seed, "factors").choice(pool, count, replace=False))
+
+
+def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch_size: int = DEFAULT_BATCH,
+                sample: str = "heldout") -> dict:
+    """Factor scores of a :class:`refimpl.training.Run` on ``count`` images of its ``sample`` split
+    (:func:`sample_indices`): a JSON-able dict.
+
+    Keys: run, step, dataset, n_latent, sample, sample_size, pool_size, bins, factors,
     constant_factors (dropped), factor_entropy, bound, chance, gates, open_dims,
     mutual_information (n x K, nats), normalized_mi (n x K), mig_gap (factor -> gap),
     mig_dims (factor -> [largest, second] dims, null where none), mig, best_factor
@@ -227,8 +254,7 @@ def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch
     count = _check_int("count", count, 1)
     bins = _check_int("bins", bins, 2)
     batch_size = _check_int("batch_size", batch_size, 1)
-    held_all = run.split[1]
-    held = held_all[:count]  # the split is random: its first ``count`` are a random sample
+    held = sample_indices(run, count, sample)
     classes, names = factor_classes(run.dataset, held)  # raises before encoding for datasets without factors
     varying = [f for f in range(classes.shape[1]) if numpy.unique(classes[:, f]).size > 1]
     if not varying:
@@ -240,7 +266,8 @@ def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch
     norm = s["normalized"]
     return {
         "run": str(run.out), "step": int(run.state.step), "dataset": run.config.dataset,
-        "n_latent": int(run.model.n_latent), "sample_size": int(held.size), "heldout_images": int(held_all.size),
+        "n_latent": int(run.model.n_latent), "sample": sample, "sample_size": int(held.size),
+        "pool_size": int(_pool(run, sample).size),
         "bins": bins, "factors": kept, "constant_factors": [n for f, n in enumerate(names) if f not in varying],
         "factor_entropy": s["entropy"].tolist(), "bound": s["bound"].tolist(), "chance": s["chance"].tolist(),
         "gates": gates.astype(int).tolist(), "open_dims": numpy.nonzero(gates)[0].tolist(),
@@ -259,7 +286,7 @@ def format_table(result: dict) -> str:
     width = max(6, *(len(n) for n in names))
     dropped = f" (constant, left out: {', '.join(result['constant_factors'])})" if result["constant_factors"] else ""
     lines = [f"{result['run']} ({result['dataset']}, step {result['step']}): {result['sample_size']} of "
-             f"{result['heldout_images']} held-out images, z = mu, {result['bins']} equal-width bins",
+             f"{result['pool_size']} {SAMPLE_WORDS[result['sample']]} images, z = mu, {result['bins']} equal-width bins",
              "normalised mutual information I(z_j; v_k) / H(v_k)" + dropped,
              f"{'dim':>4}  {'gate':<6} " + " ".join(f"{n:>{width}}" for n in names) + "  best"]
     for row, best in zip(norm, result["best_factor"]):
@@ -291,7 +318,7 @@ def draw_heatmap(result: dict, path) -> Path | None:
                     color="black" if norm[j, f] > 0.6 else "white")
     ax.set_xticks(range(k), result["factors"])
     ax.set_yticks(range(n), [f"z{b['dim']}" + ("" if b["open"] else " (closed)") for b in result["best_factor"]])
-    ax.set_title(f"{result['dataset']}, step {result['step']}, {result['sample_size']} held-out images, "
+    ax.set_title(f"{result['dataset']}, step {result['step']}, {result['sample_size']} {SAMPLE_WORDS[result['sample']]} images, "
                  f"{result['bins']} bins: MIG {result['mig']:.3f}", fontsize=10)
     fig.colorbar(image, ax=ax, label="I(z_j; v_k) / H(v_k)")
     return save_figure(fig, path)
@@ -322,7 +349,10 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("run", metavar="RUN", help="run folder (from refimpl train)")
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT, metavar="N",
-                        help=f"held-out images to encode (default: {DEFAULT_COUNT}, or all if fewer)")
+                        help=f"images to encode (default: {DEFAULT_COUNT}, or all of the split if fewer; "
+                             "a seeded random subset if more)")
+    parser.add_argument("--sample", choices=SAMPLES, default=SAMPLES[0],
+                        help="the run's split the images come from (default: heldout)")
     parser.add_argument("--bins", type=int, default=DEFAULT_BINS, metavar="B",
                         help=f"equal-width bins per latent code (default: {DEFAULT_BINS})")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="B",
@@ -344,7 +374,7 @@ def run(args) -> int:
     _check_int("bins", args.bins, 2)
     _check_int("batch_size", args.batch_size, 1)
     run_ = Run.load(folder, backend=args.backend, for_training=False)
-    result = run_factors(run_, args.count, args.bins, args.batch_size)
+    result = run_factors(run_, args.count, args.bins, args.batch_size, args.sample)
     print(format_table(result))
     written = write_factors(result, args.out_json or folder / JSON_FILE, args.out_png or folder / PNG_FILE)
     print("wrote " + ", ".join(map(str, written)))

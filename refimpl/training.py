@@ -52,7 +52,7 @@ from .runfolder import (CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, RUN_FILES, SUMMA
                         check_new_run_folder, remove_run_files)
 from .runlog import CsvLog, moving_average, read_log, verify_log
 
-STREAMS = ("init", "split", "batches", "train")
+STREAMS = ("init", "split", "batches", "train", "factors")  # new names go last: the index seeds the stream
 META_KEYS = ("step", "adam_t", "hit", "c_ma", "last_constraint_met", "train_rng", "batch_iterator", "config",
              "architecture")
 

@@ -15,7 +15,7 @@ from refimpl.data.base import ArrayImages
 from refimpl.data.dsprites import FACTOR_NAMES, FACTOR_SIZES
 from refimpl.data.shapes3d import Shapes3DArray
 from refimpl.factors import (discretize, entropy, factor_classes, factor_scores, mig, mig_gaps, mutual_information,
-                             run_factors)
+                             run_factors, sample_indices)
 from refimpl.config import RunConfig
 from refimpl.training import Run
 
@@ -209,7 +209,7 @@ def parse(*argv):
 def test_run_factors_on_a_tiny_run(tiny_run):
     run = Run.load(tiny_run, for_training=False)
     r = run_factors(run, count=5000, bins=10, batch_size=128)
-    assert r["sample_size"] == r["heldout_images"] == 300  # fewer held-out images than count: all of them
+    assert r["sample_size"] == r["pool_size"] == 300 and r["sample"] == "heldout"  # fewer than count: all of them
     assert r["factors"] == ["shape", "scale", "orientation", "posX", "posY"] and r["constant_factors"] == ["color"]
     assert r["gates"] == [1, 0, 1] and r["open_dims"] == [0, 2]
     norm = np.array(r["normalized_mi"])
@@ -224,9 +224,28 @@ def test_run_factors_on_a_tiny_run(tiny_run):
     np.testing.assert_allclose(r["factor_entropy"], [entropy(c) for c in
                                run.dataset.latents_classes(run.split[1]).T[1:]], rtol=1e-12)
     assert json.loads(json.dumps(r, allow_nan=False)) == r  # JSON-able
-    # the sample size follows count; the first count held-out images are used
-    assert run_factors(run, count=120, bins=10)["sample_size"] == 120
+    assert run_factors(run, count=120, bins=10)["sample_size"] == 120  # the sample size follows count
     assert run.model.training  # inference mode was left again
+
+
+def test_a_smaller_count_is_a_seeded_random_subset_of_the_split(tiny_run):
+    """The split's indices are sorted and dataset order follows the factors (shape first): the first
+    count of them would leave out the later shapes. A subset of the held-out (or training) split is drawn instead,
+    the same one every time."""
+    run = Run.load(tiny_run, for_training=False)
+    training, heldout = run.split
+    sample = sample_indices(run, 100)
+    assert sample.size == 100 and set(sample) <= set(heldout) and (np.diff(sample) > 0).all()
+    np.testing.assert_array_equal(sample, sample_indices(run, 100))
+    shapes = run.dataset.latents_classes(sample)[:, 1]
+    assert len(set(shapes)) == 3 and run.dataset.latents_classes(heldout[:100])[:, 1].max() < 2  # no hearts
+    from_training = sample_indices(run, 2000, "training")
+    assert from_training.size == 2000 and set(from_training) <= set(training)
+    np.testing.assert_array_equal(sample_indices(run, 10**9, "heldout"), heldout)
+    r = run_factors(run, count=800, bins=10, sample="training")
+    assert (r["sample"], r["sample_size"], r["pool_size"]) == ("training", 800, training.size)
+    with pytest.raises(ValueError, match="sample='test'"):
+        sample_indices(run, 10, "test")
 
 
 def test_cli_writes_json_and_png(tiny_run, capsys):
