@@ -8,9 +8,15 @@ side: as the reference pair ``Sequential(Upsample(2), Conv2d)`` and as the fused
 ``UpsampleConv2d``; torch runs ``nn.Upsample`` + ``nn.Conv2d`` for both. Flatten and
 Reshape are views and are left out.
 
-refimpl and torch run in the same process, interleaved (refimpl, torch, refimpl, ...),
-with the same inputs, after warm-up runs; the table reports medians. torch is optional:
-without it only the refimpl column is filled.
+torch runs each layer in both memory formats of bench/torch_configs.py's eager
+configurations: NCHW (its default) and channels_last (a copy of the module, the input and
+the upstream gradient converted to ``torch.channels_last``; 4-D inputs only, the Linear
+layers have no such layout). Every ratio is refimpl's time over the faster of the two,
+named in the tables, as bench_step.py reports against torch's fastest configuration.
+
+refimpl and torch run in the same process, interleaved (refimpl, torch NCHW, torch
+channels_last, refimpl, ...), with the same inputs, after warm-up runs; the table reports
+medians. torch is optional: without it only the refimpl column is filled.
 
     .venv/bin/python bench/bench_layers.py --batch 64 --repeats 30 --out bench/results/layers_cpu.md
 """
@@ -18,6 +24,7 @@ without it only the refimpl column is filled.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import datetime
 import gc
@@ -40,12 +47,15 @@ from refimpl.layers import BatchNorm, Conv2d, LeakyReLU, Linear, Sequential, Sig
 from refimpl.layers.upsample_conv2d import UpsampleConv2d  # noqa: E402
 from refimpl.model import paper_architecture  # noqa: E402
 from refimpl.rng import generator  # noqa: E402
+from timing import fastest  # noqa: E402
 
 try:
     import torch
 except ImportError as exc:  # torch is optional: a crosscheck extra, never a dependency
     torch = None
     TORCH_MISSING = f"PyTorch is not importable ({exc}); timing refimpl only (pip install 'refimpl[crosscheck]')"
+
+LAYOUTS = ("nchw", "channels_last")  # torch's memory formats, named as in torch_configs.py
 
 
 @dataclass(eq=False)
@@ -159,8 +169,12 @@ def nothing():
     pass
 
 
-def run_case(case, batch, dtype, repeats, warmup, xp=numpy, seed=0):
-    """(refimpl median ms, torch median ms or None): interleaved runs after ``warmup`` of each.
+def run_case(case, batch, dtype, repeats, warmup, xp=numpy, seed=0, layouts=("nchw",)):
+    """(refimpl median ms, then one torch median ms per entry of ``layouts``): interleaved runs after ``warmup``.
+
+    A torch entry is None without torch, and for "channels_last" on a 2-D input (Linear
+    layers), where that memory format does not exist. Each layout times its own copy of the
+    module, with the input and upstream gradient in that format.
 
     With ``xp`` = cupy the refimpl layer lives on the GPU and torch's module on CUDA; each
     timed call ends with a synchronize of its own side.
@@ -173,27 +187,32 @@ def run_case(case, batch, dtype, repeats, warmup, xp=numpy, seed=0):
     dy_host = rng.standard_normal(layer.forward(x, cache=False).shape).astype(dtype)
     dy = to_device(dy_host, xp)
     sync_ours = xp.cuda.Device().synchronize if gpu else nothing
-    runs = [lambda: time_ours(layer, x, dy, sync_ours)]
+    runs = {"refimpl": lambda: time_ours(layer, x, dy, sync_ours)}
     if torch is not None:
         device = "cuda" if gpu else "cpu"
         module = case.theirs().to(device=device, dtype=torch.float32 if dtype == numpy.float32 else torch.float64).train()
-        xt = torch.from_numpy(x_host.copy()).to(device).requires_grad_(True)
-        dyt = torch.from_numpy(dy_host.copy()).to(device)
         sync_theirs = torch.cuda.synchronize if gpu else nothing
-        runs.append(lambda: time_theirs(module, xt, dyt, sync_theirs))
-    times = [[] for _ in runs]
+        for layout in layouts:
+            if layout == "channels_last" and x_host.ndim != 4:
+                continue  # a memory format of 4-D tensors only
+            mf = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}[layout]
+            m = copy.deepcopy(module).to(memory_format=mf)  # converts the 4-D weights (convs)
+            xt = torch.from_numpy(x_host.copy()).to(device).contiguous(memory_format=mf).requires_grad_(True)
+            dyt = torch.from_numpy(dy_host.copy()).to(device).contiguous(memory_format=mf)
+            runs[layout] = lambda m=m, xt=xt, dyt=dyt: time_theirs(m, xt, dyt, sync_theirs)
+    times = {name: [] for name in runs}
     gc.collect()
     gc.disable()
     try:
         for r in range(warmup + repeats):
-            for run, ts in zip(runs, times):
+            for name, run in runs.items():
                 t = run()
                 if r >= warmup:
-                    ts.append(t)
+                    times[name].append(t)
     finally:
         gc.enable()
-    medians = [1e3 * statistics.median(ts) for ts in times]
-    return medians[0], (medians[1] if len(medians) > 1 else None)
+    medians = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    return (medians["refimpl"], *(medians.get(layout) for layout in layouts))
 
 
 # ---------------------------------------------------------------- environment
@@ -302,31 +321,57 @@ def ms(v):
 
 
 def model_sums(results, dtype):
-    """(refimpl with fused decoder blocks, refimpl with the reference pairs, torch or None): summed ms of
-    every layer's forward+backward; torch counts each decoder block once, the mean of its two rows."""
+    """(refimpl with fused decoder blocks, refimpl with the reference pairs, then one torch sum per torch timing
+    of the rows, None without torch): summed ms of every layer's forward+backward. torch counts each decoder block
+    once, the mean of its two rows, and a layer without a timing in a layout (channels_last: the Linear layers)
+    with its first one (NCHW), as it runs in a whole model converted to that layout."""
     rows = [(c, v) for (c, d), v in results.items() if d == dtype]
-    fused = sum(o for c, (o, _) in rows if c.variant != "pair")
-    pairs = sum(o for c, (o, _) in rows if c.variant != "fused")
-    if any(t is None for _, (_, t) in rows):
-        return fused, pairs, None
-    block_t = {}
-    for c, (_, t) in rows:
-        if c.block:
-            block_t.setdefault(c.block, []).append(t)
-    theirs = sum(t for c, (_, t) in rows if not c.block) + sum(statistics.mean(ts) for ts in block_t.values())
-    return fused, pairs, theirs
+    fused = sum(v[0] for c, v in rows if c.variant != "pair")
+    pairs = sum(v[0] for c, v in rows if c.variant != "fused")
+    sums = []
+    for k in range(1, max((len(v) for _, v in rows), default=2)):
+        ts = [(c, v[1] if v[k] is None else v[k]) for c, v in rows]
+        if any(t is None for _, t in ts):
+            sums.append(None)
+            continue
+        block_t = {}
+        for c, t in ts:
+            if c.block:
+                block_t.setdefault(c.block, []).append(t)
+        sums.append(sum(t for c, t in ts if not c.block) + sum(statistics.mean(b) for b in block_t.values()))
+    return (fused, pairs, *sums)
+
+
+def fastest_torch(theirs):
+    """(layout, ms) of the fastest of ``theirs`` (ms in LAYOUTS order, None where not timed); (None, None) if none."""
+    name, t = fastest({layout: t for layout, t in zip(LAYOUTS, theirs) if t is not None})
+    return (name, t) if name is not None else (None, None)
+
+
+def channels_last_ms(case, t):
+    """The channels_last cell: "—" where the layout does not apply (2-D input)."""
+    return ms(t) if len(case.x_shape) == 3 else "—"
 
 
 def tables(results, dtypes, totals=True):
-    """Markdown lines: the per-layer table, the pair-vs-fused table and (``totals``) per-dtype sums."""
-    lines = ["| layer | shape / op | dtype | refimpl ms | torch ms | ratio (refimpl/torch) |",
-             "|---|---|---|---:|---:|---:|"]
-    for (case, dtype), (ours, theirs) in results.items():
-        lines.append(f"| {case.name} | {case.what} | {dtype} | {ms(ours)} | {ms(theirs)} | {ratio(ours, theirs)} |")
+    """Markdown lines: the per-layer table, the pair-vs-fused table and (``totals``) per-dtype sums.
+
+    ``results``: {(case, dtype): (refimpl ms, torch NCHW ms, torch channels_last ms)}, as run_case returns
+    with ``layouts=LAYOUTS``.
+    """
+    lines = ["Ratios: refimpl over the faster torch memory format of the row (\"fastest torch\"); channels_last "
+             "—: not applicable (2-D input).", "",
+             "| layer | shape / op | dtype | refimpl ms | torch NCHW ms | torch channels_last ms | fastest torch | "
+             "ratio (refimpl/fastest torch) |", "|---|---|---|---:|---:|---:|---|---:|"]
+    for (case, dtype), (ours, *theirs) in results.items():
+        best, best_ms = fastest_torch(theirs)
+        lines.append(f"| {case.name} | {case.what} | {dtype} | {ms(ours)} | {ms(theirs[0])} | "
+                     f"{channels_last_ms(case, theirs[1])} | {best or 'n/a'} | {ratio(ours, best_ms)} |")
     lines += ["", "Decoder blocks, upsample + conv: reference pair vs fused `UpsampleConv2d` (refimpl only; torch runs "
-              "nn.Upsample + nn.Conv2d for both).", "",
-              "| block | dtype | pair ms | fused ms | speed-up (pair/fused) | torch ms (pair row, fused row) | "
-              "fused/torch |", "|---|---|---:|---:|---:|---:|---:|"]
+              "nn.Upsample + nn.Conv2d for both, in each memory format).", "",
+              "| block | dtype | pair ms | fused ms | speed-up (pair/fused) | torch NCHW ms (pair row, fused row) | "
+              "torch channels_last ms (pair row, fused row) | fastest torch | fused/fastest torch |",
+              "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     blocks = {}
     for (case, dtype), value in results.items():
         if case.block:
@@ -334,22 +379,27 @@ def tables(results, dtypes, totals=True):
     for (block, dtype), v in blocks.items():
         if len(v) < 2:  # --only selected one of the two
             continue
-        (pair, theirs), (fused, theirs2) = v["pair"], v["fused"]
+        (pair, *theirs), (fused, *theirs2) = v["pair"], v["fused"]
         # torch runs the same module in both rows: two timings far apart mean the machine was busy
-        torch_ms = statistics.mean([theirs, theirs2]) if theirs is not None else None
-        both = f"{ms(torch_ms)} ({ms(theirs)}, {ms(theirs2)})" if theirs is not None else "n/a"
-        lines.append(f"| {block} | {dtype} | {ms(pair)} | {ms(fused)} | {ratio(pair, fused)} | {both} | "
-                     f"{ratio(fused, torch_ms) if torch_ms else 'n/a'} |")
+        torch_ms = [statistics.mean([a, b]) if a is not None else None for a, b in zip(theirs, theirs2)]
+        cells = [f"{ms(t)} ({ms(a)}, {ms(b)})" if t is not None else "n/a"
+                 for t, a, b in zip(torch_ms, theirs, theirs2)]
+        best, best_ms = fastest_torch(torch_ms)
+        lines.append(f"| {block} | {dtype} | {ms(pair)} | {ms(fused)} | {ratio(pair, fused)} | {' | '.join(cells)} | "
+                     f"{best or 'n/a'} | {ratio(fused, best_ms)} |")
     if not totals:
         return lines
     lines += ["", "Sums over the layers of one forward+backward of the whole model (encoder + decoder; torch "
-              "counts each decoder block once, the mean of its two timings).", "",
-              "| dtype | refimpl, fused decoder ms | refimpl, reference pairs ms | torch ms | ratio (fused/torch) |"
-              " ratio (pairs/torch) |", "|---|---:|---:|---:|---:|---:|"]
+              "counts each decoder block once, the mean of its two timings; its channels_last sum takes the Linear "
+              "layers' NCHW times).", "",
+              "| dtype | refimpl, fused decoder ms | refimpl, reference pairs ms | torch NCHW ms | torch channels_last ms "
+              "| fastest torch | ratio (fused/fastest torch) | ratio (pairs/fastest torch) |",
+              "|---|---:|---:|---:|---:|---|---:|---:|"]
     for dtype in dtypes:
-        fused, pairs, theirs = model_sums(results, dtype)
-        lines.append(f"| {dtype} | {ms(fused)} | {ms(pairs)} | {ms(theirs)} | {ratio(fused, theirs) if theirs else 'n/a'} | "
-                     f"{ratio(pairs, theirs) if theirs else 'n/a'} |")
+        fused, pairs, *theirs = model_sums(results, dtype)
+        best, best_ms = fastest_torch(theirs)
+        lines.append(f"| {dtype} | {ms(fused)} | {ms(pairs)} | {' | '.join(ms(t) for t in theirs)} | {best or 'n/a'} | "
+                     f"{ratio(fused, best_ms)} | {ratio(pairs, best_ms)} |")
     return lines
 
 
@@ -394,6 +444,8 @@ def main(argv=None):
         parser.error("--batch must be >= 2 (BatchNorm), --repeats >= 1, --warmup >= 0, --n-latent >= 1, --threads >= 1")
 
     env = prepare(args)
+    if torch is not None:
+        env["torch memory formats"] = "NCHW and channels_last (4-D inputs); ratios against the faster"
 
     xp = get_xp(args.backend)
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
@@ -402,11 +454,14 @@ def main(argv=None):
     start = time.perf_counter()
     for dtype in dtypes:
         for case in cases:
-            ours, theirs = run_case(case, args.batch, numpy.dtype(dtype).type, args.repeats, args.warmup, xp)
-            results[(case, dtype)] = (ours, theirs)
+            ours, *theirs = run_case(case, args.batch, numpy.dtype(dtype).type, args.repeats, args.warmup, xp,
+                                     layouts=LAYOUTS)
+            results[(case, dtype)] = (ours, *theirs)
             loads.append(os.getloadavg()[0])
-            print(f"{case.name:24s} {case.what:48s} {dtype:8s} refimpl {ms(ours):>8s} ms  torch {ms(theirs):>8s} ms  "
-                  f"ratio {ratio(ours, theirs) if theirs else 'n/a'}", flush=True)
+            best, best_ms = fastest_torch(theirs)
+            print(f"{case.name:24s} {case.what:48s} {dtype:8s} refimpl {ms(ours):>8s} ms  torch NCHW "
+                  f"{ms(theirs[0]):>8s} ms  channels_last {channels_last_ms(case, theirs[1]):>8s} ms  "
+                  f"ratio {ratio(ours, best_ms)} ({best or 'n/a'})", flush=True)
     env["load average at end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     env["1-minute load average during the run"] = f"min {min(loads):.2f}, max {max(loads):.2f} (sampled after each layer)"
     env["bench wall time"] = f"{time.perf_counter() - start:.0f} s"
@@ -418,7 +473,8 @@ def main(argv=None):
         header = [f"# Per-layer forward+backward time: refimpl {peer}", "",
                   "Generated by `bench/bench_layers.py` (see bench/README.md). Each time is one training-mode forward "
                   "plus one backward (dx and parameter gradients) of one layer at its shape in the paper's 64x64x3 "
-                  f"model, n = {args.n_latent}.", ""]
+                  f"model, n = {args.n_latent}. torch runs each layer in NCHW and in channels_last; ratios are against "
+                  "the faster of the two.", ""]
         header += [f"- {k}: {v}" for k, v in env.items()] + [""]
         text = "\n".join(header + lines) + "\n"
         atomic_write(args.out, lambda f: f.write(text.encode()))
