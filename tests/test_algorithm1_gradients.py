@@ -166,7 +166,9 @@ def test_gradients_two_steps_in_where_c_ma_differs_from_c(config, seed):
     if gamma is not None:
         model.params["gamma"][...] = gamma
     state.hit = hit
-    train_step(state, generator(seed + 4).uniform(0, 1, (batch, 1, 8, 8)), generator(seed + 5))  # the history
+    # the history: darker images (x^4, mean 1/5) than the checked batch's (mean 1/2), so that C_prev and C
+    # differ by far more than draw-to-draw noise (two uniform batches once gave |C_ma - C| = 0.008)
+    train_step(state, generator(seed + 4).uniform(0, 1, (batch, 1, 8, 8)) ** 4, generator(seed + 5))
     c_ma_before = state.c_ma
     x = generator(seed + 1).uniform(0, 1, (batch, 1, 8, 8))
     record = run_step(state, x, seed + 2)
