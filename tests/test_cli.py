@@ -17,7 +17,7 @@ from refimpl import checkpoint as ckpt
 from refimpl.algorithm1 import OPTIONS, Hyper
 from refimpl.backend import to_host
 from refimpl.cli import build_parser, main
-from refimpl.evaluate import load_export
+from refimpl.evaluate import load_export, spread_indices
 from refimpl.runlog import read_log
 from refimpl.training import Run
 
@@ -183,6 +183,38 @@ def test_reconstruct_wraps_rows_and_caps_the_count(trained, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "refimpl reconstruct: error: --count: 5000 images; at most 256 fit one PNG (16 to a row): ask for fewer"
     assert not (tmp_path / "big.png").exists()
+
+
+def test_reconstruct_several_runs_is_figure3s_grid(trained, tmp_path, capsys):
+    """Originals, then one row per run, same images; the runs must share dataset and size; --out is required."""
+    from PIL import Image
+
+    second = tmp_path / "second"
+    assert main(["train", *TINY, "--tau", "1", "--batches", "3", "--out", str(second)]) == 0
+    one, two = Run.load(trained, for_training=False), Run.load(second, for_training=False)
+    out = tmp_path / "fig3.png"
+    capsys.readouterr()
+    assert main(["reconstruct", str(trained), str(second), "--count", "6", "--scale", "1", "--out", str(out)]) == 0
+    image = numpy.asarray(Image.open(out), dtype=float) / 255
+    assert image.shape == (3 * 10 + 2, 6 * 10 + 2)  # three rows of 6
+    indices = spread_indices(one.split[1], 6)
+    cells = [image[2 + 10 * r: 10 + 10 * r, 2:10] for r in range(3)]  # the first image of each row
+    expected = [to_host(one.images(indices[:1]))[0, 0], to_host(one.model.reconstruct(one.images(indices[:1])))[0, 0],
+                to_host(two.model.reconstruct(two.images(indices[:1])))[0, 0]]
+    for cell, want in zip(cells, expected):
+        numpy.testing.assert_allclose(cell, want, atol=1 / 255 + 1e-9)
+    printed = capsys.readouterr().out
+    assert f"row 2: {trained}: tau 40, " in printed and f"row 3: {second}: tau 1, " in printed
+
+    assert main(["reconstruct", str(trained), str(second), "--count", "6"]) == 2
+    assert "--out: several runs need an output file" in capsys.readouterr().err
+    assert main(["reconstruct", str(trained), str(second), "--count", "17", "--out", str(out)]) == 2
+    assert "at most 16" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert main(["train", "--image-size", "16", "--channels", "2,2", *TINY[4:], "--tau", "1", "--batches", "1",
+                 "--out", str(other)]) == 0
+    assert main(["reconstruct", str(trained), str(other), "--out", str(out)]) == 2
+    assert "one dataset and size per grid" in capsys.readouterr().err
 
 
 def test_image_grid_labels_each_column():
