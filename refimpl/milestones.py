@@ -39,6 +39,7 @@ from .runfolder import LOG_FILE, MILESTONES_FILE
 PROG = "refimpl milestones"
 TAIL = 500  # batches averaged at the end of the run
 MIN_STRETCH = 50  # shortest stretch of C_ma >= 0 after the first dive that is reported
+MAX_LISTED = 8  # stretches listed in the Markdown report (the longest)
 
 
 def _int(x) -> int:
@@ -111,9 +112,11 @@ def to_markdown(m: dict, title: str) -> str:
              "- C_ma < 0 (E2 under tau on average) first at batch "
              + ("(never)" if m["c_ma_below_zero_from"] is None else f"{m['c_ma_below_zero_from']:,}")]
     stretches = m["violated_again"]
+    shown = sorted(sorted(stretches, key=lambda s: s["from"] - s["to"])[:MAX_LISTED], key=lambda s: s["from"])
     lines.append(f"- C_ma >= 0 again after that, for {m['min_stretch']} batches or more: {len(stretches)} time(s)"
+                 + (f" (the {MAX_LISTED} longest listed; all in --json)" if len(shown) < len(stretches) else "")
                  + "".join(f"\n  - batches {s['from']:,}-{s['to']:,}: lambda' up to {s['lambda_peak']:.3g} "
-                           f"(batch {s['lambda_peak_batch']:,})" for s in stretches))
+                           f"(batch {s['lambda_peak_batch']:,})" for s in shown))
     lines.append("- open gates (staircase): " + " -> ".join(f"{count} (batch {step:,})" for step, count in m["staircase"])
                  + f"; reopenings: {m['reopenings']}")
     if m["gates"]:

@@ -46,7 +46,12 @@ def test_events_of_a_constructed_log():
     t = m["tail"]
     assert t["batches"] == 50 and t["open_gates_last"] == 2
     assert t["E2_mean"] == pytest.approx(numpy.linspace(30, 10, 200)[-50:].mean(), rel=1e-12)
-    assert ms.milestones(constructed_log(), min_stretch=5)["violated_again"][1]["from"] == 180
+    short = ms.milestones(constructed_log(), min_stretch=5)
+    assert [s["from"] for s in short["violated_again"]] == [100, 180]
+    assert "longest listed" not in ms.to_markdown(short, "x")
+    monkey = dict(short, violated_again=short["violated_again"] * 5)  # 10 stretches: the 8 longest are listed
+    text = ms.to_markdown(monkey, "x")
+    assert "10 time(s) (the 8 longest listed; all in --json)" in text and text.count("batches 180-185") == 3
     text = ms.to_markdown(m, "made-up")
     for words in ("peak 2 at batch 40", "first at batch 50", "batches 100-159", "3 (batch 1) -> 2 (batch 120) -> "
                   "1 (batch 150) -> 2 (batch 170); reopenings: 1", "gate 1: closed at 120, opened at 170",
