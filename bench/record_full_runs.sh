@@ -4,6 +4,7 @@
 # `refimpl train --out DIR --resume`, see docs/claims.md):
 #   RUN/plot.png              Figure 1 of the run, gate by gate, with reconstructions
 #   RUN/milestones.md         Section 4.1's events read off log.csv
+#   RUN/eval.json             held-out error with the inference gates and with all open
 #   RUN/factors.json, .png    which factor each dimension holds: the 1,000 held-out images
 #   RUN/factors-training.*    the same on 5,000 training images (a tighter estimate)
 #   RUN/reconstructions.png   16 held-out originals over their reconstructions
@@ -15,6 +16,7 @@ REFIMPL=${REFIMPL:-.venv/bin/refimpl}
 for run in "$FULL"/dsprites64-n10-tau20 "$FULL"/dsprites64-n10-tau35; do
     $REFIMPL plot "$run"
     $REFIMPL milestones "$run" > /dev/null
+    $REFIMPL evaluate "$run"
     $REFIMPL factors "$run" --count 5000
     $REFIMPL factors "$run" --count 5000 --sample training \
         --out-json "$run/factors-training.json" --out-png "$run/factors-training.png"

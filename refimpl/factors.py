@@ -24,6 +24,15 @@ x and y. Where a dataset's generative factors are known, this module measures it
 4. MIG (Chen et al. 2018): for each factor, the largest normalised MI over the *open*
    dimensions minus the second largest (0 if only one dimension is open; the gap is 0
    if none is); MIG is the mean over factors.
+5. The open dimensions *together* (:func:`joint_scores`): steps 3-4 score one dimension
+   at a time, so a code that holds x and y in two rotated axes (z_0 = x + y,
+   z_1 = x - y) scores low on both although together they hold both exactly. For
+   each factor, a k-nearest-neighbour classifier (k = 10, Euclidean on the open codes
+   scaled to unit variance, majority vote, ties to the nearer neighbours) is trained
+   on one half of the sample (alternate positions) and predicts the other, and vice
+   versa; reported are its accuracy and I(v_k; prediction) / H(v_k). By the data
+   processing inequality the latter is a lower bound (up to its plug-in bias, listed
+   as ``chance``) on I(open codes; v_k) / H(v_k), which no single-dimension number is.
 
 Reading the numbers:
 
@@ -41,7 +50,8 @@ Reading the numbers:
   every 90 degrees, the ellipse every 180, and classes 0 and 39 are the same angle.
 
 Functions on arrays: :func:`entropy`, :func:`mutual_information`, :func:`discretize`,
-:func:`mig_gaps`, :func:`mig`, :func:`factor_scores`. On a run: :func:`run_factors`
+:func:`mig_gaps`, :func:`mig`, :func:`factor_scores`, :func:`knn_predict`,
+:func:`joint_scores`. On a run: :func:`run_factors`
 (a JSON-able dict), :func:`format_table`, :func:`write_factors` (``RUN/factors.json``
 atomically, and the heatmap ``RUN/factors.png`` when matplotlib is installed).
 
@@ -65,6 +75,7 @@ from .optionspec import OptionError
 JSON_FILE = "factors.json"
 PNG_FILE = "factors.png"
 DEFAULT_COUNT, DEFAULT_BINS, DEFAULT_BATCH = 5000, 20, 250
+JOINT_K = 10  # neighbours of the joint k-NN classifier (step 5)
 SAMPLES = ("heldout", "training")  # which split of the run the images come from
 SAMPLE_WORDS = {"heldout": "held-out", "training": "training"}
 
@@ -186,6 +197,70 @@ def factor_scores(codes, factors, bins: int = DEFAULT_BINS, open_dims=None) -> d
             "sample_size": int(binned.shape[0])}
 
 
+def knn_predict(train_x, train_y, test_x, k: int = JOINT_K, chunk: int = 512) -> numpy.ndarray:
+    """Majority vote of the k nearest (Euclidean) training points for each test point.
+
+    train_x: (N, d) float; train_y: (N,) int labels; test_x: (M, d). Returns (M,) labels.
+    Ties go to the label whose votes come from the nearer neighbours (each vote weighs
+    1 + 1e-3 (k - rank) / k, rank 0 the nearest).
+    """
+    train_x, test_x = numpy.asarray(train_x, numpy.float64), numpy.asarray(test_x, numpy.float64)
+    labels, n_labels = _discrete(train_y)
+    values = numpy.unique(numpy.asarray(train_y))
+    k = min(_check_int("k", k, 1), train_x.shape[0])
+    weight = 1.0 + 1e-3 * (k - numpy.arange(k)) / k
+    out = numpy.empty(test_x.shape[0], dtype=values.dtype)
+    sq_train = (train_x ** 2).sum(axis=1)
+    for start in range(0, test_x.shape[0], chunk):
+        t = test_x[start:start + chunk]
+        d2 = sq_train[None, :] - 2.0 * t @ train_x.T  # + |t|^2, the same for every training point
+        near = numpy.argpartition(d2, k - 1, axis=1)[:, :k]
+        near = numpy.take_along_axis(near, numpy.argsort(numpy.take_along_axis(d2, near, 1), 1, kind="stable"), 1)
+        votes = numpy.zeros((t.shape[0], n_labels))
+        numpy.add.at(votes, (numpy.arange(t.shape[0])[:, None], labels[near]), weight[None, :])
+        out[start:start + chunk] = values[votes.argmax(axis=1)]
+    return out
+
+
+def joint_scores(codes, factors, k: int = JOINT_K) -> dict:
+    """What the given codes hold *together* about each factor (module docstring, step 5).
+
+    codes: (N, d) float, the open dimensions (d >= 1, N >= 2); factors: (N, K) int classes,
+    none constant. Two-fold k-NN: even positions predict odd ones and vice versa (k at most
+    N // 2, the size of a half; the ``k`` returned is the one used). Returns
+    host arrays (K,): ``normalized`` = I(v_k; prediction) / H(v_k), ``accuracy``,
+    ``majority`` (the accuracy of always guessing the commonest class), ``chance``
+    = (R_k - 1)^2 / (2 N H(v_k)) (the plug-in bias), and ``k``.
+    """
+    codes = numpy.asarray(codes, dtype=numpy.float64)
+    factors = numpy.asarray(factors)
+    if codes.ndim != 2 or codes.shape[1] == 0 or codes.shape[0] < 2:
+        raise ValueError(f"codes of shape {codes.shape}: expected (N, d) with d >= 1 and N >= 2")
+    k = min(_check_int("k", k, 1), codes.shape[0] // 2)  # a half holds N // 2 or more
+    if factors.ndim != 2 or factors.shape[0] != codes.shape[0]:
+        raise ValueError(f"factors of shape {factors.shape}: expected ({codes.shape[0]}, K)")
+    if not numpy.isfinite(codes).all():
+        raise ValueError("codes: non-finite values")
+    scale = codes.std(axis=0)
+    x = (codes - codes.mean(axis=0)) / numpy.where(scale > 0, scale, 1.0)
+    halves = (numpy.arange(x.shape[0]) % 2 == 0, numpy.arange(x.shape[0]) % 2 == 1)
+    h = numpy.array([entropy(factors[:, f]) for f in range(factors.shape[1])])
+    if (h == 0).any():
+        raise ValueError(f"factor columns {numpy.nonzero(h == 0)[0].tolist()} are constant over the sample")
+    normalized, accuracy, majority, chance = (numpy.zeros(factors.shape[1]) for _ in range(4))
+    for f in range(factors.shape[1]):
+        y = factors[:, f]
+        predicted = numpy.empty_like(y)
+        for train, test in (halves, halves[::-1]):
+            predicted[test] = knn_predict(x[train], y[train], x[test], k)
+        normalized[f] = min(1.0, mutual_information(y, predicted) / h[f])
+        accuracy[f] = float((predicted == y).mean())
+        values, counts = numpy.unique(y, return_counts=True)
+        majority[f] = counts.max() / y.size
+        chance[f] = min(1.0, (values.size - 1) ** 2 / (2 * y.size * h[f]))
+    return {"normalized": normalized, "accuracy": accuracy, "majority": majority, "chance": chance, "k": int(k)}
+
+
 # ----------------------------------------------------------------------------------------
 # A run
 
@@ -249,7 +324,9 @@ def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch
     constant_factors (dropped), factor_entropy, bound, chance, gates, open_dims,
     mutual_information (n x K, nats), normalized_mi (n x K), mig_gap (factor -> gap),
     mig_dims (factor -> [largest, second] dims, null where none), mig, best_factor
-    (per dimension: dim, open, factor, normalized_mi).
+    (per dimension: dim, open, factor, normalized_mi), joint (the open dimensions
+    together, :func:`joint_scores`: k, and factor -> value dicts normalized_mi,
+    accuracy, majority, chance; null when no gate is open).
     """
     count = _check_int("count", count, 1)
     bins = _check_int("bins", bins, 2)
@@ -264,6 +341,12 @@ def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch
     s = factor_scores(codes, classes[:, varying], bins, open_dims=gates)
     kept = [names[f] for f in varying]
     norm = s["normalized"]
+    joint = None
+    if gates.any():
+        j = joint_scores(codes[:, gates], classes[:, varying])
+        joint = {"k": j["k"], **{key: dict(zip(kept, j[name].tolist())) for key, name in
+                                 (("normalized_mi", "normalized"), ("accuracy", "accuracy"),
+                                  ("majority", "majority"), ("chance", "chance"))}}
     return {
         "run": str(run.out), "step": int(run.state.step), "dataset": run.config.dataset,
         "n_latent": int(run.model.n_latent), "sample": sample, "sample_size": int(held.size),
@@ -277,6 +360,7 @@ def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch
         "mig": s["mig"],
         "best_factor": [{"dim": j, "open": bool(gates[j]), "factor": kept[int(norm[j].argmax())],
                          "normalized_mi": float(norm[j].max())} for j in range(norm.shape[0])],
+        "joint": joint,
     }
 
 
@@ -300,6 +384,13 @@ def format_table(result: dict) -> str:
     n_open = len(result["open_dims"])
     gaps = ", ".join(f"{k} {g:.3f}" for k, g in result["mig_gap"].items())
     lines.append(f"MIG over the {n_open} open dimension{'s' if n_open != 1 else ''}: {result['mig']:.4f} ({gaps})")
+    joint = result["joint"]
+    if joint is not None:
+        lines.append(f"the {n_open} open dimension{'s' if n_open != 1 else ''} together "
+                     f"({joint['k']}-NN classifier, two-fold; a lower bound on I(open z; v_k) / H(v_k)):")
+        for key, label in (("normalized_mi", "I(v;pred)/H"), ("chance", "chance"),
+                           ("accuracy", "accuracy"), ("majority", "majority")):
+            lines.append(f"{label:>12} " + " ".join(f"{joint[key][n]:>{width}.3f}" for n in names))
     return "\n".join(lines)
 
 
@@ -309,6 +400,10 @@ def draw_heatmap(result: dict, path) -> Path | None:
     if plt is None:
         return None
     norm = numpy.asarray(result["normalized_mi"])
+    labels = [f"z{b['dim']}" + ("" if b["open"] else " (closed)") for b in result["best_factor"]]
+    if result.get("joint") is not None:  # the open dimensions together, as the last row
+        norm = numpy.vstack([norm, [result["joint"]["normalized_mi"][f] for f in result["factors"]]])
+        labels.append(f"open together ({result['joint']['k']}-NN)")
     n, k = norm.shape
     fig, ax = plt.subplots(figsize=(1.2 * k + 2.5, 0.45 * n + 1.8))
     image = ax.imshow(norm, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
@@ -317,7 +412,9 @@ def draw_heatmap(result: dict, path) -> Path | None:
             ax.text(f, j, f"{norm[j, f]:.2f}", ha="center", va="center", fontsize=8,
                     color="black" if norm[j, f] > 0.6 else "white")
     ax.set_xticks(range(k), result["factors"])
-    ax.set_yticks(range(n), [f"z{b['dim']}" + ("" if b["open"] else " (closed)") for b in result["best_factor"]])
+    ax.set_yticks(range(n), labels)
+    if len(labels) > len(result["best_factor"]):
+        ax.axhline(n - 1.5, color="white", linewidth=2)
     ax.set_title(f"{result['dataset']}, step {result['step']}, {result['sample_size']} {SAMPLE_WORDS[result['sample']]} images, "
                  f"{result['bins']} bins: MIG {result['mig']:.3f}", fontsize=10)
     fig.colorbar(image, ax=ax, label="I(z_j; v_k) / H(v_k)")

@@ -14,8 +14,8 @@ from refimpl import factors
 from refimpl.data.base import ArrayImages
 from refimpl.data.dsprites import FACTOR_NAMES, FACTOR_SIZES
 from refimpl.data.shapes3d import Shapes3DArray
-from refimpl.factors import (discretize, entropy, factor_classes, factor_scores, mig, mig_gaps, mutual_information,
-                             run_factors, sample_indices)
+from refimpl.factors import (discretize, entropy, factor_classes, factor_scores, joint_scores, knn_predict, mig,
+                             mig_gaps, mutual_information, run_factors, sample_indices)
 from refimpl.config import RunConfig
 from refimpl.training import Run
 
@@ -154,6 +154,59 @@ def test_mig_only_over_open_dims_and_with_one_open_dim():
         mig(norm, [True, False])
 
 
+# ----------------------------------------------------------------------------------------
+# The open dimensions together (k-NN)
+
+
+def test_knn_predict_votes_the_nearest_labels_and_breaks_ties_by_distance():
+    train_x = np.array([[0.0], [0.1], [0.2], [5.0], [5.1], [5.2]])
+    train_y = np.array([7, 7, 7, 2, 2, 2])
+    np.testing.assert_array_equal(knn_predict(train_x, train_y, [[0.05], [4.9], [2.0], [3.0]], k=3), [7, 2, 7, 2])
+    # k = 2 with one neighbour of each label: the nearer one wins
+    x, y = np.array([[0.0], [1.0]]), np.array([3, 9])
+    np.testing.assert_array_equal(knn_predict(x, y, [[0.4], [0.6]], k=2), [3, 9])
+    # chunks change nothing; k larger than the training set is capped
+    rng = np.random.default_rng(0)
+    a, b, t = rng.standard_normal((300, 3)), rng.integers(0, 5, 300), rng.standard_normal((101, 3))
+    np.testing.assert_array_equal(knn_predict(a, b, t, k=7, chunk=10), knn_predict(a, b, t, k=7))
+    assert set(knn_predict(x, y, [[0.5]], k=50)) <= {3, 9}
+
+
+def test_two_rotated_dimensions_hold_two_factors_jointly_which_single_dims_miss():
+    """z0 = x + y, z1 = x - y: each dimension alone says little about x or y, the two together say all."""
+    rng = np.random.default_rng(6)
+    f = np.stack([rng.integers(0, 8, 4000), rng.integers(0, 8, 4000), rng.integers(0, 3, 4000)], axis=1)
+    codes = np.stack([f[:, 0] + f[:, 1], f[:, 0] - f[:, 1]], axis=1) + 0.01 * rng.standard_normal((4000, 2))
+    single = factor_scores(codes, f, bins=64)["normalized"]
+    assert single[:, :2].max() < 0.45  # one dimension: at most about a third of x or y
+    j = joint_scores(codes, f)
+    assert (j["normalized"][:2] > 0.97).all() and (j["accuracy"][:2] > 0.99).all()
+    assert j["normalized"][2] < j["chance"][2] + 0.01  # the third factor is in neither
+    assert abs(j["accuracy"][2] - 1 / 3) < 0.05 and j["majority"][2] == pytest.approx(
+        np.bincount(f[:, 2]).max() / 4000)
+    np.testing.assert_allclose(j["chance"], [49 / (8000 * entropy(f[:, k])) for k in range(2)] + [
+        4 / (8000 * entropy(f[:, 2]))])
+    # unit-variance scaling: a dimension multiplied by 1000 changes nothing
+    scaled = joint_scores(codes * [1000.0, 1.0], f)
+    np.testing.assert_allclose(scaled["normalized"], j["normalized"], atol=0.01)
+
+
+def test_joint_scores_rejects_bad_input():
+    f = dsprites_factors(100)
+    with pytest.raises(ValueError, match=r"codes of shape \(100, 0\)"):
+        joint_scores(np.zeros((100, 0)), f)
+    with pytest.raises(ValueError, match=r"factors of shape \(99, 5\)"):
+        joint_scores(np.zeros((100, 2)), f[:99])
+    with pytest.raises(ValueError, match=r"codes of shape \(1, 2\)"):
+        joint_scores(np.zeros((1, 2)), f[:1])
+    tiny = joint_scores(np.arange(16.0)[:, None], f[:16])  # a sample smaller than 2k: k is N // 2
+    assert tiny["k"] == 8 and ((tiny["normalized"] >= 0) & (tiny["normalized"] <= 1)).all()
+    with pytest.raises(ValueError, match="non-finite"):
+        joint_scores(np.full((100, 2), np.nan), f)
+    with pytest.raises(ValueError, match=r"constant"):
+        joint_scores(np.random.default_rng(0).standard_normal((100, 2)), np.zeros((100, 1), int))
+
+
 def test_factor_scores_rejects_constant_factors_and_bad_shapes():
     f = dsprites_factors(100)
     with pytest.raises(ValueError, match=r"factor columns \[1\] are constant"):
@@ -223,9 +276,25 @@ def test_run_factors_on_a_tiny_run(tiny_run):
     assert [b["factor"] for b in best] == [r["factors"][int(i)] for i in norm.argmax(axis=1)]
     np.testing.assert_allclose(r["factor_entropy"], [entropy(c) for c in
                                run.dataset.latents_classes(run.split[1]).T[1:]], rtol=1e-12)
+    joint = r["joint"]  # the open dims 0 and 2 together
+    assert joint["k"] == factors.JOINT_K and set(joint) == {"k", "normalized_mi", "accuracy", "majority", "chance"}
+    assert all(list(joint[key]) == r["factors"] and all(0.0 <= v <= 1.0 for v in joint[key].values())
+               for key in ("normalized_mi", "accuracy", "majority", "chance"))
+    codes = factors.encode(run, run.split[1])
+    expected = joint_scores(codes[:, [0, 2]], run.dataset.latents_classes(run.split[1])[:, 1:])
+    assert list(joint["normalized_mi"].values()) == pytest.approx(expected["normalized"].tolist(), abs=1e-12)
     assert json.loads(json.dumps(r, allow_nan=False)) == r  # JSON-able
     assert run_factors(run, count=120, bins=10)["sample_size"] == 120  # the sample size follows count
     assert run.model.training  # inference mode was left again
+
+
+def test_with_every_gate_closed_there_is_no_joint_score(tiny_run):
+    run = Run.load(tiny_run, for_training=False)
+    run.model.params["gamma"][...] = -1.0
+    r = run_factors(run, count=100, bins=10)
+    assert r["open_dims"] == [] and r["joint"] is None and r["mig"] == 0.0
+    table = factors.format_table(r)
+    assert "MIG over the 0 open dimensions" in table and "together" not in table
 
 
 def test_a_smaller_count_is_a_seeded_random_subset_of_the_split(tiny_run):
@@ -252,6 +321,7 @@ def test_cli_writes_json_and_png(tiny_run, capsys):
     assert factors.run(parse(tiny_run, "--count", 200, "--bins", 8)) == 0
     out = capsys.readouterr().out
     assert "200 of 300 held-out images" in out and "closed" in out and "MIG over the 2 open dimensions" in out
+    assert "the 2 open dimensions together (10-NN classifier" in out
     written = json.loads((tiny_run / "factors.json").read_text())
     assert written["sample_size"] == 200 and written["bins"] == 8 and written["gates"] == [1, 0, 1]
     assert (tiny_run / "factors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
