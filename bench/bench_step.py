@@ -49,6 +49,7 @@ import numpy  # noqa: E402
 
 import timing  # noqa: E402
 from refimpl.algorithm1 import Hyper, init_state, train_step  # noqa: E402
+from refimpl.device_step import DeviceStep  # noqa: E402
 from refimpl.atomic import atomic_write  # noqa: E402
 from refimpl.backend import get_xp, to_device  # noqa: E402
 from refimpl.model import GatedVAE, paper_architecture  # noqa: E402
@@ -62,13 +63,21 @@ except ImportError as exc:
     TORCH_MISSING = f"PyTorch is not importable ({exc}); timing refimpl only"
 
 
-def refimpl_step(dtype, gated, n_latent, x_host, xp, seed=0, fused=None):
-    """(model, closure running one refimpl training step on x) on backend ``xp``."""
+def refimpl_step(dtype, gated, n_latent, x_host, xp, seed=0, fused=None, device_step=False):
+    """(model, closure running one refimpl training step on x) on backend ``xp``.
+
+    ``device_step``: time :class:`refimpl.device_step.DeviceStep` (no host reads mid-step; its
+    one transfer of the logged scalars included) instead of ``train_step``; gated steps only.
+    """
     model = GatedVAE(paper_architecture(x_host.shape[1:]), n_latent, rng=generator(seed), xp=xp, dtype=dtype,
                      fused=fused)
     state = init_state(model, Hyper(tau=1e9 if gated else 0.0))
     state.hit = gated
     rng, x = generator(seed + 1), to_device(x_host, xp, dtype)
+    if device_step and gated:
+        state.c_ma = 0.0  # as after a first step
+        fast = DeviceStep(state)
+        return model, lambda: fast.host_log(fast(x, rng))
     return model, lambda: train_step(state, x, rng)
 
 
@@ -161,7 +170,8 @@ def time_sides(sides, sync, repeats, warmup, row):
             row.times[name].append(time.perf_counter() - t0)
 
 
-def run(repeats, warmup, batch, n_latent, channels_list, dtypes, backend, memory=True, configs=None, steps=(True, False)):
+def run(repeats, warmup, batch, n_latent, channels_list, dtypes, backend, memory=True, configs=None, steps=(True, False),
+        device_step=False):
     """Time every case (channels x dtype x gated/plain) on every side; a list of Rows."""
     rows = []
     xp, device, sync_ours, sync_theirs = device_tools(backend)
@@ -175,7 +185,7 @@ def run(repeats, warmup, batch, n_latent, channels_list, dtypes, backend, memory
                     xp.get_default_memory_pool().free_all_blocks()
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                model, ours = refimpl_step(dtype, gated, n_latent, x, xp)
+                model, ours = refimpl_step(dtype, gated, n_latent, x, xp, device_step=device_step)
                 sides, sync = {"refimpl": ours}, {"refimpl": sync_ours}
                 for name in names:
                     sides[name], sync[name] = torch_step(model, dtype, gated, x, device, name), sync_theirs
@@ -259,6 +269,9 @@ def main(argv=None):
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                    help="numpy: against PyTorch CPU; cupy: against PyTorch CUDA on the same GPU")
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the peak-memory processes")
+    p.add_argument("--device-step", action="store_true",
+                   help="time refimpl's gated step as DeviceStep (refimpl/device_step.py: no host reads mid-step, "
+                        "for GPUs) instead of train_step")
     p.add_argument("--out", help="write the tables as markdown to this file (atomically)")
     args = p.parse_args(argv)
     if torch is None:
@@ -270,7 +283,7 @@ def main(argv=None):
             "machine": side_by_side.gpu_setup(torch)})
     start = time.perf_counter()
     rows = run(args.repeats, args.warmup, args.batch, args.latent, args.channels, dtypes, args.backend,
-               memory=not args.no_memory, configs=args.configs, steps=steps)
+               memory=not args.no_memory, configs=args.configs, steps=steps, device_step=args.device_step)
     env["load average at end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     if args.out:
         text = to_markdown(rows, args, env, time.perf_counter() - start)

@@ -4,8 +4,9 @@
 #   2. the whole test suite again with REFIMPL_BACKEND=cupy, so every test that takes the
 #      default backend (the CLI runs among them) computes on the GPU;
 #   3. a short `refimpl train --backend cupy` on synthetic dSprites, timed against numpy;
-#   4. bench_step.py (one process), separate_processes.py (each side alone, alternated) and
-#      bench_layers.py against every PyTorch CUDA configuration on the same GPU;
+#   4. bench_step.py (one process; the gated step also as refimpl/device_step.py's DeviceStep,
+#      which reads nothing back mid-step), separate_processes.py (each side alone, alternated)
+#      and bench_layers.py against every PyTorch CUDA configuration on the same GPU;
 #   5. profile_step.py with refimpl/kernels.py's fused kernels on and off, alternating.
 # Run from the repository root, with python3 holding cupy, torch (CUDA), pytest and
 # hypothesis. Logs and tables go to $OUT (default bench/results/gpu).
@@ -46,6 +47,8 @@ step train_cupy train cupy
 step train_numpy train numpy
 
 step bench_step $PY bench/bench_step.py --backend cupy --repeats 100 --warmup 10 --out "$OUT/step_gpu.md"
+step bench_step_device $PY bench/bench_step.py --backend cupy --repeats 100 --warmup 10 --step gated --device-step \
+    --out "$OUT/step_gpu_device_step.md"
 step bench_step_separate $PY bench/separate_processes.py --backend cupy --steps 100 --warmup 10 \
     --out "$OUT/step_gpu_separate.md" --json "$OUT/step_gpu_separate.json"
 step bench_layers $PY bench/bench_layers.py --backend cupy --repeats 100 --warmup 10 --out "$OUT/layers_gpu.md"

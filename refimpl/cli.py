@@ -53,6 +53,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--repair-log", action="store_true",
                    help="with --resume: drop damaged lines of log.csv when every row up to the checkpoint is there")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device-step", action="store_true",
+                   help="after the first hit, Algorithm 1's step without host reads (refimpl/device_step.py): "
+                        "for GPUs; the same numbers up to the last bit of lambda'")
     p.set_defaults(func=cmd_train)
 
     # -- evaluate
@@ -131,7 +134,7 @@ def cmd_train(args) -> int:
         print(f"training {run.config.dataset} {'x'.join(map(str, run.arch.image_shape))}, n={run.config.latent}, "
               f"tau={run.hyper.tau:g}, {run.schedule.batches} batches of {run.config.batch_size} on {run.backend}; "
               f"run folder {out}", flush=True)
-    summary = run.train(batches, checkpoint_every, progress=not args.quiet)
+    summary = run.train(batches, checkpoint_every, progress=not args.quiet, device_step=args.device_step)
     print(f"done: {summary['step']} batches in {summary['elapsed_s']:.0f} s; {out}/checkpoint.npz")
     print(f"  open gates: {summary['open_gates']}/{summary['n_latent']} {''.join(map(str, summary['gates']))}")
     if summary.get("E2_ma95") is not None:

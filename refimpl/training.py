@@ -39,6 +39,7 @@ import numpy
 from . import checkpoint as ckpt
 from . import memory
 from .algorithm1 import init_state, train_step
+from .device_step import DeviceStep, applies
 from .atomic import remove_stale_temporaries, write_json
 from .backend import backend_name, get_dtype, get_xp, to_device, to_host
 from .config import RunConfig, Schedule, config_differences, new_config
@@ -336,12 +337,14 @@ class Run:
     # -- training
 
     def train(self, batches: int | None = None, checkpoint_every: int | None = None, progress: bool = True,
-              log_interval=10.0, stop=None) -> dict:
+              log_interval=10.0, stop=None, device_step: bool = False) -> dict:
         """Run Algorithm 1 until ``batches`` steps in total (default: the run's target); returns the summary.
 
         ``checkpoint_every``: default the run's own. Both become the run's schedule.
         ``stop``: a callable asked before every step; when it says True the run stops as on
         SIGTERM (a sweep's workers, which receive no signals, stop this way).
+        ``device_step``: from the first hit on, run :class:`refimpl.device_step.DeviceStep` (the
+        step without host reads, for GPUs) instead of :func:`refimpl.algorithm1.train_step`.
         Raises :class:`NonFiniteLoss` (no checkpoint written) or :class:`TrainingInterrupted`
         (checkpoint written) instead of finishing. Holds the folder's lock throughout (taking
         it if the run does not hold it yet) and releases it at the end, however it ends.
@@ -358,16 +361,18 @@ class Run:
         if self._lock is None:
             self._lock = RunLock(self.out).acquire()
         try:
-            return self._train(int(batches), int(checkpoint_every), progress, log_interval, stop)
+            return self._train(int(batches), int(checkpoint_every), progress, log_interval, stop, device_step)
         finally:
             self.close()
 
-    def _train(self, batches: int, checkpoint_every: int, progress: bool, log_interval, stop) -> dict:
+    def _train(self, batches: int, checkpoint_every: int, progress: bool, log_interval, stop,
+               device_step: bool = False) -> dict:
         self.schedule = Schedule(batches, checkpoint_every)
         self.batch_order  # opens the dataset before the log
         state, tau = self.state, self.hyper.tau
         self._log = CsvLog(self.out / LOG_FILE)
         bar = Progress(batches, state.step, self.config.latent, enabled=progress, interval=log_interval)
+        fast = None  # the DeviceStep, once it applies
         try:
             with StopOnSignal() as signalled, numpy.errstate(all="ignore"):
                 while state.step < batches:  # Alg. 1 l. 2: foreach x_i in D
@@ -376,7 +381,13 @@ class Run:
                     if signalled.signum is not None:
                         break
                     t0 = time.perf_counter()
-                    log = train_step(state, self.next_batch(), self.train_rng)  # l. 3-31
+                    if device_step and fast is None and applies(state):
+                        fast = DeviceStep(state)
+                    x = self.next_batch()
+                    if fast is None:
+                        log = train_step(state, x, self.train_rng)  # l. 3-31
+                    else:
+                        log = fast.host_log(fast(x, self.train_rng))  # the same, without host reads mid-step
                     seconds = time.perf_counter() - t0
                     self.elapsed += seconds
                     gamma = to_host(self.model.params["gamma"])  # after l. 31: the gates' state for the plot
