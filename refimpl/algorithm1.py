@@ -215,6 +215,44 @@ def estimator_term(estimator: str, u, nu1, nu2, gamma, f1, f2, k: float):
     raise ValueError(f"estimator={estimator!r}: expected one of {', '.join(ESTIMATORS)}")
 
 
+def gated_kl(kl, nu, normalizer: str):
+    """l. 22's KL term per image: (1/||nu||_0) ||KL_elem * nu||_1 (interpretation (f): or / n).
+
+    kl: (B, n); nu: (S, n) with S = 1 or B. Returns (per image (B,), the divisor (S, 1));
+    the divisor is at least 1, so with every gate closed the term is 0 (numerator 0).
+    """
+    xp = array_module(kl)
+    count = nu.sum(axis=1, keepdims=True) if normalizer == "open" else xp.full((nu.shape[0], 1), nu.shape[1],
+                                                                               dtype=nu.dtype)
+    count = xp.maximum(count, 1)
+    return (kl * nu / count).sum(axis=1), count
+
+
+def estimator_objectives(lam_eff, e1, e2, kl, nu1, kl_per_image2, hyper: Hyper):
+    """F(nu1)_b and F(nu2)_b of l. 29 (interpretation (k)): lambda' e_b, plus the KL term of each
+    gate vector with ``arm_objective="loss"``. e1, e2: (B,); kl: (B, n); nu1: (S, n);
+    kl_per_image2: the KL term under nu2 (:func:`gated_kl`). Returns two (B,)."""
+    f1, f2 = lam_eff * e1, lam_eff * e2
+    if hyper.arm_objective == "loss":
+        f1 = f1 + gated_kl(kl, nu1, hyper.kl_normalizer)[0]
+        f2 = f2 + kl_per_image2
+    return f1, f2
+
+
+def encoder_output_gradient(dz, dkl, mu, sigma, eps, encoder_output: str):
+    """l. 27 through l. 11 and Eq. 15: dL/d[mu, s] (B, 2n) from dL/dz and dL/dKL_elem, each (B, n)."""
+    # mu reaches L through z = mu + sigma eps (dz/dmu = 1) and KL_elem (dKL/dmu = mu):
+    dmu = dz + dkl * mu
+    # s reaches L through sigma and KL_elem. "logvar": sigma = exp(s/2), dsigma/ds = sigma/2, and
+    # KL = -1/2 (1 + s - e^s - mu^2) gives dKL/ds = (e^s - 1)/2 = (sigma^2 - 1)/2.
+    # "logstd": sigma = exp(s), dsigma/ds = sigma; KL = -1/2 (1 + 2s - e^2s - mu^2), dKL/ds = sigma^2 - 1.
+    if encoder_output == "logvar":
+        ds = dz * eps * 0.5 * sigma + dkl * 0.5 * (sigma * sigma - 1.0)
+    else:
+        ds = dz * eps * sigma + dkl * (sigma * sigma - 1.0)
+    return array_module(dz).concatenate([dmu, ds], axis=1)
+
+
 def per_image_error(x_rec, x, kind: str):
     """e_b for l. 12-13: sum of squared errors over pixels ("sse") or its square root ("l2"). -> (B,)"""
     d = (x_rec - x).reshape(x.shape[0], -1)
@@ -333,10 +371,7 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     # l. 22: L = lambda' C' + (1/||nu2||_0) ||KL_elem * nu2||_1, batch mean (Eq. 14's Lagrangian,
     # with Eq. 8's lambda E[C] and the L0 term of Eq. 11 added at l. 24)
     kl = kl_elementwise(mu, s, hyper.encoder_output)  # (B, n), Eq. 15
-    open_count = (nu2.sum(axis=1, keepdims=True) if hyper.kl_normalizer == "open"
-                  else xp.full((samples, 1), n, dtype=dtype))
-    open_count = xp.maximum(open_count, 1)  # (f): all gates closed -> numerator 0, term 0
-    kl_per_image = (kl * nu2 / open_count).sum(axis=1)  # (B,)
+    kl_per_image, open_count = gated_kl(kl, nu2, hyper.kl_normalizer)  # (B,), (S, 1)
     kl_term = float(kl_per_image.mean())
     loss = lam_eff * c_prime + kl_term
     l0_added = c <= 0  # l. 23
@@ -349,16 +384,7 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     dx2 = (lam_eff / batch) * per_image_error_grad(x2, x, e2, hyper.error)  # dL/dx2 = lambda' dE2/dx2
     dz = model.decoder.backward(dx2) * nu2  # dL/dz: the decoder saw z * nu2
     dkl = nu2 / (open_count * batch)  # dL/dKL_elem
-    # mu reaches L through z = mu + sigma eps (dz/dmu = 1) and KL_elem (dKL/dmu = mu):
-    dmu = dz + dkl * mu
-    # s reaches L through sigma and KL_elem. "logvar": sigma = exp(s/2), dsigma/ds = sigma/2, and
-    # KL = -1/2 (1 + s - e^s - mu^2) gives dKL/ds = (e^s - 1)/2 = (sigma^2 - 1)/2.
-    # "logstd": sigma = exp(s), dsigma/ds = sigma; KL = -1/2 (1 + 2s - e^2s - mu^2), dKL/ds = sigma^2 - 1.
-    if hyper.encoder_output == "logvar":
-        ds = dz * eps * 0.5 * sigma + dkl * 0.5 * (sigma * sigma - 1.0)
-    else:
-        ds = dz * eps * sigma + dkl * (sigma * sigma - 1.0)
-    model.encoder.backward(xp.concatenate([dmu, ds], axis=1))
+    model.encoder.backward(encoder_output_gradient(dz, dkl, mu, sigma, eps, hyper.encoder_output))
     dgamma = model.grads["gamma"]
     if l0_added:
         gate_prob = sigmoid(hyper.k * gamma)
@@ -369,12 +395,7 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     # no u was drawn (l. 3 was false), nu1 = nu2 and E1 - E2 = 0, so the term is zero and skipped.
     arm = None
     if sampling:
-        f1, f2 = lam_eff * e1, lam_eff * e2
-        if hyper.arm_objective == "loss":
-            open_count1 = (xp.maximum(nu1.sum(axis=1, keepdims=True), 1) if hyper.kl_normalizer == "open"
-                           else open_count)
-            f1 = f1 + (kl * nu1 / open_count1).sum(axis=1)
-            f2 = f2 + kl_per_image
+        f1, f2 = estimator_objectives(lam_eff, e1, e2, kl, nu1, kl_per_image, hyper)
         # l. 29: Eq. 13's first term, times lambda' (in f) and k, or DisARM / REINFORCE-LOO per (o). (n,)
         arm = estimator_term(hyper.estimator, u, nu1, nu2, gamma, f1, f2, hyper.k)
         dgamma += arm
