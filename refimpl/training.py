@@ -39,13 +39,13 @@ import numpy
 from . import checkpoint as ckpt
 from . import memory
 from .algorithm1 import init_state, train_step
-from .device_step import DeviceStep, applies
 from .atomic import remove_stale_temporaries, write_json
 from .backend import backend_name, get_dtype, get_xp, to_device, to_host
 from .config import RunConfig, Schedule, config_differences, new_config
 from .console import Progress, StopOnSignal
 from .data import BatchIterator, DatasetError, dataset_info, open_dataset, split_indices
 from .data.base import downsample
+from .device_step import DeviceStep, applies
 from .model import Architecture, GatedVAE, build_architecture, default_fused
 from .optionspec import OptionError
 from .rng import generator, get_state, set_state
