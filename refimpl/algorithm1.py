@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy
+
 from .adam import Adam
 from .backend import array_module, to_host
 from .layers.activations import sigmoid
@@ -144,13 +146,22 @@ def lambda_gradient(lam: float, c_prime: float, hyper: Hyper) -> float:
     """dL/dlambda = C' * d lambda'/d lambda, through the clamp of l. 21 (interpretation (c))."""
     raw = softplus(lam) ** 2
     grad = c_prime * 2.0 * softplus(lam) * logistic(lam)
-    if hyper.lambda_min <= raw <= hyper.lambda_max:
-        return grad
+    return grad if clamp_keeps_gradient(numpy.float64(raw), numpy.float64(grad), hyper) else 0.0
+
+
+def clamp_keeps_gradient(raw, grad, hyper: Hyper):
+    """Interpretation (c): whether dL/dlambda survives l. 21's clamp, given raw = softplus(lambda)^2.
+
+    Inside [lambda_min, lambda_max] always. Outside: never with ``lambda_clamp_grad="zero"``;
+    with "outward" (Sonnet's GECO) unless the step would push lambda' further out. raw, grad:
+    NumPy float64 scalars or 0-d arrays of any backend; returns a bool of the same kind.
+    """
+    inside = (hyper.lambda_min <= raw) & (raw <= hyper.lambda_max)
     if hyper.lambda_clamp_grad == "zero":
-        return 0.0
+        return inside
     moves_up = grad > 0 if hyper.lambda_update == "ascent" else grad < 0
-    pushes_out = (raw > hyper.lambda_max and moves_up) or (raw < hyper.lambda_min and not moves_up)
-    return 0.0 if pushes_out else grad
+    pushes_out = ((raw > hyper.lambda_max) & moves_up) | ((raw < hyper.lambda_min) & ~moves_up)
+    return inside | ~pushes_out
 
 
 def gate_masks(u, gamma, k: float, u1=None):

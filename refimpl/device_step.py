@@ -38,8 +38,9 @@ The logged scalars come back as one small host transfer per step
 
 from __future__ import annotations
 
-from .algorithm1 import (TrainState, _decoder_e1_pass, encoder_output_gradient, estimator_objectives, estimator_term,
-                         gate_masks, gated_kl, kl_elementwise, per_image_error, per_image_error_grad)
+from .algorithm1 import (TrainState, _decoder_e1_pass, clamp_keeps_gradient, encoder_output_gradient,
+                         estimator_objectives, estimator_term, gate_masks, gated_kl, kl_elementwise, per_image_error,
+                         per_image_error_grad)
 from .backend import array_module, to_host
 from .layers.activations import sigmoid
 from .rng import standard_normal, uniform
@@ -80,18 +81,9 @@ def effective_lambda(lam, hyper):
 
 def lambda_gradient(lam, c_prime, hyper):
     """dL/dlambda through l. 21's clamp (interpretation (c)), as :func:`refimpl.algorithm1.lambda_gradient`."""
-    xp = array_module(lam)
     sp = softplus(lam)
-    raw = sp**2
     grad = c_prime * 2.0 * sp * logistic(lam)
-    inside = (hyper.lambda_min <= raw) & (raw <= hyper.lambda_max)
-    if hyper.lambda_clamp_grad == "zero":
-        keep = inside
-    else:
-        moves_up = grad > 0 if hyper.lambda_update == "ascent" else grad < 0
-        pushes_out = ((raw > hyper.lambda_max) & moves_up) | ((raw < hyper.lambda_min) & ~moves_up)
-        keep = inside | ~pushes_out
-    return xp.where(keep, grad, 0.0)
+    return array_module(lam).where(clamp_keeps_gradient(sp**2, grad, hyper), grad, 0.0)
 
 
 class DeviceStep:
@@ -151,7 +143,8 @@ class DeviceStep:
         kl_per_image, open_count = gated_kl(kl, nu2, hyper.kl_normalizer)
         kl_term = kl_per_image.mean().astype(f64)
         l0_added = c <= 0  # l. 23
-        gates_l1 = sigmoid(hyper.k * gamma).sum().astype(f64)
+        gate_prob = sigmoid(hyper.k * gamma)
+        gates_l1 = gate_prob.sum().astype(f64)
         loss = lam_eff * c_prime + kl_term + xp.where(l0_added, gates_l1, 0.0)  # l. 22, 24
 
         # l. 27
@@ -160,7 +153,6 @@ class DeviceStep:
         dkl = nu2 / (open_count * batch)
         model.encoder.backward(encoder_output_gradient(dz, dkl, mu, sigma, eps, hyper.encoder_output))
         dgamma = model.grads["gamma"]
-        gate_prob = sigmoid(hyper.k * gamma)
         dgamma += l0_added.astype(dtype) * (hyper.k * gate_prob * (1 - gate_prob))  # l. 24's gradient, masked
         state.lam_grad[...] = lambda_gradient(lam, c_prime, hyper)
 

@@ -162,6 +162,15 @@ def mig(normalized, open_dims=None) -> float:
     return float(mig_gaps(normalized, open_dims)[0].mean())
 
 
+def factor_entropies(factors) -> numpy.ndarray:
+    """H(v_k) in nats of each column of factors: (N, K); a ValueError if one is constant (entropy 0)."""
+    h = numpy.array([entropy(factors[:, f]) for f in range(factors.shape[1])])
+    if (h == 0).any():
+        raise ValueError(f"factor columns {numpy.nonzero(h == 0)[0].tolist()} are constant over the sample "
+                         f"(entropy 0): normalised MI is undefined; drop them")
+    return h
+
+
 def factor_scores(codes, factors, bins: int = DEFAULT_BINS, open_dims=None) -> dict:
     """MI of every latent code with every factor, normalised MI and MIG.
 
@@ -180,10 +189,7 @@ def factor_scores(codes, factors, bins: int = DEFAULT_BINS, open_dims=None) -> d
     if not numpy.issubdtype(factors.dtype, numpy.integer):
         raise ValueError(f"factors have dtype {factors.dtype}: expected integer classes")
     n, k = binned.shape[1], factors.shape[1]
-    h = numpy.array([entropy(factors[:, f]) for f in range(k)])
-    if (h == 0).any():
-        raise ValueError(f"factor columns {numpy.nonzero(h == 0)[0].tolist()} are constant over the sample "
-                         f"(entropy 0): normalised MI is undefined; drop them")
+    h = factor_entropies(factors)
     mi = numpy.array([[mutual_information(binned[:, j], factors[:, f]) for f in range(k)] for j in range(n)])
     normalized = numpy.clip(mi / h, 0.0, 1.0)
     values = numpy.array([_discrete(factors[:, f])[1] for f in range(k)])
@@ -205,8 +211,7 @@ def knn_predict(train_x, train_y, test_x, k: int = JOINT_K, chunk: int = 512) ->
     1 + 1e-3 (k - rank) / k, rank 0 the nearest).
     """
     train_x, test_x = numpy.asarray(train_x, numpy.float64), numpy.asarray(test_x, numpy.float64)
-    labels, n_labels = _discrete(train_y)
-    values = numpy.unique(numpy.asarray(train_y))
+    values, labels = numpy.unique(numpy.asarray(train_y).reshape(-1), return_inverse=True)
     k = min(_check_int("k", k, 1), train_x.shape[0])
     weight = 1.0 + 1e-3 * (k - numpy.arange(k)) / k
     out = numpy.empty(test_x.shape[0], dtype=values.dtype)
@@ -216,7 +221,7 @@ def knn_predict(train_x, train_y, test_x, k: int = JOINT_K, chunk: int = 512) ->
         d2 = sq_train[None, :] - 2.0 * t @ train_x.T  # + |t|^2, the same for every training point
         near = numpy.argpartition(d2, k - 1, axis=1)[:, :k]
         near = numpy.take_along_axis(near, numpy.argsort(numpy.take_along_axis(d2, near, 1), 1, kind="stable"), 1)
-        votes = numpy.zeros((t.shape[0], n_labels))
+        votes = numpy.zeros((t.shape[0], values.size))
         numpy.add.at(votes, (numpy.arange(t.shape[0])[:, None], labels[near]), weight[None, :])
         out[start:start + chunk] = values[votes.argmax(axis=1)]
     return out
@@ -243,10 +248,9 @@ def joint_scores(codes, factors, k: int = JOINT_K) -> dict:
         raise ValueError("codes: non-finite values")
     scale = codes.std(axis=0)
     x = (codes - codes.mean(axis=0)) / numpy.where(scale > 0, scale, 1.0)
-    halves = (numpy.arange(x.shape[0]) % 2 == 0, numpy.arange(x.shape[0]) % 2 == 1)
-    h = numpy.array([entropy(factors[:, f]) for f in range(factors.shape[1])])
-    if (h == 0).any():
-        raise ValueError(f"factor columns {numpy.nonzero(h == 0)[0].tolist()} are constant over the sample")
+    even = numpy.arange(x.shape[0]) % 2 == 0
+    halves = (even, ~even)
+    h = factor_entropies(factors)
     normalized, accuracy, majority, chance = (numpy.zeros(factors.shape[1]) for _ in range(4))
     for f in range(factors.shape[1]):
         y = factors[:, f]
