@@ -150,12 +150,15 @@ def paper_architecture(image_shape) -> Architecture:
 
 
 def build_encoder(arch: Architecture, n_latent: int, *, rng, xp, dtype) -> Sequential:
-    """x: (N, C, H, W) -> (N, 2n): columns [:n] are mu, [n:] the log-scale output s."""
+    """x: (N, C, H, W) -> (N, 2n): columns [:n] are mu, [n:] the log-scale output s.
+
+    Its backward returns None: the first convolution computes no gradient for the image.
+    """
     layers, in_ch = [], arch.image_shape[0]
     for i, spec in enumerate(arch.encoder_convs, start=1):
         layers += [
             (f"conv{i}", Conv2d(in_ch, spec.channels, spec.kernel, spec.stride, spec.padding, rng=rng, xp=xp,
-                                dtype=dtype, init=arch.init)),
+                                dtype=dtype, init=arch.init, input_grad=i > 1)),  # no gradient for the image
             (f"act{i}", LeakyReLU(arch.leaky_slope)),
             (f"bn{i}", BatchNorm(spec.channels, arch.bn_momentum, arch.bn_eps, arch.bn_running_var, xp=xp, dtype=dtype)),
         ]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from refimpl.backend import get_xp, to_device, to_host
 from refimpl.gradcheck import check_layer_gradients
 from refimpl.layers import Conv2d, Sequential, Upsample
-from refimpl.layers.upsample_conv2d import UpsampleConv2d, _shift, _shift_flat, phase_kernels, phase_kernels_transpose
+from refimpl.layers.upsample_conv2d import UpsampleConv2d, phase_kernels, phase_kernels_transpose
 from refimpl.rng import generator
 
 F64 = np.float64
@@ -67,24 +67,6 @@ def test_equals_upsample_then_conv(n, c, o, h, w, method, seed):
         x = rng.standard_normal((n, c, h, w))
         dy = rng.standard_normal((n, o, 2 * h, 2 * w))
         assert_same_step(fused, ref, x, dy, 1e-12)
-
-
-@given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), h=st.integers(1, 5), w=st.integers(1, 5),
-       di=st.integers(-1, 1), dj=st.integers(-1, 1), add=st.booleans(), seed=seeds)
-def test_flat_shift_equals_the_sliced_shift(lead, h, w, di, dj, add, seed):
-    """_shift_flat (the fused layer's fast path) gives _shift's values: shifted adds and zero-padded copies,
-    over leading axes (images, channels) whose flattened rows the 1-D slices cross."""
-    rng = np.random.default_rng(seed)
-    shape = (*lead, h, w)
-    dst, src = rng.standard_normal(shape), rng.standard_normal(shape)
-    want, got = dst.copy(), dst.copy()
-    _shift(want, src.copy(), di, dj, add=add)
-    _shift_flat(got, src.copy(), di, dj, add=add)
-    np.testing.assert_array_equal(got, want)
-    if w > 1:  # a non-contiguous dst takes the sliced path
-        strided = np.repeat(dst, 2, axis=-1)[..., ::2]
-        _shift_flat(strided, src.copy(), di, dj, add=add)
-        np.testing.assert_array_equal(strided, want)
 
 
 @given(n=st.integers(1, 2), c=st.integers(1, 3), o=st.integers(1, 3), h=st.integers(1, 4), w=st.integers(1, 4),

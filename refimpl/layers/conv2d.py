@@ -3,7 +3,9 @@
 y[n, o, p, q] = bias[o] + sum_{c,i,j} weight[o, c, i, j] * xpad[n, c, p*sh + i, q*sw + j]
 
 Computed as one GEMM over an im2col matrix; the backward pass is the transposed GEMMs
-and col2im.
+and col2im. ``input_grad = False`` (set on the encoder's first convolution, whose input
+is the image) skips dx: backward then returns None, as PyTorch's autograd skips the
+gradient of an input that does not require one.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ def _pair(value, name):
 
 
 class Conv2d(Layer):
-    """x: (N, C_in, H, W) -> y: (N, C_out, Ho, Wo), Ho = (H + 2*ph - kh) // sh + 1."""
+    """x: (N, C_in, H, W) -> y: (N, C_out, Ho, Wo), Ho = (H + 2*ph - kh) // sh + 1.
+
+    ``input_grad``: whether backward computes dx (default) or returns None.
+    """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, *, rng, xp=numpy,
-                 dtype=numpy.float32, init="torch"):
+                 dtype=numpy.float32, init="torch", input_grad=True):
         super().__init__()
+        self.input_grad = input_grad
         self.kernel = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
@@ -69,11 +75,14 @@ class Conv2d(Layer):
         return y.reshape(o, n, ho, wo).transpose(1, 0, 2, 3).copy()
 
     def backward(self, dy):
-        """dW = dy (*) x (correlation over batch and positions), db = sum(dy), dx = dy convolved back with W."""
+        """dW = dy (*) x (correlation over batch and positions), db = sum(dy), dx = dy convolved back with W
+        (None without ``input_grad``)."""
         cols, x_shape = self._take_cache()
         o = self.out_channels
         dy2 = dy.transpose(1, 0, 2, 3).reshape(o, -1)  # (O, N*Ho*Wo)
         self.grads["weight"] += (dy2 @ cols.T).reshape(self.grads["weight"].shape)
         self.grads["bias"] += dy2.sum(axis=1)
+        if not self.input_grad:
+            return None
         dcols = self.params["weight"].reshape(o, -1).T @ dy2
-        return col2im(dcols, x_shape, self.kernel, self.stride, self.padding)
+        return col2im(dcols, x_shape, self.kernel, self.stride, self.padding, overwrite_cols=True)  # dcols: ours

@@ -2,30 +2,52 @@
 
 Layout: ``cols`` is ``(C * kh * kw, N * Ho * Wo)`` with rows ordered (c, i, j) like
 an OIHW weight reshaped to ``(O, C * kh * kw)``, and columns ordered (n, ho, wo).
-Both functions loop over the ``kh * kw`` kernel offsets and copy (or add) one
-strided slice each: no index arrays, no ``add.at``. That is the reference, and what
-NumPy runs; on CuPy the same gathers run as one fused kernel each (refimpl/kernels.py,
+The reference loops over the ``kh * kw`` kernel offsets and copies (or adds) one
+strided slice each: no index arrays, no ``add.at``. On CuPy the same gathers run as one fused kernel each (refimpl/kernels.py,
 tested equal to this code), since there the ~20 small launches cost more than the work.
+
+Strided convolutions whose input splits evenly into stride phases (H = sh Ho, W = sw Wo,
+every kernel offset within one phase row or column of its window: all of the paper's
+encoder convolutions) take a faster NumPy path, tested equal bit for bit to the loop
+(tests/test_im2col.py): x is split once into its sh x sw phases x[:, :, a::sh, b::sw]
+(each (C, N, Ho, Wo)), and each kernel offset (i, j) is then phase ((i - ph) mod sh,
+(j - pw) mod sw) shifted by ((i - ph) // sh, (j - pw) // sw) in {-1, 0, 1}: one long
+flat copy (shift.shift_flat) instead of a strided window gathered W_o elements at a time.
+col2im sums the same way, into the phases, in the loop's order from zero, so every sum
+is the loop's; it overwrites its columns (scratch), so it runs only where the caller
+allows that (``overwrite_cols``).
 """
 
 from __future__ import annotations
 
 from .. import kernels
 from ..backend import array_module
+from .shift import shift_flat
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def _output_hw(x_shape, kernel, stride, padding):
+    return tuple(conv_output_size(*geometry) for geometry in zip(x_shape[2:], kernel, stride, padding))
+
+
 def im2col(x, kernel, stride, padding):
     """x: (N, C, H, W) -> cols: (C*kh*kw, N*Ho*Wo)."""
+    if kernels.enabled_for(x):
+        return kernels.im2col(x, kernel, stride, padding, _output_hw(x.shape, kernel, stride, padding))
+    if _phase_offsets(x.shape, kernel, stride, padding) is not None:
+        return _im2col_phases(x, kernel, stride, padding)
+    return _im2col_windows(x, kernel, stride, padding)
+
+
+def _im2col_windows(x, kernel, stride, padding):
+    """The reference im2col: one strided window of the padded x per kernel offset."""
     xp = array_module(x)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
-    ho, wo = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
-    if kernels.enabled_for(x):
-        return kernels.im2col(x, kernel, stride, padding, (ho, wo))
+    ho, wo = _output_hw(x.shape, kernel, stride, padding)
     if ph or pw:
         x = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
@@ -36,17 +58,78 @@ def im2col(x, kernel, stride, padding):
     return cols.reshape(c * kh * kw, n * ho * wo)
 
 
-def col2im(cols, x_shape, kernel, stride, padding):
-    """cols: (C*kh*kw, N*Ho*Wo) -> dx: (N, C, H, W), summing overlapping windows (adjoint of im2col)."""
+def col2im(cols, x_shape, kernel, stride, padding, overwrite_cols=False):
+    """cols: (C*kh*kw, N*Ho*Wo) -> dx: (N, C, H, W), summing overlapping windows (adjoint of im2col).
+
+    ``overwrite_cols``: cols is scratch and may be overwritten, which lets the stride-phase
+    path run (see the module docstring); the values returned are the same either way.
+    """
+    if kernels.enabled_for(cols):
+        return kernels.col2im(cols, x_shape, kernel, stride, padding, _output_hw(x_shape, kernel, stride, padding))
+    if overwrite_cols and _phase_offsets(x_shape, kernel, stride, padding) is not None:
+        return _col2im_phases(cols, x_shape, kernel, stride, padding)
+    return _col2im_windows(cols, x_shape, kernel, stride, padding)
+
+
+def _col2im_windows(cols, x_shape, kernel, stride, padding):
+    """The reference col2im: each kernel offset's columns added into a strided window of the padded dx."""
     xp = array_module(cols)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x_shape
-    ho, wo = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
-    if kernels.enabled_for(cols):
-        return kernels.col2im(cols, x_shape, kernel, stride, padding, (ho, wo))
+    ho, wo = _output_hw(x_shape, kernel, stride, padding)
     cols = cols.reshape(c, kh, kw, n, ho, wo)
     dx = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
             dx[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] += cols[:, i, j].transpose(1, 0, 2, 3)
     return dx[:, :, ph : ph + h, pw : pw + w]
+
+
+def _phase_offsets(x_shape, kernel, stride, padding):
+    """[((i, a, di), ...), ((j, b, dj), ...)] for the stride-phase path, or None where it does not apply.
+
+    Kernel row i reads x row sh p + i - ph = sh (p + di) + a, a = (i - ph) mod sh, di = (i - ph) // sh:
+    row p + di of phase a. That is phase a shifted by di, zero outside exactly where x is padding, when
+    every phase has Ho rows (H = sh Ho); shift_flat takes |di| <= 1. Likewise columns.
+    """
+    offsets = []
+    for size, k, s, p in zip(x_shape[2:], kernel, stride, padding):
+        out = conv_output_size(size, k, s, p)
+        axis = [(i, (i - p) % s, (i - p) // s) for i in range(k)]
+        if size != s * out or any(abs(d) > 1 for _, _, d in axis):
+            return None
+        offsets.append(axis)
+    return offsets
+
+
+def _im2col_phases(x, kernel, stride, padding):
+    """im2col through x's stride phases: x: (N, C, H, W) -> cols: (C*kh*kw, N*Ho*Wo), equal to the loop's."""
+    xp = array_module(x)
+    (kh, kw), (sh, sw) = kernel, stride
+    n, c, h, w = x.shape
+    ho, wo = h // sh, w // sw
+    rows, columns = _phase_offsets(x.shape, kernel, stride, padding)
+    phases = xp.empty((sh, sw, c, n, ho, wo), dtype=x.dtype)  # phases[a, b, c, n, i, j] = x[n, c, sh i + a, sw j + b]
+    phases[...] = x.reshape(n, c, ho, sh, wo, sw).transpose(3, 5, 1, 0, 2, 4)
+    cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
+    for i, a, di in rows:
+        for j, b, dj in columns:
+            shift_flat(cols[:, i, j], phases[a, b], di, dj)
+    return cols.reshape(c * kh * kw, n * ho * wo)
+
+
+def _col2im_phases(cols, x_shape, kernel, stride, padding):
+    """col2im through dx's stride phases (cols is overwritten): the loop's sums, in the loop's order, from 0."""
+    xp = array_module(cols)
+    (kh, kw), (sh, sw) = kernel, stride
+    n, c, h, w = x_shape
+    ho, wo = h // sh, w // sw
+    rows, columns = _phase_offsets(x_shape, kernel, stride, padding)
+    cols = cols.reshape(c, kh, kw, n, ho, wo)
+    phases = xp.zeros((sh, sw, c, n, ho, wo), dtype=cols.dtype)
+    for i, a, di in rows:
+        for j, b, dj in columns:
+            shift_flat(phases[a, b], cols[:, i, j], -di, -dj, add=True)  # the adjoint of im2col's shift
+    dx = xp.empty((n, c, ho, sh, wo, sw), dtype=cols.dtype)
+    dx[...] = phases.transpose(3, 2, 4, 0, 5, 1)
+    return dx.reshape(n, c, h, w)

@@ -54,6 +54,7 @@ import numpy
 from ..backend import array_module, to_device
 from .init import init_weight_bias
 from .layer import Layer
+from .shift import shift, shift_flat
 
 METHODS = ("auto", "im2col", "col2im")
 
@@ -76,63 +77,6 @@ def phase_kernels_transpose(dk):
     o, c = dk.shape[2:4]
     phase_map = to_device(PHASE_MAP, array_module(dk), dk.dtype)
     return (dk.transpose(2, 3, 0, 1, 4, 5).reshape(o * c, 16) @ phase_map.T).reshape(o, c, 3, 3)
-
-
-def _shift_slices(d, size):
-    """(dst, src) slices with dst[i] = src[i + d] for every i where 0 <= i + d < size."""
-    return slice(max(0, -d), max(0, size - max(0, d))), slice(min(size, max(0, d)), size + min(0, d))
-
-
-def _shift(dst, src, di, dj, add=False):
-    """dst[..., i, j] = src[..., i + di, j + dj] (``+=`` with add) where in range.
-
-    dst, src: (..., H, W). Without ``add``, the rest of dst (the zero padding) is set to 0.
-    """
-    h, w = dst.shape[-2:]
-    (rows_dst, rows_src), (cols_dst, cols_src) = _shift_slices(di, h), _shift_slices(dj, w)
-    if add:
-        dst[..., rows_dst, cols_dst] += src[..., rows_src, cols_src]
-        return
-    dst[..., rows_dst, cols_dst] = src[..., rows_src, cols_src]
-    for outside in (slice(0, rows_dst.start), slice(rows_dst.stop, h)):
-        dst[..., outside, :] = 0
-    for outside in (slice(0, cols_dst.start), slice(cols_dst.stop, w)):
-        dst[..., :, outside] = 0
-
-
-def _shift_flat(dst, src, di, dj, add=False):
-    """:func:`_shift` for contiguous dst, src (..., H, W) and |di|, |dj| <= 1 as one long 1-D slice pair.
-
-    In the flattened arrays dst[..., i, j] <- src[..., i + di, j + dj] is dst.flat[k] <- src.flat[k + di W + dj],
-    except where i + di or j + dj leaves [0, H) x [0, W) and the flat index wraps into the next row or image.
-    With ``add``, the src row and column that only such wrapped reads see (row 0 for di = 1, row H - 1 for
-    di = -1, likewise columns) are set to 0 first, so every wrapped read adds 0: src is scratch, read by
-    this shift alone. Without ``add``, the dst rows and columns that wrapped reads wrote (the zero padding)
-    are set to 0 afterwards. The values equal :func:`_shift`'s (tests/test_upsample_conv2d.py); the point is
-    speed: NumPy's inner loop runs over the whole array instead of W elements at a time (bench/NOTES.md).
-    """
-    if not (dst.flags.c_contiguous and src.flags.c_contiguous and max(abs(di), abs(dj)) <= 1):
-        return _shift(dst, src, di, dj, add)  # the flat views below need contiguous arrays
-    h, w = dst.shape[-2:]
-    if add:
-        for d, index in ((di, (Ellipsis, 0 if di > 0 else h - 1, slice(None))),
-                         (dj, (Ellipsis, slice(None), 0 if dj > 0 else w - 1))):
-            if d:
-                src[index] = 0
-    off, size = di * w + dj, dst.size
-    a, b = dst.reshape(-1), src.reshape(-1)  # views: both are contiguous
-    if abs(off) < size:  # else every read wraps (a 1-pixel-high or -wide map): nothing to add or copy
-        target, source = (a[:size - off], b[off:]) if off >= 0 else (a[-off:], b[:size + off])
-        if add:
-            target += source
-        else:
-            target[...] = source  # the |off| elements left unwritten lie in the row or column zeroed below
-    if add:
-        return
-    if di:
-        dst[..., h - 1 if di > 0 else 0, :] = 0
-    if dj:
-        dst[..., :, w - 1 if dj > 0 else 0] = 0
 
 
 class UpsampleConv2d(Layer):
@@ -218,7 +162,7 @@ class UpsampleConv2d(Layer):
         xt = x.transpose(1, 0, 2, 3)
         for a in range(3):
             for b in range(3):
-                _shift(cols[:, a, b], xt, a - 1, b - 1)
+                shift(cols[:, a, b], xt, a - 1, b - 1)
         kernels = self._embedded_kernels().reshape(4 * o, 9 * c)
         z = self._buffer("z", (4 * o, n * h * w), dtype, xp)
         xp.matmul(kernels, cols.reshape(9 * c, n * h * w), out=z)
@@ -248,7 +192,7 @@ class UpsampleConv2d(Layer):
         for a in range(3):
             for b in range(3):
                 if (a, b) != (1, 1):
-                    _shift(dxt, dcols[:, a, b], 1 - a, 1 - b, add=True)
+                    shift(dxt, dcols[:, a, b], 1 - a, 1 - b, add=True)
         return dx
 
     # ------------------------------------------------------------ method "col2im"
@@ -277,7 +221,7 @@ class UpsampleConv2d(Layer):
                 for t in (0, 1):
                     for u in (0, 1):
                         if (t, u) != (1 - p, 1 - q):
-                            _shift_flat(acc, z[p, q, t, u], p + t - 1, q + u - 1, add=True)
+                            shift_flat(acc, z[p, q, t, u], p + t - 1, q + u - 1, add=True)
                 xp.add(acc.transpose(1, 0, 2, 3), self.params["bias"][:, None, None], out=y[:, :, :, p, :, q])
         return y.reshape(n, o, 2 * h, 2 * w), (xt, kernels)
 
@@ -298,7 +242,7 @@ class UpsampleConv2d(Layer):
                 for t in (0, 1):
                     for u in (0, 1):
                         if (t, u) != (1 - p, 1 - q):
-                            _shift_flat(dz8[p, q, t, u], unshifted, 1 - p - t, 1 - q - u)
+                            shift_flat(dz8[p, q, t, u], unshifted, 1 - p - t, 1 - q - u)
         dk = (dz @ xt.T).reshape(2, 2, 2, 2, o, c).transpose(0, 1, 4, 5, 2, 3)
         self.grads["weight"] += phase_kernels_transpose(dk)
         dxt = xp.matmul(kernels.T, dz, out=xt)  # xt is not needed any more
