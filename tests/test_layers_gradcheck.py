@@ -164,32 +164,37 @@ def test_batchnorm_running_statistics(spatial, n, c, momentum, running_var, step
         np.testing.assert_array_equal(v, frozen[k])
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
 @given(spatial=st.booleans(), training=st.booleans(), n=st.integers(2, 5), c=st.integers(1, 4),
-       hw=st.integers(1, 6), x_dtype=st.sampled_from(["same", "float64"]), seed=seeds)
-def test_batchnorm_in_place_equals_plain_formulas(dtype, spatial, training, n, c, hw, x_dtype, seed):
-    """The in-place path (default) gives y, dx, the parameter gradients and the running statistics
-    of the plain formulas bit for bit, and leaves x and dy alone; a float64 x into float32
-    parameters takes the plain path (no in-place write may narrow it)."""
+       hw=st.integers(1, 6), x_dtype=st.sampled_from(["same", "float64"]), dy_dtype=st.sampled_from(["same", "float64"]),
+       seed=seeds)
+def test_batchnorm_fast_path_equals_plain_formulas(dtype, tol, spatial, training, n, c, hw, x_dtype, dy_dtype, seed):
+    """The fast path (default) gives y, dx, the parameter gradients and the running statistics of the
+    plain formulas to rounding (tol relative to each array's largest value: its sums are associated
+    differently), and leaves x and dy alone. A float64 x or dy with float32 parameters takes the plain
+    path for that pass, exactly: no fast-path write may narrow it."""
     rng = np.random.default_rng(seed)
     shape = (n, c, hw, hw + 1) if spatial else (n, c)
     x = (2.0 * rng.standard_normal(shape) + 0.5).astype(dtype if x_dtype == "same" else np.float64)
-    dy = rng.standard_normal(shape).astype(x.dtype)
+    dy = rng.standard_normal(shape).astype(dtype if dy_dtype == "same" else np.float64)
     x_before, dy_before = x.copy(), dy.copy()
     state = {"weight": rng.uniform(0.5, 2.0, c).astype(dtype), "bias": rng.standard_normal(c).astype(dtype),
              "running_mean": rng.standard_normal(c).astype(dtype), "running_var": rng.uniform(0.5, 2, c).astype(dtype)}
     results = []
-    for in_place in (True, False):
+    for fast in (True, False):
         layer = BatchNorm(c, dtype=dtype)
         layer.load_state_dict(state)
-        layer.in_place = in_place
+        layer.fast = fast
         layer.train(training)
         y = layer.forward(x)
         dx = layer.backward(dy)
         results.append((y, dx, *layer.grads.values(), *layer.buffers.values()))
     for fast, plain in zip(*results):
         assert fast.dtype == plain.dtype
-        np.testing.assert_array_equal(fast, plain)
+        if x.dtype != dtype:  # the plain path on both sides: bit for bit
+            np.testing.assert_array_equal(fast, plain)
+        else:  # a float64 dy alone: the fast forward, then the plain backward from x_hat = centred inv_std
+            np.testing.assert_allclose(fast, plain, rtol=tol, atol=tol * np.abs(plain).max())
     np.testing.assert_array_equal(x, x_before)
     np.testing.assert_array_equal(dy, dy_before)
 

@@ -13,11 +13,17 @@ m = elements per channel). ``eps`` defaults to Keras's 1e-3 (PyTorch's is 1e-5).
 ``update_running`` lets a caller run a training-mode pass that leaves the running
 statistics untouched (interpretation (h) of Algorithm 1: the E1 decoder pass).
 
-``in_place`` (default True): the same operations in the same order, bit for bit, but
-written into arrays the layer already holds (a training forward allocates two arrays
-instead of five, a backward one instead of five); False runs the plain formulas, the
-reference the in-place path is tested against (tests/test_batchnorm.py). Fresh arrays
-cost a page fault per 4 KiB on first touch (bench/NOTES.md).
+``fast`` (default True): the same quantities in fewer passes over the maps, where x, dy
+and the parameters share a dtype. var = sum(centred * centred) / m is one dot product per
+channel (``einsum``) instead of a squares array and a mean; y = centred * (weight * inv_std)
++ bias folds the per-channel factors before touching the map, and the backward works from
+the cached ``centred`` (x_hat = centred * inv_std is never stored), with sum(dy x_hat) =
+inv_std sum(dy centred) as a dot product too. A training forward makes 3 passes, a reduction
+and a dot product instead of 5 passes and two reductions; a backward 4 passes, a reduction
+and a dot product instead of 5 and two (bench/NOTES.md). The sums are
+associated differently, so the results equal the plain formulas (``fast = False``, the
+reference) to rounding, not bit for bit: tests/test_layers_gradcheck.py holds them to 1e-12
+(float64) and 1e-5 (float32) relative to each output's largest value.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ class BatchNorm(Layer):
             raise ValueError(f"BatchNorm running_var={running_var!r}: expected one of {', '.join(RUNNING_VARS)}")
         self.num_features, self.momentum, self.eps, self.running_var = num_features, momentum, eps, running_var
         self.update_running = True
-        self.in_place = True
+        self.fast = True
         self.params = {"weight": xp.ones(num_features, dtype=dtype), "bias": xp.zeros(num_features, dtype=dtype)}
         self.grads = {k: xp.zeros_like(v) for k, v in self.params.items()}
         self.buffers = {"running_mean": xp.zeros(num_features, dtype=dtype),
@@ -66,15 +72,18 @@ class BatchNorm(Layer):
         """Training: y = weight (x - mean) / sqrt(var + eps) + bias, mean and (biased) var of the batch per
         channel, and the running statistics updated; eval: the same with the running statistics."""
         axes, bshape = self._axes_and_shape(x)
-        centred = squares = None
+        fast = self._fast_for(x)
+        centred = None
         if self.training:
             count = x.size // self.num_features
             if count < 2:
                 raise ValueError(f"BatchNorm in training mode needs >= 2 values per channel, got x of shape {tuple(x.shape)}")
             mean = x.mean(axis=axes, keepdims=True)
             centred = x - mean
-            squares = centred * centred
-            var = squares.mean(axis=axes, keepdims=True)
+            if fast:  # sum(centred^2) per channel as one dot product: no squares array
+                var = (_channel_dot(centred, centred) / count).reshape(bshape)
+            else:
+                var = (centred * centred).mean(axis=axes, keepdims=True)
             if self.update_running:
                 self._update_running(mean.reshape(-1), var.reshape(-1), 1.0 if self.running_var == "biased"
                                      else count / (count - 1))
@@ -82,23 +91,28 @@ class BatchNorm(Layer):
             mean = self.buffers["running_mean"].reshape(bshape)
             var = self.buffers["running_var"].reshape(bshape)
         weight, bias = self.params["weight"].reshape(bshape), self.params["bias"].reshape(bshape)
-        if kernels.enabled_for(x):  # the three lines below as CUDA kernels (refimpl/kernels.py)
+        if kernels.enabled_for(x):  # the plain lines below as CUDA kernels (refimpl/kernels.py)
             inv_std = kernels.batchnorm_inv_std(var, self.eps)
             x_hat, y = kernels.batchnorm_normalize(x, mean, inv_std, weight, bias)
+            saved = x_hat
         else:
             inv_std = 1.0 / (var + self.eps) ** 0.5
-            if self._in_place_for(x):
-                x_hat, y = _normalize_in_place(x, mean, inv_std, weight, bias, centred, squares)
+            centred = x - mean if centred is None else centred
+            if fast:  # y from centred with the per-channel factors folded; backward keeps centred, not x_hat
+                y = centred * (weight * inv_std)
+                y += bias
+                saved = centred
             else:
-                x_hat = (x - mean if centred is None else centred) * inv_std
+                x_hat = centred * inv_std
                 y = x_hat * weight + bias
-        self._cache = (x_hat, inv_std, axes, bshape, self.training) if cache else None
+                saved = x_hat
+        self._cache = (saved, fast, inv_std, axes, bshape, self.training) if cache else None
         return y
 
-    def _in_place_for(self, *arrays):
-        """The in-place path applies: asked for, and every array in the parameters' dtype (no promotion)."""
+    def _fast_for(self, *arrays):
+        """The fast path applies: asked for, not on CUDA kernels, every array in the parameters' dtype."""
         dtype = self.params["weight"].dtype
-        return self.in_place and all(a.dtype == dtype for a in arrays)
+        return self.fast and not kernels.enabled_for(arrays[0]) and all(a.dtype == dtype for a in arrays)
 
     def _update_running(self, mean, var, var_scale):
         """running = momentum * running + (1 - momentum) * batch; the variance stored is var * var_scale."""
@@ -112,36 +126,35 @@ class BatchNorm(Layer):
     def backward(self, dy):
         """db = sum(dy), dw = sum(dy x_hat) per channel; training: dx = w inv_std (dy - mean(dy) - x_hat
         mean(dy x_hat)), the means over a channel's m values (mean and var depend on x); eval: dx = w inv_std dy."""
-        x_hat, inv_std, axes, bshape, training = self._take_cache()
+        saved, fast_forward, inv_std, axes, bshape, training = self._take_cache()
+        centred, x_hat = (saved, None) if fast_forward else (None, saved)
+        fast = fast_forward and self._fast_for(dy)
         sum_dy = dy.sum(axis=axes, keepdims=True)
-        dy_x_hat = dy * x_hat
-        sum_dy_x_hat = dy_x_hat.sum(axis=axes, keepdims=True)
+        if fast:  # sum(dy x_hat) = inv_std sum(dy centred), one dot product per channel
+            sum_dy_x_hat = _channel_dot(dy, centred).reshape(bshape) * inv_std
+        else:
+            x_hat = centred * inv_std if x_hat is None else x_hat
+            sum_dy_x_hat = (dy * x_hat).sum(axis=axes, keepdims=True)
         self.grads["bias"] += sum_dy.reshape(-1)
         self.grads["weight"] += sum_dy_x_hat.reshape(-1)
         scale = self.params["weight"].reshape(bshape) * inv_std  # dy/dx_hat * dx_hat/dx, per channel
         if not training:
             return dy * scale
-        m = x_hat.size // self.num_features
+        m = dy.size // self.num_features
+        if fast:  # the last line with x_hat = centred inv_std and the per-channel factors folded
+            dx = dy * scale
+            centred *= inv_std * (sum_dy_x_hat / m) * scale  # in centred's own array: the cache is spent
+            dx -= centred
+            dx -= (sum_dy / m) * scale
+            return dx
         if kernels.enabled_for(dy):  # the line below as one CUDA kernel
             return kernels.batchnorm_backward(dy, x_hat, self.params["weight"].reshape(bshape), inv_std, sum_dy,
                                               sum_dy_x_hat, m)
-        if not self._in_place_for(dy, x_hat):
-            return (dy - sum_dy / m - x_hat * (sum_dy_x_hat / m)) * scale
-        # The line above in dy * x_hat's array, with x_hat's (the cache is spent) for its last product.
-        xp = array_module(dy)
-        dx = xp.subtract(dy, sum_dy / m, out=dy_x_hat)
-        dx -= xp.multiply(x_hat, sum_dy_x_hat / m, out=x_hat)
-        dx *= scale
-        return dx
+        return (dy - sum_dy / m - x_hat * (sum_dy_x_hat / m)) * scale
 
 
-def _normalize_in_place(x, mean, inv_std, weight, bias, centred, spare):
-    """x_hat = (x - mean) * inv_std and y = x_hat * weight + bias, computed as the plain lines in
-    BatchNorm.forward compute them, with x_hat in ``centred``'s array and y in ``spare``'s (the
-    squares, spent once var is known) where the caller has them. x: (N, C[, H, W]) -> (x_hat, y)."""
-    xp = array_module(x)
-    x_hat = x - mean if centred is None else centred
-    x_hat *= inv_std
-    y = x_hat * weight if spare is None else xp.multiply(x_hat, weight, out=spare)
-    y += bias
-    return x_hat, y
+def _channel_dot(a, b):
+    """sum(a * b) over every axis but the channel axis 1, in one pass: a, b: (N, C) or (N, C, H, W) -> (C,)."""
+    xp = array_module(a)
+    n, c = a.shape[:2]
+    return xp.einsum("ncs,ncs->c", a.reshape(n, c, -1), b.reshape(n, c, -1))
