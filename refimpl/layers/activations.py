@@ -23,8 +23,7 @@ class LeakyReLU(Layer):
         self.slope = slope
 
     def _scale(self, positive, dtype):
-        scale = positive.astype(dtype)
-        scale *= dtype.type(1 - self.slope)
+        scale = array_module(positive).multiply(positive, dtype.type(1 - self.slope), dtype=dtype)  # 0 or 1 - slope
         scale += dtype.type(self.slope)
         return scale
 
