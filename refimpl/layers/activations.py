@@ -34,17 +34,26 @@ class LeakyReLU(Layer):
 
     def backward(self, dy):
         """dx = dy * (1 if x > 0 else slope)."""
-        return dy * self._scale(self._take_cache(), dy.dtype)
+        scale = self._scale(self._take_cache(), dy.dtype)
+        return array_module(dy).multiply(dy, scale, out=scale)
 
 
 def sigmoid(x):
-    """1 / (1 + exp(-x)) without overflow: exp(min(x, 0)) / (1 + exp(-|x|)).
+    """1 / (1 + exp(-x)) of a float array (or 0-d array) without overflow: exp(min(x, 0)) / (1 + exp(-|x|)).
 
     For x >= 0 that is 1 / (1 + exp(-x)); for x < 0, exp(x) / (1 + exp(x)); no
     exponent is ever positive, and no ``where`` is needed.
     """
     xp = array_module(x)
-    return xp.exp(xp.minimum(x, 0)) / (1 + xp.exp(-xp.abs(x)))
+    x = xp.asarray(x)
+    numerator = xp.minimum(x, 0, out=xp.empty_like(x))
+    xp.exp(numerator, out=numerator)
+    denominator = xp.abs(x, out=xp.empty_like(x))  # the operations in two arrays instead of six (page faults)
+    xp.negative(denominator, out=denominator)
+    xp.exp(denominator, out=denominator)
+    denominator += 1
+    numerator /= denominator
+    return numerator
 
 
 class Sigmoid(Layer):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy
 
+from ..backend import array_module
 from .im2col import col2im, conv_output_size, im2col
 from .init import init_weight_bias
 from .layer import Layer
@@ -84,5 +85,9 @@ class Conv2d(Layer):
         self.grads["bias"] += dy2.sum(axis=1)
         if not self.input_grad:
             return None
-        dcols = self.params["weight"].reshape(o, -1).T @ dy2
+        w2 = self.params["weight"].reshape(o, -1)
+        if numpy.result_type(w2.dtype, dy2.dtype) == cols.dtype:  # into cols' own array: cols is spent
+            dcols = array_module(cols).matmul(w2.T, dy2, out=cols)
+        else:
+            dcols = w2.T @ dy2
         return col2im(dcols, x_shape, self.kernel, self.stride, self.padding, overwrite_cols=True)  # dcols: ours
