@@ -115,3 +115,22 @@ def test_conv_gradients_through_the_phase_path_match_finite_differences(geometry
     x = rng.standard_normal(shape)
     dy = rng.standard_normal(layer.output_shape(shape))
     assert set(check_layer_gradients(layer, x, dy, eps=1e-6, atol=1e-8, rtol=1e-6)) == {"x", "weight", "bias"}
+
+
+@given(geometry=geometries(phases=False), seed=seeds)
+def test_columns_written_into_a_given_buffer(geometry, seed):
+    """buffer=: the same columns, in the buffer's own memory (a layer's kept scratch), on either path."""
+    shape, kernel, stride, padding = geometry
+    x = np.random.default_rng(seed).standard_normal(shape)
+    want = _im2col_windows(x, kernel, stride, padding)
+    buffer = np.full(want.shape, np.nan)
+    got = im2col(x, kernel, stride, padding, buffer=buffer)
+    bit_equal(got, want)
+    assert np.shares_memory(got, buffer)
+
+
+def test_a_buffer_of_the_wrong_shape_or_dtype_is_refused():
+    x = np.zeros((2, 3, 8, 8))
+    for bad in (np.empty((27, 31)), np.empty((27, 32), dtype=np.float32), np.empty((32, 27)).T):
+        with pytest.raises(ValueError, match=r"im2col buffer: expected a C-contiguous float64 array of shape \(27, 32\)"):
+            im2col(x, (3, 3), (2, 2), (1, 1), buffer=bad)

@@ -31,8 +31,8 @@ def test_the_training_estimate_covers_a_real_steps_peak(fused):
     run = Run.build(RunConfig(image_size=16, fused=fused, hyper={"tau": 1.0}))
     x = run.next_batch()
     run.state.hit = True  # gates sampled: both decoder passes
+    tracemalloc.start()  # from the first step: the arrays layers keep between steps count too
     train_step(run.state, x, run.train_rng)
-    tracemalloc.start()
     train_step(run.state, x, run.train_rng)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

@@ -68,9 +68,12 @@ class Conv2d(Layer):
 
     def forward(self, x, cache=True):
         n, o, ho, wo = self.output_shape(x.shape)
-        cols = im2col(x, self.kernel, self.stride, self.padding)
+        xp, (kh, kw) = array_module(x), self.kernel
+        # columns and GEMM output in kept scratch arrays (Layer._buffer); cols lives on in the cache
+        cols = im2col(x, self.kernel, self.stride, self.padding,
+                      buffer=self._buffer("cols", (x.shape[1] * kh * kw, n * ho * wo), x.dtype, xp))
         w2 = self.params["weight"].reshape(o, -1)
-        y = w2 @ cols  # (O, N*Ho*Wo)
+        y = xp.matmul(w2, cols, out=self._buffer("y", (o, n * ho * wo), numpy.result_type(w2.dtype, cols.dtype), xp))
         y += self.params["bias"][:, None]
         self._cache = (cols, x.shape) if cache else None
         return y.reshape(o, n, ho, wo).transpose(1, 0, 2, 3).copy()

@@ -33,16 +33,32 @@ def _output_hw(x_shape, kernel, stride, padding):
     return tuple(conv_output_size(*geometry) for geometry in zip(x_shape[2:], kernel, stride, padding))
 
 
-def im2col(x, kernel, stride, padding):
-    """x: (N, C, H, W) -> cols: (C*kh*kw, N*Ho*Wo)."""
+def im2col(x, kernel, stride, padding, buffer=None):
+    """x: (N, C, H, W) -> cols: (C*kh*kw, N*Ho*Wo).
+
+    ``buffer``: a C-contiguous array of that shape and x's dtype for the NumPy paths to write
+    the columns into (a layer's kept scratch); the columns are returned either way.
+    """
     if kernels.enabled_for(x):
         return kernels.im2col(x, kernel, stride, padding, _output_hw(x.shape, kernel, stride, padding))
     if _phase_offsets(x.shape, kernel, stride, padding) is not None:
-        return _im2col_phases(x, kernel, stride, padding)
-    return _im2col_windows(x, kernel, stride, padding)
+        return _im2col_phases(x, kernel, stride, padding, buffer)
+    return _im2col_windows(x, kernel, stride, padding, buffer)
 
 
-def _im2col_windows(x, kernel, stride, padding):
+def _columns(n, c, kernel, out_hw, dtype, xp, buffer):
+    """The (C, kh, kw, N, Ho, Wo) array the columns are written into: ``buffer`` viewed so, or a new one."""
+    shape = (c, *kernel, n, *out_hw)
+    if buffer is None:
+        return xp.empty(shape, dtype=dtype)
+    flat = (c * kernel[0] * kernel[1], n * out_hw[0] * out_hw[1])
+    if tuple(buffer.shape) != flat or buffer.dtype != dtype or not buffer.flags.c_contiguous:
+        raise ValueError(f"im2col buffer: expected a C-contiguous {dtype} array of shape {flat}, got "
+                         f"{buffer.dtype} {tuple(buffer.shape)}")
+    return buffer.reshape(shape)
+
+
+def _im2col_windows(x, kernel, stride, padding, buffer=None):
     """The reference im2col: one strided window of the padded x per kernel offset."""
     xp = array_module(x)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
@@ -50,7 +66,7 @@ def _im2col_windows(x, kernel, stride, padding):
     ho, wo = _output_hw(x.shape, kernel, stride, padding)
     if ph or pw:
         x = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
+    cols = _columns(n, c, kernel, (ho, wo), x.dtype, xp, buffer)
     for i in range(kh):
         for j in range(kw):
             window = x[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
@@ -102,7 +118,7 @@ def _phase_offsets(x_shape, kernel, stride, padding):
     return offsets
 
 
-def _im2col_phases(x, kernel, stride, padding):
+def _im2col_phases(x, kernel, stride, padding, buffer=None):
     """im2col through x's stride phases: x: (N, C, H, W) -> cols: (C*kh*kw, N*Ho*Wo), equal to the loop's."""
     xp = array_module(x)
     (kh, kw), (sh, sw) = kernel, stride
@@ -111,7 +127,7 @@ def _im2col_phases(x, kernel, stride, padding):
     rows, columns = _phase_offsets(x.shape, kernel, stride, padding)
     phases = xp.empty((sh, sw, c, n, ho, wo), dtype=x.dtype)  # phases[a, b, c, n, i, j] = x[n, c, sh i + a, sw j + b]
     phases[...] = x.reshape(n, c, ho, sh, wo, sw).transpose(3, 5, 1, 0, 2, 4)
-    cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
+    cols = _columns(n, c, kernel, (ho, wo), x.dtype, xp, buffer)
     for i, a, di in rows:
         for j, b, dj in columns:
             shift_flat(cols[:, i, j], phases[a, b], di, dj)

@@ -26,6 +26,7 @@ class Layer:
         self.buffers: dict = {}
         self.training = True
         self._cache = None
+        self._scratch = {}  # name -> array kept between calls (_buffer)
 
     def forward(self, x, cache: bool = True):
         raise NotImplementedError(f"{type(self).__name__}.forward")
@@ -89,6 +90,20 @@ class Layer:
     def zero_grad(self) -> None:
         for _, _, g in self.named_parameters():
             g[...] = 0
+
+    def _buffer(self, name, shape, dtype, xp):
+        """The scratch array ``name``: the kept one when shape, dtype and backend fit, else a new (kept) one.
+
+        For arrays a layer writes and reads itself and never returns (column matrices, GEMM
+        outputs): fresh multi-megabyte arrays cost a page fault per 4 KiB page on first touch
+        (bench/NOTES.md). Safe because scratch is only read within one call or by the backward
+        of the latest cached forward, and every forward replaces (cache=True) or drops
+        (cache=False) that cache.
+        """
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or array_module(buf) is not xp:
+            buf = self._scratch[name] = xp.empty(shape, dtype=dtype)
+        return buf
 
     def _take_cache(self):
         """Return and clear the forward cache; a backward without a cached forward is an error."""

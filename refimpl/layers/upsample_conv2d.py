@@ -102,24 +102,12 @@ class UpsampleConv2d(Layer):
         weight, bias = init_weight_bias(rng, (out_channels, in_channels, 3, 3), xp, dtype, init)
         self.params = {"weight": weight, "bias": bias}
         self.grads = {"weight": xp.zeros_like(weight), "bias": xp.zeros_like(bias)}
-        self._scratch = {}
 
     def output_shape(self, x_shape):
         if len(x_shape) != 4 or x_shape[1] != self.in_channels:
             raise ValueError(f"UpsampleConv2d expected x of shape (N, C={self.in_channels}, H, W), got {tuple(x_shape)}")
         n, _, h, w = x_shape
         return (n, self.out_channels, 2 * h, 2 * w)
-
-    def _buffer(self, name, shape, dtype, xp):
-        """The scratch array ``name``: the kept one when shape, dtype and backend fit, else a new (kept) one.
-
-        Safe because scratch is only read by the backward of the latest cached forward, and
-        every forward replaces (cache=True) or drops (cache=False) that cache.
-        """
-        buf = self._scratch.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype or array_module(buf) is not xp:
-            buf = self._scratch[name] = xp.empty(shape, dtype=dtype)
-        return buf
 
     def forward(self, x, cache=True):
         n, o, _, _ = self.output_shape(x.shape)
