@@ -5,7 +5,7 @@ model (``refimpl.model.paper_architecture``), forward and backward, batch N:
 
 - a conv with O x C x k x k weights and Ho x Wo outputs: N O Ho Wo C k^2 multiply-adds
   forward, the same again for dW and for dx (dx is not needed for the first encoder conv,
-  whose input is the data: PyTorch skips it, refimpl computes it);
+  whose input is the data: both sides skip it, refimpl since 2026-12-03);
 - a linear layer in -> out: N in out each for forward, dW and dx;
 - a decoder block "x2 nearest upsample, 3x3 conv" costs 9 O C (2H)(2W) = 36 O C H W per
   image as written (PyTorch runs it so); refimpl's fused layer (``method="col2im"``,
@@ -70,8 +70,8 @@ def step_flops(arch, n_latent, batch, gated, side):
     rows = layer_macs(arch, n_latent, batch, fused_decoder=side == "refimpl")
     macs = 0
     for k, (part, name, fwd, dw, dx) in enumerate(rows):
-        if k == 0 and side == "torch":
-            dx = 0  # the data needs no gradient; autograd does not compute it
+        if k == 0:
+            dx = 0  # the data needs no gradient: autograd does not compute it, nor refimpl (Conv2d.input_grad)
         passes = 2 if part == "decoder" and gated else 1  # forward: E1 and E2 passes; backward: E2 only
         macs += passes * fwd + dw + dx
     return 2 * macs
@@ -135,7 +135,7 @@ def main(argv=None):
              f"Command: `.venv/bin/python bench/step_flops.py` (batch {args.batch}, n = {args.latent}); "
              "see its docstring for what is counted.", "",
              "## FLOPs per step (GFLOP; 2 per multiply-add)", "",
-             "| image | step | PyTorch (as written) | FlopCounterMode (torch) | refimpl (fused decoder, conv1 dx) |",
+             "| image | step | PyTorch (as written) | FlopCounterMode (torch) | refimpl (fused decoder) |",
              "|---|---|---:|---:|---:|"]
     for channels in (1, 3):
         arch = paper_architecture((channels, 64, 64))
