@@ -99,8 +99,8 @@ class BatchNorm(Layer):
             inv_std = 1.0 / (var + self.eps) ** 0.5
             centred = x - mean if centred is None else centred
             if fast:  # y from centred with the per-channel factors folded; backward keeps centred, not x_hat
-                y = centred * (weight * inv_std) if cache else array_module(x).multiply(centred, weight * inv_std,
-                                                                                        out=centred)
+                factor = weight * inv_std
+                y = centred * factor if cache else array_module(x).multiply(centred, factor, out=centred)  # not kept
                 y += bias
                 saved = centred
             else:

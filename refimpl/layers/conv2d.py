@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy
 
+from .. import kernels
 from ..backend import array_module
 from .im2col import col2im, conv_output_size, im2col
 from .init import init_weight_bias
@@ -69,9 +70,11 @@ class Conv2d(Layer):
     def forward(self, x, cache=True):
         n, o, ho, wo = self.output_shape(x.shape)
         xp, (kh, kw) = array_module(x), self.kernel
-        # columns and GEMM output in kept scratch arrays (Layer._buffer); cols lives on in the cache
-        cols = im2col(x, self.kernel, self.stride, self.padding,
-                      buffer=self._buffer("cols", (x.shape[1] * kh * kw, n * ho * wo), x.dtype, xp))
+        # columns and GEMM output in kept scratch arrays (Layer._buffer); cols lives on in the cache.
+        # CUDA's im2col kernel returns its own array (CuPy's pool makes that cheap): no buffer there.
+        cols_buffer = None if kernels.enabled_for(x) else self._buffer("cols", (x.shape[1] * kh * kw, n * ho * wo),
+                                                                         x.dtype, xp)
+        cols = im2col(x, self.kernel, self.stride, self.padding, buffer=cols_buffer)
         w2 = self.params["weight"].reshape(o, -1)
         y = xp.matmul(w2, cols, out=self._buffer("y", (o, n * ho * wo), numpy.result_type(w2.dtype, cols.dtype), xp))
         y += self.params["bias"][:, None]
