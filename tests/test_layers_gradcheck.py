@@ -170,8 +170,8 @@ def test_batchnorm_running_statistics(spatial, n, c, momentum, running_var, step
        seed=seeds)
 def test_batchnorm_fast_path_equals_plain_formulas(dtype, tol, spatial, training, n, c, hw, x_dtype, dy_dtype, seed):
     """The fast path (default) gives y, dx, the parameter gradients and the running statistics of the
-    plain formulas to rounding (tol relative to each array's largest value: its sums are associated
-    differently), and leaves x and dy alone. A float64 x or dy with float32 parameters takes the plain
+    plain formulas to rounding (tol relative to each array's largest value or the inputs' O(1) scale:
+    its sums are associated differently), and leaves x and dy alone. A float64 x or dy with float32 parameters takes the plain
     path for that pass, exactly: no fast-path write may narrow it."""
     rng = np.random.default_rng(seed)
     shape = (n, c, hw, hw + 1) if spatial else (n, c)
@@ -194,7 +194,8 @@ def test_batchnorm_fast_path_equals_plain_formulas(dtype, tol, spatial, training
         if x.dtype != dtype:  # the plain path on both sides: bit for bit
             np.testing.assert_array_equal(fast, plain)
         else:  # a float64 dy alone: the fast forward, then the plain backward from x_hat = centred inv_std
-            np.testing.assert_allclose(fast, plain, rtol=tol, atol=tol * np.abs(plain).max())
+            # atol on the scale of the O(1) inputs too: an output can be a cancelling sum (n = 2: dx ~ 1e-5)
+            np.testing.assert_allclose(fast, plain, rtol=tol, atol=tol * max(1.0, np.abs(plain).max()))
     np.testing.assert_array_equal(x, x_before)
     np.testing.assert_array_equal(dy, dy_before)
 

@@ -23,7 +23,8 @@ and a dot product instead of 5 passes and two reductions; a backward 4 passes, a
 and a dot product instead of 5 and two (bench/NOTES.md). The sums are
 associated differently, so the results equal the plain formulas (``fast = False``, the
 reference) to rounding, not bit for bit: tests/test_layers_gradcheck.py holds them to 1e-12
-(float64) and 1e-5 (float32) relative to each output's largest value.
+(float64) and 1e-5 (float32) relative to each output's largest value or, where an output is
+a cancelling sum (dx for two values per channel), to the inputs' O(1) scale.
 """
 
 from __future__ import annotations
