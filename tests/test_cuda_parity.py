@@ -9,6 +9,7 @@ host, so they must be identical, and results must agree to 1e-12 relative (float
 import numpy as np
 import pytest
 
+from refimpl import kernels
 from refimpl.adam import Adam
 from refimpl.backend import array_module, get_xp, to_device, to_host
 from refimpl.layers import BatchNorm, Conv2d, Flatten, LeakyReLU, Linear, Reshape, Sequential, Sigmoid, Upsample
@@ -57,6 +58,8 @@ LAYERS = {
     "conv_strided": (lambda xp, d: Conv2d(2, 5, (5, 2), stride=(2, 3), padding=(2, 1), rng=generator(1), xp=xp,
                                           dtype=d), (3, 2, 11, 9)),
     "conv_1x1": (lambda xp, d: Conv2d(3, 2, 1, rng=generator(2), xp=xp, dtype=d), (2, 3, 4, 5)),
+    "conv_phases": (lambda xp, d: Conv2d(3, 4, 4, stride=2, padding=1, rng=generator(13), xp=xp, dtype=d),
+                    (4, 3, 8, 8)),  # the stride-phase im2col/col2im path (with the CUDA kernels off)
     "upsample": (lambda xp, d: Upsample(3), (2, 3, 4, 5)),
     "batchnorm_train_2d": (lambda xp, d: randomized_batchnorm(5, xp, d, True, 3), (8, 5)),
     "batchnorm_eval_2d": (lambda xp, d: randomized_batchnorm(5, xp, d, False, 4), (8, 5)),
@@ -75,9 +78,13 @@ LAYERS = {
 }
 
 
+@pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels", "array-code"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("name", LAYERS)
-def test_layer_parity(cp, name, dtype):
+def test_layer_parity(cp, name, dtype, kernels_on, monkeypatch):
+    """Each layer on CuPy, with the CUDA kernels and with the array code NumPy runs (the stride-phase
+    im2col, BatchNorm's fast path, the flat shifts), against NumPy."""
+    monkeypatch.setattr(kernels, "ENABLED", kernels_on)
     make, shape = LAYERS[name]
     host, device = make(np, dtype), make(cp, dtype)
     # same seed: bit-identical parameters and buffers, living on each backend
