@@ -119,6 +119,11 @@ def mutual_information(a, b) -> float:
     return max(float(mi), 0.0)  # >= 0 exactly; rounding can give -1e-17
 
 
+def plugin_bias(levels_a, levels_b, samples):
+    """The plug-in MI's upward bias in nats, (R_a - 1)(R_b - 1) / (2 N), for R_a and R_b levels."""
+    return (levels_a - 1) * (levels_b - 1) / (2 * samples)
+
+
 def discretize(codes, bins: int = DEFAULT_BINS) -> numpy.ndarray:
     """Each column of codes: (N, n) into ``bins`` equal-width bins over its range: (N, n) int64 in 0..bins-1."""
     codes = numpy.asarray(codes, dtype=numpy.float64)
@@ -194,7 +199,7 @@ def factor_scores(codes, factors, bins: int = DEFAULT_BINS, open_dims=None) -> d
     normalized = numpy.clip(mi / h, 0.0, 1.0)
     values = numpy.array([_discrete(factors[:, f])[1] for f in range(k)])
     bound = numpy.minimum(1.0, math.log(bins) / h)
-    chance = numpy.minimum(bound, (bins - 1) * (values - 1) / (2 * binned.shape[0] * h))  # N >> bins * values
+    chance = numpy.minimum(bound, plugin_bias(bins, values, binned.shape[0]) / h)  # N >> bins * values
     open_dims = numpy.ones(n, bool) if open_dims is None else numpy.asarray(open_dims, bool).reshape(-1)
     gaps, top = mig_gaps(normalized, open_dims)
     return {"mutual_information": mi, "entropy": h, "normalized": normalized,
@@ -261,7 +266,7 @@ def joint_scores(codes, factors, k: int = JOINT_K) -> dict:
         accuracy[f] = float((predicted == y).mean())
         values, counts = numpy.unique(y, return_counts=True)
         majority[f] = counts.max() / y.size
-        chance[f] = min(1.0, (values.size - 1) ** 2 / (2 * y.size * h[f]))
+        chance[f] = min(1.0, plugin_bias(values.size, values.size, y.size) / h[f])  # prediction: R_k levels
     return {"normalized": normalized, "accuracy": accuracy, "majority": majority, "chance": chance, "k": int(k)}
 
 
