@@ -18,9 +18,17 @@ recomputed with one command:
   (a closed gate reopening);
 - each gate's closings and reopenings: the batches where gamma_j changes sign (from the
   log's ``gamma_j`` columns; logs written before gamma logging have none);
-- the last ``tail`` batches: mean E2 against tau, mean hit fraction, ||sigmoid(k gamma)||_1.
+- the last ``tail`` batches: mean E2 against tau, mean hit fraction, ||sigmoid(k gamma)||_1;
+- lambda' from batch ``after`` on (Figure 1's "drops to a small value"): its range, and
+  the batches of its smallest and largest values;
+- the bumps: the stretches above ranked by how far lambda' rose inside each (peak minus
+  its value where the stretch began), so "two visible bumps" is a computed ranking;
+- the constraint over the last ``window`` batches (the abstract's "without violating
+  the GECO constraints"): the fraction of batches with C_ma > 0 and with C > 0, mean E2,
+  and E2's moving average at the end (factor 0.95, Table 1's) against tau.
 
-Command line: ``refimpl milestones RUN [--tail N] [--min-stretch N] [--json] [--out FILE]``
+Command line: ``refimpl milestones RUN [--tail N] [--min-stretch N] [--after N] [--window N] [--json]
+[--out FILE]``
 prints a Markdown summary (``--json``: the numbers as JSON) and writes it atomically to
 ``RUN/milestones.md`` (or FILE).
 """
@@ -33,6 +41,7 @@ import sys
 import numpy
 
 from .atomic import atomic_write
+from .runlog import moving_average
 from .plot import gamma_columns, load_log, run_folder
 from .runfolder import LOG_FILE, MILESTONES_FILE
 
@@ -40,6 +49,9 @@ PROG = "refimpl milestones"
 TAIL = 500  # batches averaged at the end of the run
 MIN_STRETCH = 50  # shortest stretch of C_ma >= 0 after the first dive that is reported
 MAX_LISTED = 8  # stretches listed in the Markdown report (the longest)
+AFTER = 12_000  # lambda' range is reported from this batch on (the claims ledger's "from 12K")
+WINDOW = 10_000  # batches at the end over which the constraint's violations are counted
+BUMPS = 3  # largest rises of lambda' listed in the Markdown report
 
 
 def _int(x) -> int:
@@ -69,11 +81,33 @@ def violated_stretches(steps, c_ma, lam, start: int, min_len: int) -> list[dict]
         if b - a >= min_len:
             peak = a + int(numpy.argmax(lam[a:b]))
             out.append({"from": _int(steps[a]), "to": _int(steps[b - 1]), "lambda_peak": float(lam[peak]),
-                        "lambda_peak_batch": _int(steps[peak])})
+                        "lambda_peak_batch": _int(steps[peak]), "lambda_rise": float(lam[peak] - lam[a])})
     return out
 
 
-def milestones(log: dict, tail: int = TAIL, min_stretch: int = MIN_STRETCH) -> dict:
+def extremes_after(steps, lam, after: int) -> dict | None:
+    """lambda' over the rows with step >= ``after``: smallest and largest, each with its batch (None when the
+    run is shorter). steps, lam: (T,)."""
+    rows = numpy.flatnonzero(steps >= after)
+    if not rows.size:
+        return None
+    low, high = rows[int(numpy.argmin(lam[rows]))], rows[int(numpy.argmax(lam[rows]))]
+    return {"from": after, "min": float(lam[low]), "min_batch": _int(steps[low]), "max": float(lam[high]),
+            "max_batch": _int(steps[high])}
+
+
+def constraint_window(log: dict, window: int) -> dict:
+    """The constraint over the last ``window`` rows (fewer if the run is shorter): fractions of batches with
+    C_ma > 0 and with C > 0, mean E2, and E2's moving average (factor 0.95) at the end against tau."""
+    last = slice(max(0, len(log["step"]) - window), None)
+    return {"batches": len(log["step"][last]), "from": _int(log["step"][last][0]),
+            "c_ma_positive_fraction": float((log["C_ma"][last] > 0).mean()),
+            "c_positive_fraction": float((log["C"][last] > 0).mean()), "E2_mean": float(log["E2"][last].mean()),
+            "E2_ma95_end": moving_average(log["E2"], 0.95), "tau": float(log["tau"][-1])}
+
+
+def milestones(log: dict, tail: int = TAIL, min_stretch: int = MIN_STRETCH, after: int = AFTER,
+               window: int = WINDOW) -> dict:
     """The events of Section 4.1 in ``log`` (columns name -> (T,) float arrays, :func:`refimpl.plot.load_log`)."""
     steps, lam, c_ma = log["step"], log["lambda_eff"], log["C_ma"]
     peak = int(numpy.argmax(lam))
@@ -93,6 +127,8 @@ def milestones(log: dict, tail: int = TAIL, min_stretch: int = MIN_STRETCH) -> d
         "min_stretch": min_stretch,
         "violated_again": ([] if first_below is None else
                            violated_stretches(steps, c_ma, lam, first_below, min_stretch)),
+        "lambda_after": extremes_after(steps, lam, after),
+        "constraint": constraint_window(log, window),
         "staircase": stairs,
         "reopenings": sum(1 for (_, a), (_, b) in zip(stairs, stairs[1:]) if b > a),
         "gates": {name[6:]: sign_changes(steps, log[name]) for name in gammas},
@@ -117,6 +153,15 @@ def to_markdown(m: dict, title: str) -> str:
                  + (f" (the {MAX_LISTED} longest listed; all in --json)" if len(shown) < len(stretches) else "")
                  + "".join(f"\n  - batches {s['from']:,}-{s['to']:,}: lambda' up to {s['lambda_peak']:.3g} "
                            f"(batch {s['lambda_peak_batch']:,})" for s in shown))
+    if stretches:
+        bumps = sorted(stretches, key=lambda s: -s["lambda_rise"])[:BUMPS]
+        lines.append(f"- the largest rises of lambda' in those stretches (the bumps), of {len(stretches)}: "
+                     + "; ".join(f"+{s['lambda_rise']:.3g} to {s['lambda_peak']:.3g} at batch {s['lambda_peak_batch']:,}"
+                                 for s in bumps))
+    after = m["lambda_after"]
+    if after is not None:
+        lines.append(f"- lambda' from batch {after['from']:,} on: {after['min']:.3g} (batch {after['min_batch']:,}) to "
+                     f"{after['max']:.3g} (batch {after['max_batch']:,})")
     lines.append("- open gates (staircase): " + " -> ".join(f"{count} (batch {step:,})" for step, count in m["staircase"])
                  + f"; reopenings: {m['reopenings']}")
     if m["gates"]:
@@ -127,6 +172,10 @@ def to_markdown(m: dict, title: str) -> str:
     lines.append(f"- last {t['batches']:,} batches: mean E2 {t['E2_mean']:.4g} against tau {m['tau']:g}, mean hit "
                  f"fraction {t['hit_fraction_mean']:.3f}; at the end ||sigmoid(k gamma)||_1 = {t['gates_l1_last']:.3f}, "
                  f"{t['open_gates_last']} gate(s) open")
+    c = m["constraint"]
+    lines.append(f"- last {c['batches']:,} batches (from {c['from']:,}): C_ma > 0 in {100 * c['c_ma_positive_fraction']:.1f}% "
+                 f"of them, C > 0 (batch E2 over tau) in {100 * c['c_positive_fraction']:.1f}%; mean E2 {c['E2_mean']:.4g}, "
+                 f"E2's moving average (0.95) at the end {c['E2_ma95_end']:.4g}, against tau {c['tau']:g}")
     return "\n".join(lines) + "\n"
 
 
@@ -139,6 +188,10 @@ def add_arguments(parser) -> None:
                         help=f"batches averaged at the end (default: {TAIL})")
     parser.add_argument("--min-stretch", type=positive_int, default=MIN_STRETCH, metavar="N",
                         help=f"shortest stretch of C_ma >= 0 after the first dive that is listed (default: {MIN_STRETCH})")
+    parser.add_argument("--after", type=positive_int, default=AFTER, metavar="N",
+                        help=f"report lambda' range from batch N on (default: {AFTER:,})")
+    parser.add_argument("--window", type=positive_int, default=WINDOW, metavar="N",
+                        help=f"count the constraint's violations over the last N batches (default: {WINDOW:,})")
     parser.add_argument("--json", action="store_true", help="JSON instead of Markdown")
     parser.add_argument("--out", default=None, metavar="FILE", help=f"output file (default: RUN/{MILESTONES_FILE})")
 
@@ -146,7 +199,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """``refimpl milestones``: print the report and write it."""
     folder = run_folder(args.run)
-    m = milestones(load_log(folder / LOG_FILE), tail=args.tail, min_stretch=args.min_stretch)
+    m = milestones(load_log(folder / LOG_FILE), tail=args.tail, min_stretch=args.min_stretch, after=args.after,
+                   window=args.window)
     text = json.dumps(m, indent=1) + "\n" if args.json else to_markdown(m, folder.name)
     out = args.out or folder / MILESTONES_FILE
     atomic_write(out, lambda f: f.write(text.encode()))

@@ -28,7 +28,7 @@ def constructed_log():
     g2 = numpy.where(steps >= 150, -0.2, 0.2)
     open_gates = (g0 > 0).astype(float) + (g1 > 0) + (g2 > 0)
     e2 = numpy.linspace(30, 10, 200)
-    return {"step": steps, "lambda_eff": lam, "C_ma": c_ma, "open_gates": open_gates, "E2": e2,
+    return {"step": steps, "lambda_eff": lam, "C_ma": c_ma, "C": e2 - 20.0, "open_gates": open_gates, "E2": e2,
             "hit_fraction": numpy.linspace(0, 1, 200), "gates_l1": numpy.linspace(3, 1.5, 200),
             "tau": numpy.full(200, 20.0), "gamma_0": g0, "gamma_1": g1, "gamma_2": g2}
 
@@ -57,6 +57,31 @@ def test_events_of_a_constructed_log():
                   "1 (batch 150) -> 2 (batch 170); reopenings: 1", "gate 1: closed at 120, opened at 170",
                   "gate 0: no change"):
         assert words in text
+
+
+def test_lambda_after_bumps_and_the_constraint_window():
+    log = constructed_log()
+    m = ms.milestones(log, min_stretch=5, after=100, window=50)
+    after = m["lambda_after"]  # lambda' from batch 100: 1.42, peak 1.72 at 130, lowest 0.4 at 200
+    assert (after["from"], after["max_batch"], after["min_batch"]) == (100, 130, 200)
+    assert after["max"] == pytest.approx(2 - 0.9 + 31 / 50) and after["min"] == pytest.approx(2 - 1.6)
+    rises = {s["from"]: s["lambda_rise"] for s in m["violated_again"]}
+    assert rises[100] == pytest.approx(log["lambda_eff"][129] - log["lambda_eff"][99])
+    assert rises[180] == pytest.approx(0.0)  # lambda' falls inside the short stretch: its peak is its first row
+    c = m["constraint"]  # the last 50 batches: C_ma = 0.5 over 151-159, 0.0 (not > 0) over 180-185; E2 < 20 from 101
+    assert (c["batches"], c["from"]) == (50, 151) and c["c_ma_positive_fraction"] == pytest.approx(9 / 50)
+    assert c["c_positive_fraction"] == 0.0 and c["E2_mean"] == pytest.approx(log["E2"][-50:].mean())
+    early = ms.milestones(log, window=150)["constraint"]  # batches 51-200: E2 > 20 up to batch 100 (50 of 150)
+    assert early["c_positive_fraction"] == pytest.approx(50 / 150) and early["c_ma_positive_fraction"] == pytest.approx(60 / 150)
+    e2_ma = log["E2"][0]
+    for v in log["E2"][1:]:
+        e2_ma = 0.95 * e2_ma + 0.05 * v
+    assert c["E2_ma95_end"] == pytest.approx(e2_ma, rel=1e-12)
+    assert ms.milestones(log, after=201)["lambda_after"] is None
+    text = ms.to_markdown(m, "x")
+    assert "lambda' from batch 100 on: 0.4 (batch 200) to 1.72 (batch 130)" in text
+    assert "the largest rises of lambda' in those stretches (the bumps), of 2: +0.3 to 1.72 at batch 130" in text
+    assert "last 50 batches (from 151): C_ma > 0 in 18.0% of them, C > 0 (batch E2 over tau) in 0.0%" in text
 
 
 def test_a_constraint_never_met_and_a_log_without_gamma_columns():
