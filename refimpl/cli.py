@@ -7,6 +7,7 @@
     refimpl plot RUN            Figure 1 of a run, gate by gate -> RUN/plot.png (refimpl/plot.py)
     refimpl factors RUN         which generative factor each kept dimension holds (refimpl/factors.py)
     refimpl milestones RUN      Section 4.1's events (lambda' peak, staircase, reopenings) from log.csv
+    refimpl study DIR...        one table over many runs (sweeps), grouped by arm, with each seed's result
     refimpl sweep --grid ...    a grid of runs on Dask, one CSV row per run (refimpl/sweep.py)
     refimpl trace, compare      golden traces (refimpl/trace.py, refimpl/compare.py)
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy
 
-from . import __version__, compare, factors, figures, milestones, options, plot, sweep, trace
+from . import __version__, compare, factors, figures, milestones, options, plot, study, sweep, trace
 from .config import Schedule, default_out, new_config
 from .exits import ArgumentParser, run_command
 from .optionspec import OptionError, index_list, positive_int
@@ -96,7 +97,7 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
 
     # -- commands whose options and runners live in their own modules
-    for name, module in (("plot", plot), ("factors", factors), ("milestones", milestones),
+    for name, module in (("plot", plot), ("factors", factors), ("milestones", milestones), ("study", study),
                          ("sweep", sweep), ("trace", trace), ("compare", compare)):
         doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", module.__doc__.strip()).replace("``", "")  # plain text, not reST
         p = sub.add_parser(name, help=doc.splitlines()[0], description=doc,

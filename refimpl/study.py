@@ -1,0 +1,134 @@
+"""``refimpl study DIR...``: one table over many runs, grouped by what differs between them.
+
+A study (``bench/results/study/``) asks why refimpl's runs differ from the paper's: seed
+spread, budget, or a reading of the paper. Its runs live in sweep folders (``DIR/runs/*``)
+or are given as run folders. For each run this reads ``config.json`` and the log
+(:func:`refimpl.milestones.milestones`) and reports: how far it trained and whether it is
+finished (``summary.json`` at the log's last step), the open gates at the end, the
+staircase of closings, reopenings, the first batch with C_ma < 0, and the constraint over
+the last ``window`` batches. Runs are grouped by every configuration field that varies
+across the given runs except the seed (the *arm*: tau, a reading, the latent size), and
+each group lists its seeds' open gates and their range, so the spread is shown and not
+just a mean.
+
+Command line: ``refimpl study DIR [DIR ...] [--window N] [--out FILE] [--json]``; the
+Markdown table is printed and written atomically to FILE (default ``DIR/study.md`` of the
+first DIR).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .atomic import atomic_write
+from .milestones import WINDOW, milestones
+from .plot import load_log, run_folder
+from .runfolder import CONFIG_FILE, LOG_FILE, SUMMARY_FILE
+
+STUDY_FILE = "study.md"
+IGNORED = ("seed", "data")  # fields that never define an arm
+
+
+class StudyError(OSError):
+    """A folder holds no run the study can read; the message names it (exit status 1)."""
+
+
+def run_folders(paths) -> list[Path]:
+    """The run folders under ``paths``: each path is a run folder or a sweep folder (``runs/*``)."""
+    found = []
+    for path in map(Path, paths):
+        candidates = sorted((path / "runs").iterdir()) if (path / "runs").is_dir() else [path]
+        runs = [c for c in candidates if (c / CONFIG_FILE).is_file()]
+        if not runs:
+            raise StudyError(f"{path}: neither a run folder nor a sweep folder with runs/ (no {CONFIG_FILE})")
+        found += [run_folder(r) for r in runs]
+    return found
+
+
+def flat_config(folder: Path) -> dict:
+    """config.json's run configuration as one flat dict (``hyper`` fields beside the others)."""
+    config = json.loads((folder / CONFIG_FILE).read_text())["config"]
+    hyper = config.pop("hyper", {})
+    return {**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}, **hyper}
+
+
+def run_row(folder: Path, window: int = WINDOW) -> dict:
+    """One run's row: its configuration and what its log shows."""
+    log = load_log(folder / LOG_FILE)
+    m = milestones(log, window=window)
+    summary = folder / SUMMARY_FILE
+    finished = summary.is_file() and json.loads(summary.read_text()).get("step") == m["batches"]
+    closings = [step for (step, count), (_, before) in zip(m["staircase"][1:], m["staircase"]) if count < before]
+    return {"run": str(folder), "config": flat_config(folder), "batches": m["batches"], "finished": finished,
+            "open_gates": m["tail"]["open_gates_last"], "closings": closings, "reopenings": m["reopenings"],
+            "first_dive": m["c_ma_below_zero_from"], "constraint": m["constraint"]}
+
+
+def arm_fields(rows: list[dict]) -> list[str]:
+    """The configuration fields whose values differ between ``rows`` (the seed and data path excepted)."""
+    names = sorted({k for r in rows for k in r["config"]} - set(IGNORED))
+    return [k for k in names if len({repr(r["config"].get(k)) for r in rows}) > 1]
+
+
+def _value(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def study(rows: list[dict]) -> dict:
+    """The groups of ``rows`` by arm: {arm label: {"rows": [...], "open_gates": [...], "range": (lo, hi)}}."""
+    fields = arm_fields(rows)
+    groups = {}
+    for r in sorted(rows, key=lambda r: ([repr(r["config"].get(k)) for k in fields], r["config"].get("seed", 0))):
+        label = " ".join(f"{k}={_value(r['config'].get(k))}" for k in fields) or "all runs"
+        groups.setdefault(label, {"rows": []})["rows"].append(r)
+    for g in groups.values():
+        gates = [r["open_gates"] for r in g["rows"]]
+        g["open_gates"], g["range"] = gates, (min(gates), max(gates))
+    return {"fields": fields, "groups": groups}
+
+
+def to_markdown(s: dict, window: int) -> str:
+    """The study as Markdown: one summary row per arm, then one row per run."""
+    lines = ["| arm | runs (seeds) | batches | open gates at the end, by seed | range |", "|---|---|---|---|---|"]
+    for label, g in s["groups"].items():
+        seeds = ", ".join(str(r["config"].get("seed")) for r in g["rows"])
+        batches = sorted({r["batches"] for r in g["rows"]})
+        done = sum(r["finished"] for r in g["rows"])
+        lines.append(f"| {label} | {len(g['rows'])} ({seeds}) | {batches[0]:,}" + (f"-{batches[-1]:,}" if len(batches) > 1
+                     else "") + f" ({done} finished) | {', '.join(map(str, g['open_gates']))} | "
+                     f"{g['range'][0]}-{g['range'][1]} |")
+    lines += ["", f"| run | seed | batches | open gates | closings at batch | reopenings | C_ma < 0 first at | "
+                  f"last {window:,} batches: C_ma > 0 | mean E2 / tau |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, g in s["groups"].items():
+        for r in g["rows"]:
+            c = r["constraint"]
+            lines.append(f"| {Path(r['run']).name} | {r['config'].get('seed')} | {r['batches']:,}"
+                         f"{'' if r['finished'] else ' (running)'} | {r['open_gates']} | "
+                         f"{', '.join(f'{b:,}' for b in r['closings']) or '-'} | {r['reopenings']} | "
+                         + ("never" if r["first_dive"] is None else f"{r['first_dive']:,}")
+                         + f" | {100 * c['c_ma_positive_fraction']:.1f}% of {c['batches']:,} | "
+                         f"{c['E2_mean']:.4g} / {c['tau']:g} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser) -> None:
+    """The options of ``refimpl study``."""
+    from .optionspec import positive_int
+
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="sweep folders (with runs/) or run folders")
+    parser.add_argument("--window", type=positive_int, default=WINDOW, metavar="N",
+                        help=f"count the constraint's violations over each run's last N batches (default: {WINDOW:,})")
+    parser.add_argument("--json", action="store_true", help="JSON instead of Markdown")
+    parser.add_argument("--out", default=None, metavar="FILE", help=f"output file (default: DIR/{STUDY_FILE})")
+
+
+def run(args) -> int:
+    """``refimpl study``: print the table and write it."""
+    s = study([run_row(folder, args.window) for folder in run_folders(args.dirs)])
+    text = json.dumps(s, indent=1, default=list) + "\n" if args.json else to_markdown(s, args.window)
+    out = Path(args.out) if args.out else Path(args.dirs[0]) / STUDY_FILE
+    atomic_write(out, lambda f: f.write(text.encode()))
+    sys.stdout.write(text)
+    return 0

@@ -1,0 +1,70 @@
+"""refimpl.study: runs of sweep folders grouped by arm, with every seed's result and the range."""
+
+import json
+
+import numpy
+import pytest
+
+from refimpl import study as st
+from refimpl.cli import main as cli_main
+from refimpl.config import RunConfig
+from refimpl.training import Run
+
+
+def tiny_run(folder, seed: int, tau: float, batches: int = 4, finish: bool = True):
+    config = RunConfig(dataset="synthetic-dsprites", latent=3, image_size=16, holdout=100, seed=seed,
+                       hyper={"tau": tau})
+    Run.create(config, folder).train(batches, progress=False)
+    if not finish:  # as if interrupted: a log and checkpoint but no summary at the log's last step
+        (folder / "summary.json").unlink()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    for seed in (0, 1):
+        for tau in (1.0, 500.0):
+            tiny_run(root / "runs" / f"tau{tau:g}-seed{seed}", seed, tau, finish=(seed, tau) != (1, 500.0))
+    return root
+
+
+def test_rows_groups_and_ranges(sweep):
+    rows = [st.run_row(f, window=3) for f in st.run_folders([sweep])]
+    assert len(rows) == 4 and st.arm_fields(rows) == ["tau"]  # seed varies too, but never defines an arm
+    s = st.study(rows)
+    assert list(s["groups"]) == ["tau=1", "tau=500"]
+    for g in s["groups"].values():
+        assert [r["config"]["seed"] for r in g["rows"]] == [0, 1]
+        assert g["open_gates"] == [r["open_gates"] for r in g["rows"]]
+        assert g["range"] == (min(g["open_gates"]), max(g["open_gates"]))
+    by_name = {r["run"].split("/")[-1]: r for r in rows}
+    assert not by_name["tau500-seed1"]["finished"] and by_name["tau1-seed0"]["finished"]
+    r = by_name["tau500-seed0"]  # tau = 500 at 16x16 (at most 256): the error is under tau from the first batch
+    assert r["batches"] == 4 and r["first_dive"] == 1 and r["constraint"]["batches"] == 3
+    assert r["constraint"]["c_ma_positive_fraction"] == 0.0
+    log = numpy.genfromtxt(sweep / "runs" / "tau500-seed0" / "log.csv", delimiter=",", names=True)
+    assert r["constraint"]["E2_mean"] == pytest.approx(log["E2"][-3:].mean(), rel=1e-12)
+    assert r["open_gates"] == int(log["open_gates"][-1])
+    text = st.to_markdown(s, 3)
+    assert "| tau=1 | 2 (0, 1) | 4 (2 finished) |" in text and "| tau=500 | 2 (0, 1) | 4 (1 finished) |" in text
+    assert "| tau500-seed1 | 1 | 4 (running) |" in text and "| tau500-seed0 | 0 | 4 | " in text
+
+
+def test_a_run_folder_and_a_sweep_together_and_the_command(sweep, tmp_path, capsys):
+    single = tiny_run(tmp_path / "other", 0, 1.0, batches=5)
+    rows = [st.run_row(f) for f in st.run_folders([sweep, single])]
+    assert len(rows) == 5 and st.arm_fields(rows) == ["tau"]  # the 5-batch run differs in batches, not config
+    assert cli_main(["study", str(sweep), str(single), "--window", "2", "--out", str(tmp_path / "t.md")]) == 0
+    text = capsys.readouterr().out
+    assert (tmp_path / "t.md").read_text() == text and "| tau=1 | 3 (0, 0, 1) | 4-5 (3 finished) |" in text
+    assert cli_main(["study", str(sweep), "--json", "--out", str(tmp_path / "t.json")]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["fields"] == ["tau"] and len(data["groups"]["tau=500"]["rows"]) == 2
+
+
+def test_folders_without_runs_are_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["study", str(tmp_path / "empty")]) == 1
+    assert "neither a run folder nor a sweep folder" in capsys.readouterr().err
+    assert cli_main(["study", str(tmp_path / "missing")]) == 1
