@@ -75,8 +75,8 @@ class Hyper:
                                  choices=("raw", "effective"), letter="d")
     encoder_output: str = option("logvar", "l. 11: the encoder's second half is log sigma^2 (Eq. 15), or log sigma "
                                  "(Eq. 3), or log sigma for sampling with Eq. 15's 'log sigma - sigma' applied to "
-                                 "it as printed (Eqs. 3 and 15 literally, interpretation (r))",
-                                 choices=("logvar", "logstd", "literal"), letter="e")
+                                 "it as printed (both equations literally)",
+                                 choices=("logvar", "logstd", "literal"), letter="e, r")
     kl_normalizer: str = option("open", "l. 22: divide the KL by ||nu2||_0 (0 when every gate is closed, as the "
                                 "numerator then is too), or by n", choices=("open", "all"), letter="f")
     hit: str = option("sticky", "l. 25: hit never resets, or hit = (C <= 0) of the previous step",
