@@ -29,6 +29,13 @@ zero gradient while it takes no part in L; with ``"per_parameter"`` (torch.optim
 behaviour) gamma's state, value and count stay as they are on a step where it has no
 gradient: no L0 term (l. 24) and no gates sampled (l. 29).
 
+Readings (p)-(r) of refimpl/INTERPRETATIONS.md: ``constraint="per_image"`` adds the L0
+term times the fraction of images with e_b <= tau inside the objective; with ``lambda_lr``
+or ``lambda_optimizer="sgd"`` lambda gets an optax state of its own (``opt_state["lambda"]``:
+``optax.adam`` at its rate, or ``optax.sgd``, plain gradient ascent on the negated
+gradient); ``encoder_output="literal"`` samples with sigma = exp(s) and applies Eq. 15's
+"log sigma - sigma" to s as printed.
+
 Agreement with refimpl in float64 (``tests/test_crosscheck.py``): every
 intermediate, gradient (the ARM term too), parameter and BatchNorm statistic to ~1e-13
 relative on the test models, under every interpretation switch. On Section 4's 64x64

@@ -46,6 +46,13 @@ a leave-one-out baseline, whose E1 pass uses a second, independent sample nu1 = 
 sigmoid(k gamma)] (u1 drawn after u); the E2 pass, the loss and the KL term use l. 6's
 nu2 = 1[u < sigmoid(k gamma)] under all three.
 
+Readings (p)-(r) of refimpl/INTERPRETATIONS.md: ``constraint="per_image"`` adds the L0
+term times the fraction of images with e_b <= tau (hit when any image meets it);
+``lambda_lr`` puts lambda in an Adam parameter group with its own ``lr``, and
+``lambda_optimizer="sgd"`` steps it with ``torch.optim.SGD`` (plain gradient ascent, with
+``maximize``) instead of Adam; ``encoder_output="literal"`` samples with sigma = exp(s) and
+applies Eq. 15's "log sigma - sigma" to s as printed.
+
 BatchNorm: torch's ``momentum`` is the weight of the new batch, the paper's (Keras)
 "momentum 0.8" the weight of the old running value, so torch momentum = 1 - 0.8. torch
 blends the *unbiased* batch variance into ``running_var``; refimpl (like Keras) the

@@ -20,6 +20,11 @@ two-sample REINFORCE with a leave-one-out baseline on two independent gate vecto
 all three use the two decoder passes of l. 12-13, and the E2 pass (l. 13, the one the
 loss and the KL term use) always has nu2 = 1[u < sigmoid(k gamma)].
 
+l. 23's test weighs the L0 term of l. 24 (interpretation (p), ``Hyper.constraint``): 1 or 0
+by the batch-mean C, or the fraction of images with e_b <= tau (:func:`l0_term_weight`).
+l. 31 (interpretation (q)): lambda at its own rate (``lambda_lr``), by Adam or by plain
+gradient ascent (``lambda_optimizer``), in :func:`update_parameters`.
+
 Random draws, in this order per step, from the one generator passed in: u (S, n)
 when gates are sampled (l. 4), then u1 (S, n), the second independent sample, only
 with ``estimator="reinforce_loo"``, then eps (B, n) for the reparameterisation (l. 11).
