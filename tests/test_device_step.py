@@ -169,8 +169,9 @@ def test_train_with_device_step_takes_the_fast_path_after_the_first_hit(tmp_path
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("hyper_kw", [{}, {"estimator": "disarm"}, {"lambda_max": 0.5}], ids=["defaults", "disarm",
-                                                                                             "clamped"])
+@pytest.mark.parametrize("hyper_kw", [{}, {"estimator": "disarm"}, {"lambda_max": 0.5},
+                                      {"constraint": "per_image", "lambda_optimizer": "sgd", "encoder_output": "literal"}],
+                         ids=["defaults", "disarm", "clamped", "per_image+sgd+literal"])
 def test_device_step_on_cupy_equals_train_step_on_cupy_and_numpy(dtype, hyper_kw):
     cp = get_xp("cupy")
     states = {"ref": hit_state(dtype, hyper_kw, xp=cp), "fast": hit_state(dtype, hyper_kw, xp=cp),
