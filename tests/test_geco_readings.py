@@ -209,3 +209,24 @@ def test_a_checkpoint_from_before_the_switches_goes_on_under_sgd(tmp_path):
 def test_the_full_experiment_checkpoints_go_on_under_sgd():
     """bench/results/experiments/full: 50000 steps of the 64x64 network, written before (p)-(r)."""
     check_old_checkpoint(OLD_CHECKPOINT)
+
+
+def test_train_command_line_takes_the_new_readings_with_the_same_log_columns(tmp_path):
+    """``refimpl train --constraint per_image --lambda-optimizer sgd --lambda-lr R --encoder-output literal``: the
+    run's checkpoint records them, and log.csv has the default run's columns (the weight of (p) is hit_fraction)."""
+    from refimpl.checkpoint import load
+    from refimpl.cli import main
+    from refimpl.runlog import read_log
+
+    args = ["train", "--image-size", "8", "--channels", "2", "--batch-size", "8", "--latent", "4", "--holdout", "16",
+            "--tau", "40", "--dtype", "float64", "--quiet", "--batches", "4"]
+    readings = ["--constraint", "per_image", "--lambda-optimizer", "sgd", "--lambda-lr", "0.01",
+                "--encoder-output", "literal"]
+    assert main(args + ["--out", str(tmp_path / "default")]) == 0
+    assert main(args + readings + ["--out", str(tmp_path / "readings")]) == 0
+    _, meta = load(tmp_path / "readings" / "checkpoint.npz")
+    assert {k: meta["config"]["hyper"][k] for k in ("constraint", "lambda_optimizer", "lambda_lr", "encoder_output")} \
+        == {"constraint": "per_image", "lambda_optimizer": "sgd", "lambda_lr": 0.01, "encoder_output": "literal"}
+    assert meta["adam_steps"]["lambda"] == 0 and meta["adam_steps"]["gamma"] == 4  # lambda: plain ascent, no Adam
+    default, readings_log = (read_log(tmp_path / r / "log.csv") for r in ("default", "readings"))
+    assert list(readings_log) == list(default) and len(readings_log["loss"]) == 4
