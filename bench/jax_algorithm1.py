@@ -29,6 +29,13 @@ zero gradient while it takes no part in L; with ``"per_parameter"`` (torch.optim
 behaviour) gamma's state, value and count stay as they are on a step where it has no
 gradient: no L0 term (l. 24) and no gates sampled (l. 29).
 
+Readings (p)-(r) of refimpl/INTERPRETATIONS.md: ``constraint="per_image"`` adds the L0
+term times the fraction of images with e_b <= tau inside the objective; with ``lambda_lr``
+or ``lambda_optimizer="sgd"`` lambda gets an optax state of its own (``opt_state["lambda"]``:
+``optax.adam`` at its rate, or ``optax.sgd``, plain gradient ascent on the negated
+gradient); ``encoder_output="literal"`` samples with sigma = exp(s) and applies Eq. 15's
+"log sigma - sigma" to s as printed.
+
 Agreement with refimpl in float64 (``tests/test_crosscheck.py``): every
 intermediate, gradient (the ARM term too), parameter and BatchNorm statistic to ~1e-13
 relative on the test models, under every interpretation switch. On Section 4's 64x64
@@ -92,7 +99,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/transcription.
 # Framework-free parts shared with bench/torch_algorithm1.py: Section 4's defaults and refimpl's interpretations
 # (DEFAULTS), architecture helpers, initial lambda (d), the plant catalogue and the trace replay loop.
 from transcription import (ARCH_DEFAULTS, DEFAULTS, as_config, check_plant, conv_specs, feature_shape,  # noqa: E402
-                           initial_lambda, paper_architecture, plant_catalogue)
+                           initial_lambda, lambda_rate, paper_architecture, plant_catalogue)
 import transcription  # noqa: E402
 
 __all__ = ["ARCH_DEFAULTS", "DEFAULTS", "as_config", "draw", "feature_shape", "init_model", "init_state", "make_step",
@@ -271,29 +278,51 @@ def per_image_error(x_rec, x, kind: str):
 
 
 def kl_elementwise(mu, s, encoder_output: str):
-    """Eq. 15 with s = log sigma^2 ("logvar") or s = log sigma ("logstd"), interpretation (e). -> (B, n)"""
+    """Eq. 15 with s = log sigma^2 ("logvar") or s = log sigma ("logstd"), interpretation (e); or, with
+    "literal" (r), Eq. 15's "log sigma - sigma" as printed on Eq. 3's s = log sigma. -> (B, n)"""
+    if encoder_output == "literal":
+        return -0.5 * (1.0 + s - jnp.exp(s) - mu * mu)
     log_var = s if encoder_output == "logvar" else 2.0 * s
     return -0.5 * (1.0 + log_var - jnp.exp(log_var) - mu * mu)
 
 
-def make_optimizer(hyper) -> optax.GradientTransformation:
-    """l. 31: Adam in PyTorch's form (eps outside the square root, no eps_root; refimpl/adam.py)."""
+def make_optimizer(hyper, lr: float | None = None) -> optax.GradientTransformation:
+    """l. 31: Adam in PyTorch's form (eps outside the square root, no eps_root; refimpl/adam.py), at ``lr``
+    (default: hyper's)."""
     h = as_config(hyper, DEFAULTS)
-    return optax.adam(h.lr, b1=h.betas[0], b2=h.betas[1], eps=h.adam_eps, eps_root=0.0)
+    return optax.adam(h.lr if lr is None else lr, b1=h.betas[0], b2=h.betas[1], eps=h.adam_eps, eps_root=0.0)
 
 
-def _split(params: dict) -> dict:
-    """{"gamma": {"gamma": ...}, "rest": every other parameter}: gamma keeps an Adam state of its own (n)."""
-    return {"gamma": {"gamma": params["gamma"]}, "rest": {k: v for k, v in params.items() if k != "gamma"}}
+def _own_lambda(h) -> bool:
+    """Whether lambda has an optimizer of its own (interpretation (q)): its own rate, or plain gradient ascent."""
+    return h.lambda_lr is not None or h.lambda_optimizer == "sgd"
+
+
+def part_optimizers(hyper) -> dict:
+    """The optimizer of each part of :func:`_split`: Adam for gamma and the rest; lambda's under (q) Adam at
+    lambda's rate, or optax.sgd (plain gradient descent on the negated gradient under ascent, no state)."""
+    h = as_config(hyper, DEFAULTS)
+    out = {"gamma": make_optimizer(h), "rest": make_optimizer(h)}
+    if _own_lambda(h):
+        out["lambda"] = optax.sgd(lambda_rate(h)) if h.lambda_optimizer == "sgd" else make_optimizer(h, lambda_rate(h))
+    return out
+
+
+def _split(params: dict, hyper) -> dict:
+    """{"gamma": {"gamma": ...}, "rest": every other parameter}: gamma keeps an Adam state of its own (n);
+    lambda too, as "lambda", when it has an optimizer or a rate of its own (q)."""
+    own = ("gamma", "lambda") if _own_lambda(as_config(hyper, DEFAULTS)) else ("gamma",)
+    return {**{name: {name: params[name]} for name in own},
+            "rest": {k: v for k, v in params.items() if k not in own}}
 
 
 def init_state(params: dict, hyper):
-    """Adam's state (fresh: gamma's and the rest's, interpretation (n)) and GECO's (l. 1: hit = False;
-    C_ma unset, NaN until l. 16 sets it)."""
+    """Adam's state (fresh: gamma's and the rest's, interpretation (n); lambda's under (q)) and GECO's (l. 1:
+    hit = False; C_ma unset, NaN until l. 16 sets it)."""
     dtype = params["gamma"].dtype
     geco = {"hit": jnp.asarray(False), "c_ma": jnp.asarray(jnp.nan, dtype), "last_constraint_met": jnp.asarray(False)}
-    optimizer = make_optimizer(hyper)
-    return {part: optimizer.init(group) for part, group in _split(params).items()}, geco
+    optimizers = part_optimizers(hyper)
+    return {part: optimizers[part].init(group) for part, group in _split(params, hyper).items()}, geco
 
 
 def samples_gates(geco: dict, hyper) -> bool:
@@ -346,7 +375,7 @@ def make_step(arch, hyper, n_latent: int, *, plant: str | None = None, jit: bool
         arch.bn_running_var = "unbiased"
     if plant == "bn-torch-momentum":
         arch.bn_momentum = 1.0 - arch.bn_momentum  # torch's momentum (weight of the batch) read as Keras's
-    n, optimizer = int(n_latent), make_optimizer(h)
+    n, optimizers = int(n_latent), part_optimizers(h)
     ascent = h.lambda_update == "ascent"
     maximise_lambda = ascent != (plant == "lambda-minimised")
     adam_steps = h.adam_steps
@@ -438,7 +467,11 @@ def make_step(arch, hyper, n_latent: int, *, plant: str | None = None, jit: bool
             loss = lam_eff * C_prime + kl_term
             gates_l1 = jax.nn.sigmoid((1.0 if plant == "l0-without-k" else h.k) * p["gamma"]).sum()
             l0_added = C > 0 if plant == "l0-when-violated" else C <= 0  # l. 23
-            loss = loss + jnp.where(l0_added, gates_l1, jnp.zeros_like(gates_l1))  # l. 24
+            l0_weight = 1.0
+            if h.constraint == "per_image":  # (p): C_b = e_b - tau per image; weight: the fraction with C_b <= 0
+                l0_weight = (e2 <= h.tau).astype(jnp.float64).mean()
+                l0_added = l0_weight > 0
+            loss = loss + jnp.where(l0_added, l0_weight * gates_l1, jnp.zeros_like(gates_l1))  # l. 24
             aux = {"mu": mu, "s": s, "z": z, "x1": x1, "x2": x2, "e1": e1, "e2": e2, "kl_elem": kl,
                    "kl_per_image": kl_per_image, "buffers": bufs, "norm": norm,
                    "scalars": {"E1": E1, "E2": E2, "C": C, "C_ma": C_ma, "C_prime": C_prime, "lambda_eff": lam_eff,
@@ -479,11 +512,12 @@ def make_step(arch, hyper, n_latent: int, *, plant: str | None = None, jit: bool
         # l. 31: Adam on theta, phi, gamma and lambda; lambda is maximised under "ascent" (b)
         descent = {**grads, "lambda": -grads["lambda"]} if maximise_lambda else grads
         l0_added = sc["l0_added"]
-        parts = _split(params)
+        parts = _split(params, h)
         updates, new_state = {}, {}
         for part, group in parts.items():
-            part_updates, new_state[part] = optimizer.update({k: descent[k] for k in group}, opt_state[part], group)
-            if plant == "adam-no-bias-correction":  # the moments of optax's state, without 1 - beta^t
+            part_updates, new_state[part] = optimizers[part].update({k: descent[k] for k in group}, opt_state[part],
+                                                                    group)
+            if plant == "adam-no-bias-correction" and _is_adam(new_state[part]):  # without 1 - beta^t
                 adam = new_state[part][0]
                 part_updates = jax.tree.map(lambda m, v: -h.lr * m / (jnp.sqrt(v) + h.adam_eps), adam.mu, adam.nu)
             updates.update(part_updates)
@@ -513,10 +547,14 @@ def make_step(arch, hyper, n_latent: int, *, plant: str | None = None, jit: bool
 def load_adam_state(opt_state, t: int, m: dict, v: dict, steps: dict | None = None):
     """:func:`init_state`'s Adam states with moments m, v (name -> array), e.g. a trace's ``init/``, and step
     counts: each parameter's own (``steps``, refimpl's Adam ``state_dict()["steps"]``; interpretation (n)),
-    or the global count ``t`` for all. Every parameter but gamma shares one optax count, so theirs must agree."""
-    steps = steps or {name: t for part in opt_state.values() for name in part[0].mu}
+    or the global count ``t`` for all. Every parameter but gamma shares one optax count, so theirs must agree.
+    lambda's plain gradient ascent (q) has no state: refimpl's moments for it (kept, unused) are not read."""
+    steps = steps or {name: t for part in opt_state.values() if _is_adam(part) for name in part[0].mu}
     new = {}
     for part, state in opt_state.items():
+        if part == "lambda" and not _is_adam(state):
+            new[part] = state
+            continue
         adam, *rest = state
         if not isinstance(adam, optax.ScaleByAdamState):
             raise TypeError(f"expected optax.adam's state, got {type(adam).__name__}")
@@ -529,6 +567,11 @@ def load_adam_state(opt_state, t: int, m: dict, v: dict, steps: dict | None = No
                              nu={k: jnp.asarray(v[k], dtype[k]) for k in adam.nu})
         new[part] = (adam, *rest)
     return new
+
+
+def _is_adam(state) -> bool:
+    """Whether an optax state is optax.adam's (else optax.sgd's, for lambda under (q))."""
+    return isinstance(state[0], optax.ScaleByAdamState)
 
 
 def from_trace(trace, plant: str | None = None):

@@ -46,6 +46,13 @@ a leave-one-out baseline, whose E1 pass uses a second, independent sample nu1 = 
 sigmoid(k gamma)] (u1 drawn after u); the E2 pass, the loss and the KL term use l. 6's
 nu2 = 1[u < sigmoid(k gamma)] under all three.
 
+Readings (p)-(r) of refimpl/INTERPRETATIONS.md: ``constraint="per_image"`` adds the L0
+term times the fraction of images with e_b <= tau (hit when any image meets it);
+``lambda_lr`` puts lambda in an Adam parameter group with its own ``lr``, and
+``lambda_optimizer="sgd"`` steps it with ``torch.optim.SGD`` (plain gradient ascent, with
+``maximize``) instead of Adam; ``encoder_output="literal"`` samples with sigma = exp(s) and
+applies Eq. 15's "log sigma - sigma" to s as printed.
+
 BatchNorm: torch's ``momentum`` is the weight of the new batch, the paper's (Keras)
 "momentum 0.8" the weight of the old running value, so torch momentum = 1 - 0.8. torch
 blends the *unbiased* batch variance into ``running_var``; refimpl (like Keras) the
@@ -68,7 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/transcription.
 # Framework-free parts shared with bench/jax_algorithm1.py: Section 4's defaults and refimpl's interpretations
 # (DEFAULTS), architecture helpers, initial lambda (d), the plant catalogue and the trace replay loop.
 from transcription import (ARCH_DEFAULTS, DEFAULTS, as_config, check_plant, conv_specs, feature_shape,  # noqa: E402
-                           initial_lambda, paper_architecture, plant_catalogue)
+                           initial_lambda, lambda_rate, paper_architecture, plant_catalogue)
 import transcription  # noqa: E402
 
 __all__ = ["ARCH_DEFAULTS", "DEFAULTS", "Algorithm1", "GatedVAE", "as_config", "feature_shape", "paper_architecture",
@@ -205,7 +212,10 @@ def per_image_error(x_rec, x, kind: str):
 
 
 def kl_elementwise(mu, s, encoder_output: str):
-    """Eq. 15 with s = log sigma^2 ("logvar") or s = log sigma ("logstd"), interpretation (e). -> (B, n)"""
+    """Eq. 15 with s = log sigma^2 ("logvar") or s = log sigma ("logstd"), interpretation (e); or, with
+    "literal" (r), Eq. 15's "log sigma - sigma" as printed on Eq. 3's s = log sigma. -> (B, n)"""
+    if encoder_output == "literal":
+        return -0.5 * (1.0 + s - s.exp() - mu.pow(2))
     log_var = s if encoder_output == "logvar" else 2.0 * s
     return -0.5 * (1.0 + log_var - log_var.exp() - mu.pow(2))
 
@@ -247,13 +257,18 @@ class Algorithm1:
         self.adam_steps = self.h.adam_steps
         if self.plant == "adam-steps":
             self.adam_steps = {"global": "per_parameter", "per_parameter": "global"}[self.adam_steps]
-        # l. 31: Adam on theta, phi, gamma and lambda; lambda is maximised (interpretation (b))
+        # l. 31: Adam on theta, phi, gamma and lambda; lambda is maximised (interpretation (b)), at its own
+        # rate (q); with lambda_optimizer="sgd" lambda moves by plain gradient ascent (torch.optim.SGD) instead
         maximize = self.h.lambda_update == "ascent"
         if self.plant == "lambda-minimised":
             maximize = not maximize
-        self.optimizer = torch.optim.Adam(
-            [{"params": list(model.parameters())}, {"params": [self.lam], "maximize": maximize}],
-            lr=self.h.lr, betas=tuple(self.h.betas), eps=self.h.adam_eps)
+        groups = [{"params": list(model.parameters())}]
+        self.lambda_sgd = None
+        if self.h.lambda_optimizer == "sgd":
+            self.lambda_sgd = torch.optim.SGD([self.lam], lr=lambda_rate(self.h), maximize=maximize)
+        else:
+            groups.append({"params": [self.lam], "maximize": maximize, "lr": lambda_rate(self.h)})
+        self.optimizer = torch.optim.Adam(groups, lr=self.h.lr, betas=tuple(self.h.betas), eps=self.h.adam_eps)
         if self.plant == "leaky-slope":
             for m in model.modules():
                 if isinstance(m, nn.LeakyReLU):
@@ -273,11 +288,13 @@ class Algorithm1:
         """Adam's moments (name -> array) and step counts, e.g. from a trace's ``init/`` and manifest.
 
         ``steps``: each parameter's own count (refimpl's Adam state ``steps``); default ``t`` for all.
-        A parameter whose count is 0 has never been updated and gets no state, as in torch.
+        A parameter whose count is 0 has never been updated and gets no state, as in torch. Under
+        lambda_optimizer="sgd" (q) lambda is not Adam's, and its moments (refimpl keeps them, unused) are not read.
         """
+        adam_params = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         for name, p in self.named_parameters().items():
             count = t if steps is None else int(steps[name])
-            if count == 0:
+            if count == 0 or id(p) not in adam_params:
                 continue
             self.optimizer.state[p] = {"step": torch.tensor(float(count)),
                                        "exp_avg": torch.as_tensor(m[name], dtype=p.dtype).clone(),
@@ -414,14 +431,19 @@ class Algorithm1:
         l0_added = C.item() <= 0  # l. 23
         if self.plant == "l0-when-violated":
             l0_added = C.item() > 0
+        l0_weight = 1.0
+        if h.constraint == "per_image":  # (p): C_b = e_b - tau per image; weight: the fraction with C_b <= 0
+            l0_weight = (e2.detach() <= h.tau).double().mean().item()
+            l0_added = l0_weight > 0
         if l0_added:
-            loss = loss + gates_l1  # l. 24
+            loss = loss + l0_weight * gates_l1  # l. 24
             self.hit = True  # l. 25
         if self.plant == "hit-every-step":
             self.hit = True
 
         # l. 27: backpropagation
         self.optimizer.zero_grad(set_to_none=True)
+        self.lam.grad = None  # Adam's with lambda_optimizer="adam", SGD's with "sgd" (q)
         loss.backward()
         params = self.named_parameters()
         if self.adam_steps == "global":  # (n): a zero gradient where a parameter is outside the graph (gamma
@@ -465,6 +487,8 @@ class Algorithm1:
             adam_without_bias_correction(self.optimizer)
         else:
             self.optimizer.step()  # l. 31
+        if self.lambda_sgd is not None:
+            self.lambda_sgd.step()  # l. 31 for lambda under (q): lambda += lambda_lr dL/dlambda (maximize)
         self.c_ma = C_ma.item()
         self.last_constraint_met = l0_added
 

@@ -9,7 +9,8 @@ own; what is not about the framework lives here, once:
   helpers that read an architecture (``refimpl.model.Architecture`` as a dict or
   dataclass): :func:`as_config`, :func:`conv_specs`, :func:`feature_shape`,
   :func:`paper_architecture`;
-- Section 4's initial lambda under interpretation (d) (:func:`initial_lambda`);
+- Section 4's initial lambda under interpretation (d) (:func:`initial_lambda`) and lambda's
+  learning rate under (q) (:func:`lambda_rate`);
 - the porting-bug catalogue's names for ``--plant`` (refimpl/porting_bugs.py);
 - replaying a golden trace (refimpl/trace.py): the initial state a trace records
   (:func:`initial_state`), the loop over its steps with the recorded inputs
@@ -39,7 +40,7 @@ DEFAULTS = {
     "lambda_update": "ascent",  # (b) "ascent" | "descent"
     "lambda_clamp_grad": "outward",  # (c) "outward" | "zero"
     "lambda_init_on": "raw",  # (d) "raw" | "effective"
-    "encoder_output": "logvar",  # (e) "logvar" | "logstd"
+    "encoder_output": "logvar",  # (e) "logvar" | "logstd" | "literal" (r)
     "kl_normalizer": "open",  # (f) "open" | "all"
     "hit": "sticky",  # (g) "sticky" | "per_step"
     "e1_batchnorm": "batch",  # (h) "batch" | "batch_update" | "running"
@@ -47,6 +48,9 @@ DEFAULTS = {
     "arm_objective": "error",  # (k) "error" | "loss"
     "adam_steps": "global",  # (n) "global" | "per_parameter"
     "estimator": "arm",  # (o) "arm" | "disarm" | "reinforce_loo"
+    "constraint": "batch",  # (p) "batch" | "per_image"
+    "lambda_optimizer": "adam",  # (q) "adam" | "sgd"
+    "lambda_lr": None,  # (q) lambda's own learning rate; None: lr
 }
 # Section 4's layer settings (refimpl.model.Architecture's defaults); channel widths and paddings are refimpl's.
 ARCH_DEFAULTS = {"hidden": 128, "leaky_slope": 0.02, "bn_momentum": 0.8, "bn_eps": 1e-3, "bn_running_var": "biased"}
@@ -109,6 +113,11 @@ def initial_lambda(h, flip: bool = False) -> float:
     if (h.lambda_init_on == "raw") != flip:
         return float(h.lambda_init)
     return math.log(math.expm1(math.sqrt(h.lambda_init)))  # softplus(lambda)^2 = lambda_init
+
+
+def lambda_rate(h) -> float:
+    """lambda's learning rate at l. 31, interpretation (q): ``lambda_lr``, or Adam's ``lr`` when None."""
+    return h.lr if h.lambda_lr is None else h.lambda_lr
 
 
 def plant_catalogue() -> dict:

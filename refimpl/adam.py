@@ -18,7 +18,10 @@ gradient (Algorithm 1's gamma before the first hit, ``Hyper.adam_steps="per_para
 
 Parameters and gradients are dicts of backend arrays (``Layer.parameters()`` and
 ``Layer.gradients()``); ``step`` updates the parameter arrays in place. ``maximize``
-names parameters that are moved up their gradient instead of down (GECO's lambda).
+names parameters that are moved up their gradient instead of down (GECO's lambda);
+``lrs`` gives parameters a learning rate of their own (name -> lr, the rest use ``lr``;
+lambda's, interpretation (q)). Learning rates are settings, not state: ``state_dict``
+holds none, so a checkpoint resumes under any rates.
 """
 
 from __future__ import annotations
@@ -30,18 +33,22 @@ from .kernels import adam_update, enabled_for
 
 
 class Adam:
-    def __init__(self, params: dict, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=()):
-        if not lr > 0:  # also rejects NaN
-            raise ValueError(f"Adam lr={lr}: expected > 0")
+    def __init__(self, params: dict, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=(), lrs=None):
+        lrs = dict(lrs or {})
+        for name, rate in [("lr", lr), *((f"lrs[{k!r}]", v) for k, v in lrs.items())]:
+            if not rate > 0:  # also rejects NaN
+                raise ValueError(f"Adam {name}={rate}: expected > 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"Adam betas={betas}: expected both in [0, 1)")
         if not eps > 0:
             raise ValueError(f"Adam eps={eps}: expected > 0")
-        unknown = sorted(set(maximize) - set(params))
-        if unknown:
-            raise ValueError(f"Adam maximize={unknown}: not among the parameters")
+        for option, names in (("maximize", maximize), ("lrs", lrs)):
+            unknown = sorted(set(names) - set(params))
+            if unknown:
+                raise ValueError(f"Adam {option}={unknown}: not among the parameters")
         self.params = params
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
+        self.lrs = {name: lrs.get(name, lr) for name in params}  # each parameter's learning rate
         self.maximize = frozenset(maximize)
         self.t = 0  # calls of step(): the global count
         self.steps = {name: 0 for name in params}  # updates each parameter has had: its own count
@@ -74,7 +81,7 @@ class Adam:
             m, v = self.m[name], self.v[name]
             if enabled_for(p):  # the same formulas as below, as one CUDA kernel (refimpl/kernels.py)
                 adam_update(p, grads[name], m, v, sign=-1.0 if name in self.maximize else 1.0, b1=b1, b2=b2,
-                            sqrt_c2=math.sqrt(correction2), eps=self.eps, step_size=self.lr / correction1)
+                            sqrt_c2=math.sqrt(correction2), eps=self.eps, step_size=self.lrs[name] / correction1)
                 continue
             g = -grads[name] if name in self.maximize else grads[name]
             m *= b1
@@ -82,7 +89,7 @@ class Adam:
             v *= b2
             v += (1 - b2) * (g * g)
             denom = array_module(p).sqrt(v) / math.sqrt(correction2) + self.eps
-            p -= (self.lr / correction1) * (m / denom)
+            p -= (self.lrs[name] / correction1) * (m / denom)
 
     def state_dict(self) -> dict:
         """Host copies of the step counts and moments (for checkpoints): ``t`` (global),

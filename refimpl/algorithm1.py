@@ -20,6 +20,11 @@ two-sample REINFORCE with a leave-one-out baseline on two independent gate vecto
 all three use the two decoder passes of l. 12-13, and the E2 pass (l. 13, the one the
 loss and the KL term use) always has nu2 = 1[u < sigmoid(k gamma)].
 
+l. 23's test weighs the L0 term of l. 24 (interpretation (p), ``Hyper.constraint``): 1 or 0
+by the batch-mean C, or the fraction of images with e_b <= tau (:func:`l0_term_weight`).
+l. 31 (interpretation (q)): lambda at its own rate (``lambda_lr``), by Adam or by plain
+gradient ascent (``lambda_optimizer``), in :func:`update_parameters`.
+
 Random draws, in this order per step, from the one generator passed in: u (S, n)
 when gates are sampled (l. 4), then u1 (S, n), the second independent sample, only
 with ``estimator="reinforce_loo"``, then eps (B, n) for the reparameterisation (l. 11).
@@ -74,7 +79,9 @@ class Hyper:
     lambda_init_on: str = option("raw", "Section 4's lambda = 1: the raw lambda, or the effective lambda'",
                                  choices=("raw", "effective"), letter="d")
     encoder_output: str = option("logvar", "l. 11: the encoder's second half is log sigma^2 (Eq. 15), or log sigma "
-                                 "(Eq. 3)", choices=("logvar", "logstd"), letter="e")
+                                 "(Eq. 3), or log sigma for sampling with Eq. 15's 'log sigma - sigma' applied to "
+                                 "it as printed (both equations literally)",
+                                 choices=("logvar", "logstd", "literal"), letter="e, r")
     kl_normalizer: str = option("open", "l. 22: divide the KL by ||nu2||_0 (0 when every gate is closed, as the "
                                 "numerator then is too), or by n", choices=("open", "all"), letter="f")
     hit: str = option("sticky", "l. 25: hit never resets, or hit = (C <= 0) of the previous step",
@@ -93,6 +100,15 @@ class Hyper:
                             "(Eq. 13, the paper's), DisARM (Dong et al. 2020) on the same antithetic gates, or "
                             "two-sample REINFORCE with a leave-one-out baseline on two independent gate samples "
                             "(draws a second u)", choices=ESTIMATORS, letter="o")
+    constraint: str = option("batch", "l. 23-25: C <= 0 on the batch-mean error, or per image: the L0 term weighted "
+                             "by the fraction of images with e_b <= tau (Figure 1's 'percentage of GECO tolerance "
+                             "hits'), hit when any image meets it; GECO's lambda (l. 14-22) on the batch mean "
+                             "either way", choices=("batch", "per_image"), letter="p")
+    lambda_optimizer: str = option("adam", "l. 31: lambda by Adam with the other parameters, or by plain gradient "
+                                   "ascent lambda += lambda_lr dL/dlambda (GECO's own update; descent per (b))",
+                                   choices=("adam", "sgd"), letter="q")
+    lambda_lr: float | None = option(None, "l. 31: lambda's own learning rate, for Adam or plain gradient ascent "
+                                     "(default: lr)", parse=float, metavar="LR", letter="q")
 
     def __post_init__(self):
         checks = [
@@ -106,6 +122,8 @@ class Hyper:
             ("gamma_init", True, ""),
             ("lambda_init", self.lambda_init > 0 or self.lambda_init_on == "raw", "> 0 when lambda_init_on='effective'"),
         ]
+        if self.lambda_lr is not None:
+            checks.append(("lambda_lr", self.lambda_lr > 0, "> 0 (or None: lr)"))
         for name, ok, expected in checks:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
@@ -116,6 +134,11 @@ class Hyper:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def lambda_rate(self) -> float:
+        """lambda's learning rate at l. 31 (interpretation (q)): ``lambda_lr``, or Adam's ``lr`` when None."""
+        return self.lr if self.lambda_lr is None else self.lambda_lr
 
 
 # The interpretation switches: field name -> choices (default first), from the fields' metadata.
@@ -257,8 +280,11 @@ def encoder_output_gradient(dz, dkl, mu, sigma, eps, encoder_output: str):
     # s reaches L through sigma and KL_elem. "logvar": sigma = exp(s/2), dsigma/ds = sigma/2, and
     # KL = -1/2 (1 + s - e^s - mu^2) gives dKL/ds = (e^s - 1)/2 = (sigma^2 - 1)/2.
     # "logstd": sigma = exp(s), dsigma/ds = sigma; KL = -1/2 (1 + 2s - e^2s - mu^2), dKL/ds = sigma^2 - 1.
+    # "literal" (r): sigma = exp(s), dsigma/ds = sigma; KL = -1/2 (1 + s - e^s - mu^2), dKL/ds = (sigma - 1)/2.
     if encoder_output == "logvar":
         ds = dz * eps * 0.5 * sigma + dkl * 0.5 * (sigma * sigma - 1.0)
+    elif encoder_output == "literal":
+        ds = dz * eps * sigma + dkl * 0.5 * (sigma - 1.0)
     else:
         ds = dz * eps * sigma + dkl * (sigma * sigma - 1.0)
     return array_module(dz).concatenate([dmu, ds], axis=1)
@@ -281,8 +307,12 @@ def per_image_error_grad(x_rec, x, e, kind: str):
 
 
 def kl_elementwise(mu, s, encoder_output: str):
-    """Eq. 15: KL_elem[b, j] = -1/2 (1 + log sigma^2 - sigma^2 - mu^2), s = log sigma^2 or log sigma. (B, n)"""
-    log_var = s if encoder_output == "logvar" else 2.0 * s
+    """Eq. 15: KL_elem[b, j] = -1/2 (1 + log sigma^2 - sigma^2 - mu^2), s = log sigma^2 or log sigma. (B, n)
+
+    "literal" (interpretation (r)): Eq. 15 as printed, -1/2 (1 + s - e^s - mu^2) on s = log sigma
+    (Eq. 3): the formula of "logvar", while l. 11 samples with sigma = e^s as "logstd" does.
+    """
+    log_var = 2.0 * s if encoder_output == "logstd" else s
     return -0.5 * (1.0 + log_var - array_module(log_var).exp(log_var) - mu * mu)
 
 
@@ -317,7 +347,8 @@ def init_state(model: GatedVAE, hyper: Hyper) -> TrainState:
     lam_grad = xp.zeros((), dtype=dtype)
     params = {**model.parameters(), "lambda": lam}
     maximize = ("lambda",) if hyper.lambda_update == "ascent" else ()
-    optimizer = Adam(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.adam_eps, maximize=maximize)
+    optimizer = Adam(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.adam_eps, maximize=maximize,
+                     lrs={"lambda": hyper.lambda_rate})  # (q)
     return TrainState(model, hyper, lam, lam_grad, optimizer)
 
 
@@ -385,10 +416,12 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     kl_per_image, open_count = gated_kl(kl, nu2, hyper.kl_normalizer)  # (B,), (S, 1)
     kl_term = float(kl_per_image.mean())
     loss = lam_eff * c_prime + kl_term
-    l0_added = c <= 0  # l. 23
+    hit_fraction = float((e2 <= hyper.tau).mean())  # the fraction of images with C_b = e_b - tau <= 0
+    l0_weight = l0_term_weight(c, hit_fraction, hyper)  # l. 23: 1 if C <= 0 else 0, or per image (p)
+    l0_added = l0_weight > 0
     gates_l1 = float(sigmoid(hyper.k * gamma).sum())  # Eq. 12's L0 term sum_j sigma(k gamma_j)
     if l0_added:
-        loss += gates_l1  # l. 24
+        loss += l0_weight * gates_l1  # l. 24
         state.hit = True  # l. 25
 
     # l. 27: backpropagation
@@ -399,7 +432,8 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     dgamma = model.grads["gamma"]
     if l0_added:
         gate_prob = sigmoid(hyper.k * gamma)
-        dgamma += hyper.k * gate_prob * (1 - gate_prob)  # d/dgamma sum_j sigmoid(k gamma_j), Eq. 13's last term
+        # d/dgamma sum_j sigmoid(k gamma_j), Eq. 13's last term, times l. 23's weight (1 unless (p))
+        dgamma += l0_weight * (hyper.k * gate_prob * (1 - gate_prob))
     state.lam_grad[...] = lambda_gradient(lam, c_prime, hyper)  # dL/dlambda through l. 21-22
 
     # l. 28-30: the ARM term (or the estimator of (o)). On the step where hit first becomes true
@@ -415,16 +449,16 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     # step with neither it has no gradient, and with adam_steps="per_parameter" Adam leaves it alone.
     gamma_has_gradient = l0_added or sampling
     skip = ("gamma",) if hyper.adam_steps == "per_parameter" and not gamma_has_gradient else ()
-    state.optimizer.step(state.gradients(), skip=skip)  # l. 31
+    update_parameters(state, skip)  # l. 31
     state.c_ma = c_ma
-    state.last_constraint_met = bool(c <= 0)
+    state.last_constraint_met = bool(l0_added)
     state.step += 1
 
     hard_gates = model.inference_gates()
     log = {
         "step": state.step, "E1": E1, "E2": E2, "C": c, "C_ma": c_ma, "lambda_eff": lam_eff,
         "lambda_raw": float(state.lam), "loss": loss, "kl": kl_term, "gates_l1": gates_l1,
-        "open_gates": int(hard_gates.sum()), "hit_fraction": float((e2 <= hyper.tau).mean()),
+        "open_gates": int(hard_gates.sum()), "hit_fraction": hit_fraction,
         "hit": state.hit, "l0_added": bool(l0_added),
     }
     if record is not None:
@@ -434,6 +468,27 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
         record["grads"] = {k: to_host(v).copy() for k, v in state.gradients().items()}
         record["scalars"] = dict(log)
     return log
+
+
+def l0_term_weight(c: float, hit_fraction: float, hyper: Hyper) -> float:
+    """l. 23 as the weight of l. 24's L0 term (interpretation (p)): 1.0 if C <= 0 else 0.0 (``constraint="batch"``),
+    or with ``"per_image"`` the fraction of the batch's images with C_b = e_b - tau <= 0 (``hit_fraction``)."""
+    if hyper.constraint == "per_image":
+        return hit_fraction
+    return 1.0 if c <= 0 else 0.0
+
+
+def update_parameters(state: TrainState, skip=()) -> None:
+    """l. 31: Adam on every parameter but those in ``skip`` (interpretation (n)), lambda at its own rate
+    (``Hyper.lambda_rate``, (q)); with ``lambda_optimizer="sgd"`` lambda moves by plain gradient ascent
+    instead (descent under (b)'s "descent"), lambda += lambda_rate dL/dlambda, and Adam leaves its
+    moments and count as they are. No host read: :class:`refimpl.device_step.DeviceStep` uses it too."""
+    hyper = state.hyper
+    if hyper.lambda_optimizer == "sgd":
+        rate = hyper.lambda_rate if hyper.lambda_update == "ascent" else -hyper.lambda_rate
+        state.lam[...] = state.lam + rate * state.lam_grad
+        skip = (*skip, "lambda")
+    state.optimizer.step(state.gradients(), skip=skip)
 
 
 def _decoder_e1_pass(model: GatedVAE, z_gated, mode: str):

@@ -16,7 +16,10 @@ that reads the host cannot be captured as one CUDA graph (issue 13).
 - l. 21's softplus and clamp, and the gradient of lambda through them
   (interpretation (c)), are written with ``xp.where`` instead of ``if``;
 - l. 23's branch is a 0/1 mask: the L0 term and its gradient are added times the mask
-  (adding 0.0 changes nothing, multiplying by 1.0 neither);
+  (adding 0.0 changes nothing, multiplying by 1.0 neither); with ``constraint="per_image"``
+  (interpretation (p)) the mask is the fraction of images with e_b <= tau, as the host's;
+- l. 31 is :func:`refimpl.algorithm1.update_parameters`, the host's, which reads nothing back
+  (lambda's own rate and plain gradient ascent, interpretation (q), included);
 - l. 3 is not a branch: the fast path applies only where l. 3 is certainly true,
   i.e. with ``hit="sticky"`` (interpretation (g), the default) once hit is set
   (:func:`applies`); every later step samples gates. Before the first hit, and with
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 from .algorithm1 import (TrainState, _decoder_e1_pass, clamp_keeps_gradient, encoder_output_gradient,
                          estimator_objectives, estimator_term, gate_masks, gated_kl, kl_elementwise, per_image_error,
-                         per_image_error_grad)
+                         per_image_error_grad, update_parameters)
 from .backend import array_module, to_host
 from .layers.activations import sigmoid
 from .rng import standard_normal, uniform
@@ -142,10 +145,12 @@ class DeviceStep:
         kl = kl_elementwise(mu, s, hyper.encoder_output)
         kl_per_image, open_count = gated_kl(kl, nu2, hyper.kl_normalizer)
         kl_term = kl_per_image.mean().astype(f64)
-        l0_added = c <= 0  # l. 23
+        hit_fraction = (e2 <= hyper.tau).mean().astype(f64)
+        l0_weight = hit_fraction if hyper.constraint == "per_image" else (c <= 0).astype(f64)  # l. 23, (p)
+        l0_added = l0_weight > 0
         gate_prob = sigmoid(hyper.k * gamma)
         gates_l1 = gate_prob.sum().astype(f64)
-        loss = lam_eff * c_prime + kl_term + xp.where(l0_added, gates_l1, 0.0)  # l. 22, 24
+        loss = lam_eff * c_prime + kl_term + xp.where(l0_added, l0_weight * gates_l1, 0.0)  # l. 22, 24
 
         # l. 27
         dx2 = _as(lam_eff / batch, dtype) * per_image_error_grad(x2, x, e2, hyper.error)
@@ -153,20 +158,20 @@ class DeviceStep:
         dkl = nu2 / (open_count * batch)
         model.encoder.backward(encoder_output_gradient(dz, dkl, mu, sigma, eps, hyper.encoder_output))
         dgamma = model.grads["gamma"]
-        dgamma += l0_added.astype(dtype) * (hyper.k * gate_prob * (1 - gate_prob))  # l. 24's gradient, masked
+        dgamma += _as(l0_weight, dtype) * (hyper.k * gate_prob * (1 - gate_prob))  # l. 24's gradient, masked
         state.lam_grad[...] = lambda_gradient(lam, c_prime, hyper)
 
         # l. 28-30
         f1, f2 = estimator_objectives(_as(lam_eff, dtype), e1, e2, kl, nu1, kl_per_image, hyper)
         dgamma += estimator_term(hyper.estimator, u, nu1, nu2, gamma, f1, f2, hyper.k)
 
-        state.optimizer.step(state.gradients())  # l. 31: gamma has a gradient on every sampling step
+        update_parameters(state)  # l. 31: gamma has a gradient on every sampling step
         self.c_ma = c_ma
         state.step += 1
         return {"E1": E1, "E2": E2, "C": c, "C_ma": c_ma, "lambda_eff": lam_eff,
                 "lambda_raw": state.lam.astype(f64), "loss": loss, "kl": kl_term, "gates_l1": gates_l1,
                 "open_gates": model.inference_gates().sum().astype(f64),
-                "hit_fraction": (e2 <= hyper.tau).mean().astype(f64), "l0_added": l0_added.astype(f64)}
+                "hit_fraction": hit_fraction, "l0_added": l0_added.astype(f64)}
 
     def host_log(self, log: dict) -> dict:
         """The reference's log dict from :meth:`__call__`'s device scalars (one transfer), and C_ma and
@@ -176,5 +181,5 @@ class DeviceStep:
         out["open_gates"], out["l0_added"] = int(out["open_gates"]), bool(out["l0_added"])
         state = self.state
         state.c_ma = out["C_ma"]
-        state.last_constraint_met = out["C"] <= 0
+        state.last_constraint_met = out["l0_added"]  # C <= 0, or any image's (p)
         return {"step": state.step, **out, "hit": state.hit}

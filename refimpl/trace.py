@@ -94,7 +94,8 @@ STEP_KEYS = (
     ("value", "lambda_eff", "21", "lambda' = clamp(softplus(lambda)^2, lambda_min, lambda_max)"),
     ("value", "kl_elem", "22", "KL_elem, Eq. 15 (B, n)"),
     ("value", "kl", "22", "the KL term ||KL_elem * nu2||_1 / ||nu2||_0, batch mean"),
-    ("value", "l0_added", "23", "C <= 0: the L0 term is added (bool)"),
+    ("value", "l0_added", "23", "C <= 0: the L0 term is added (bool); with constraint=per_image, some image's "
+                                "e_b <= tau (the term then weighted by their fraction, interpretation (p))"),
     ("value", "gates_l1", "24", "the L0 term sum_j sigmoid(k gamma_j) (computed whether added or not)"),
     ("value", "L", "22-24", "the loss L"),
     ("value", "hit", "25", "hit after the step (bool)"),

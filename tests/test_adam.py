@@ -38,13 +38,16 @@ def run_ours(params, grads, **kwargs):
     return history, opt
 
 
-def run_torch(params, grads, maximize=(), skips=None, **kwargs):
-    """torch.optim.Adam on ``grads``; a parameter's .grad is None on the steps ``skips`` names (step -> names)."""
+def run_torch(params, grads, maximize=(), skips=None, lrs=None, **kwargs):
+    """torch.optim.Adam on ``grads``; a parameter's .grad is None on the steps ``skips`` names (step -> names);
+    ``lrs``: name -> learning rate, as a parameter group of its own."""
     torch = pytest.importorskip("torch")
     tensors = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
-    groups = [{"params": [tensors[k] for k in tensors if k not in maximize], "maximize": False}]
-    if maximize:
-        groups.append({"params": [tensors[k] for k in maximize], "maximize": True})
+    lrs = lrs or {}
+    groups = [{"params": [tensors[k] for k in tensors if k not in maximize and k not in lrs], "maximize": False}]
+    if set(maximize) - set(lrs):
+        groups.append({"params": [tensors[k] for k in maximize if k not in lrs], "maximize": True})
+    groups += [{"params": [tensors[k]], "maximize": k in maximize, "lr": rate} for k, rate in lrs.items()]
     opt = torch.optim.Adam(groups, **kwargs)
     history = []
     for step, g in enumerate(grads):
@@ -61,6 +64,8 @@ def run_torch(params, grads, maximize=(), skips=None, **kwargs):
     {"lr": 1e-4, "betas": (0.0, 0.99), "eps": 1e-6},
     {"lr": 5e-3, "betas": (0.9, 0.999), "eps": 1e-8, "maximize": ("lam",)},
     {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-7, "maximize": ("lam", "conv.bias")},
+    {"lr": 1e-3, "maximize": ("lam",), "lrs": {"lam": 0.1}},  # lambda's own rate (interpretation (q))
+    {"lr": 5e-3, "betas": (0.8, 0.95), "lrs": {"lam": 1e-5, "conv.bias": 0.2}},
 ])
 def test_adam_matches_torch(kwargs):
     params, grads = make_params(0), grad_stream(1, 12)
@@ -72,6 +77,31 @@ def test_adam_matches_torch(kwargs):
             assert err <= TOL, f"step {step + 1}, {name}: relative error {err:.3e}"
     # the parameters did move, and a maximized one moves up its gradient on the first step
     assert all(np.abs(ours[-1][k] - params[k]).max() > 1e-6 for k in SHAPES)
+
+
+def test_a_parameter_s_own_rate_scales_only_its_steps():
+    """``lrs``: the named parameter moves rate / lr times as far as under ``lr`` (Adam's step is linear in its rate),
+    the others exactly as without; a rate equal to lr is bit for bit no rate at all; rates are not state."""
+    params, grads = make_params(4), grad_stream(5, 6)
+    plain, opt = run_ours(params, grads, lr=1e-3, maximize=("lam",))
+    own, own_opt = run_ours(params, grads, lr=1e-3, maximize=("lam",), lrs={"lam": 0.25})
+    same, _ = run_ours(params, grads, lr=1e-3, maximize=("lam",), lrs={"lam": 1e-3})
+    for a, b, c in zip(plain, own, same):
+        for k in SHAPES:
+            np.testing.assert_array_equal(c[k], a[k])
+            if k != "lam":
+                np.testing.assert_array_equal(b[k], a[k])
+    assert own[0]["lam"] - params["lam"] == pytest.approx(250 * (plain[0]["lam"] - params["lam"]), rel=1e-12)
+    assert own_opt.lrs == {**{k: 1e-3 for k in SHAPES}, "lam": 0.25}
+    assert set(own_opt.state_dict()) == set(opt.state_dict()) == {"t", "steps", "m", "v"}
+
+
+@pytest.mark.parametrize("lrs, message", [({"lam": 0.0}, r"lrs\['lam'\]=0.0: expected > 0"),
+                                          ({"lam": float("nan")}, "expected > 0"),
+                                          ({"nope": 0.1}, r"lrs=\['nope'\]: not among the parameters")])
+def test_bad_own_rates_are_refused(lrs, message):
+    with pytest.raises(ValueError, match=message):
+        Adam(make_params(0), lrs=lrs)
 
 
 def test_maximize_ascends_and_mirrors_minimize():

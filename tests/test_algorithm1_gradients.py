@@ -2,7 +2,7 @@
 
 The loss is rebuilt here from the paper, independently of refimpl/algorithm1.py:
 
-    L = lambda' C' + mean_b (1/||nu2||_0) sum_j KL(N(mu_bj, sigma_bj^2) || N(0, 1)) nu2_j  [+ sum_j sigmoid(k gamma_j) if C <= 0]
+    L = lambda' C' + mean_b (1/||nu2||_0) sum_j KL(N(mu_bj, sigma_bj^2) || N(0, 1)) nu2_j  [+ w sum_j sigmoid(k gamma_j)]
 
 with z = mu + sigma eps (Eq. 6), nu2 = 1[u < sigmoid(k gamma)] (l. 6), E2 the batch mean of
 the per-image error of g_dec(z nu2) (l. 13), C = E2 - tau (l. 14), lambda' = clamp(softplus(lambda)^2)
@@ -10,7 +10,11 @@ the per-image error of g_dec(z nu2) (l. 13), C = E2 - tau (l. 14), lambda' = cla
 so the test holds C_ma - C fixed at its value from the step. u and eps are the step's own
 (from ``record``), so finite differences see the same gates and noise. The gradients compared
 are those train_step hands to Adam (``record["grads"]``); gamma's is compared after removing
-the ARM term (l. 29), which is an estimator and not a derivative of L at fixed u.
+the ARM term (l. 29), which is an estimator and not a derivative of L at fixed u. w, l. 23's
+weight of the L0 term, is 1 if C <= 0 else 0, or (interpretation (p), constraint="per_image")
+the fraction of images with e_b <= tau; it is piecewise constant, so the differences hold it
+at the step's value. With encoder_output="literal" (r) the KL is Eq. 15 as printed,
+-1/2 (1 + s - e^s - mu^2), while z = mu + e^s eps.
 """
 
 import dataclasses
@@ -42,7 +46,7 @@ def gaussian_kl(mu, log_var):
     return -0.5 * log_var + 0.5 * (np.exp(log_var) + mu**2) - 0.5
 
 
-def paper_loss(state, x, u, eps, c_ma_minus_c, l0_on, constant=True):
+def paper_loss(state, x, u, eps, c_ma_minus_c, l0_weight, constant=True):
     """Algorithm 1's L (l. 22, 24) at the model's current parameters and raw lambda. -> float
 
     constant=False leaves out lambda' (C_ma - C - tau), which only lambda moves: with tau = 1000
@@ -52,8 +56,11 @@ def paper_loss(state, x, u, eps, c_ma_minus_c, l0_on, constant=True):
     n, batch = model.n_latent, x.shape[0]
     encoded = model.encoder.forward(x, cache=False)
     mu, s = encoded[:, :n], encoded[:, n:]
-    log_var = s if h.encoder_output == "logvar" else 2.0 * s  # (e): s = log sigma^2 or log sigma
-    z = mu + np.exp(0.5 * log_var) * eps
+    if h.encoder_output == "literal":  # (r): sigma = e^s (Eq. 3), Eq. 15's "log sigma - sigma" on s as printed
+        z, kl_elem = mu + np.exp(s) * eps, -0.5 * (1.0 + s - np.exp(s) - mu**2)
+    else:
+        log_var = s if h.encoder_output == "logvar" else 2.0 * s  # (e): s = log sigma^2 or log sigma
+        z, kl_elem = mu + np.exp(0.5 * log_var) * eps, gaussian_kl(mu, log_var)
     p = 1.0 / (1.0 + np.exp(-h.k * model.params["gamma"]))
     nu2 = np.ones((1, n)) if u is None else (u < p).astype(F64)  # l. 6 / l. 9
     x2 = model.decoder.forward(z * nu2, cache=False)
@@ -61,16 +68,14 @@ def paper_loss(state, x, u, eps, c_ma_minus_c, l0_on, constant=True):
     error = sse if h.error == "sse" else np.sqrt(sse)  # (a)
     lam = float(state.lam)
     lam_eff = min(max(math.log1p(math.exp(lam)) ** 2, h.lambda_min), h.lambda_max)
-    kl_sum = (gaussian_kl(mu, log_var) * nu2).sum(axis=1)
+    kl_sum = (kl_elem * nu2).sum(axis=1)
     if h.kl_normalizer == "open":
         count = np.broadcast_to(nu2.sum(axis=1), kl_sum.shape)
         kl_image = np.divide(kl_sum, count, out=np.zeros_like(kl_sum), where=count > 0)  # (f): 0 if all closed
     else:
         kl_image = kl_sum / n
     loss = lam_eff * (error.mean() + (c_ma_minus_c - h.tau if constant else 0.0)) + kl_image.mean()
-    if l0_on:
-        loss += p.sum()
-    return loss
+    return loss + l0_weight * p.sum()  # l. 23-24
 
 
 def run_step(state, x, seed):
@@ -85,13 +90,16 @@ def run_step(state, x, seed):
 
 def check_against_finite_differences(state, x, record, rng):
     """Every parameter tensor (PER_TENSOR random elements of each) and lambda vs central differences of L."""
-    scalars = record["scalars"]
-    delta, l0_on = scalars["C_ma"] - scalars["C"], scalars["C"] <= 0
+    scalars, h = record["scalars"], state.hyper
+    delta = scalars["C_ma"] - scalars["C"]
+    # l. 23: the weight of the L0 term, from the batch-mean C or per image (p)
+    l0_weight = (record["e2"] <= h.tau).mean() if h.constraint == "per_image" else float(scalars["C"] <= 0)
     model = state.model
     model.set_batchnorm_update(False)  # the finite-difference passes leave the running statistics alone
     try:
         def loss(name=None):
-            return paper_loss(state, x, record["u"], record["eps"], delta, l0_on, constant=name in (None, "lambda"))
+            return paper_loss(state, x, record["u"], record["eps"], delta, l0_weight,
+                              constant=name in (None, "lambda"))
 
         assert loss() == pytest.approx(scalars["loss"], rel=1e-12, abs=1e-12)
         checked = 0
@@ -127,6 +135,10 @@ CONFIGS = {
                                        [0.1, -0.05, 0.3, -0.2], True),
     "sse_logstd_open_batch": (dict(encoder_output="logstd"), True, 0.0, [0.2, -0.1, 0.02, 0.3], True),
     "all_closed": (dict(encoder_output="logstd"), True, 1e3, [-10.0, -10.0, -10.0, -10.0], True),
+    "literal_met_l0": (dict(encoder_output="literal"), True, 1e3, [0.4, -0.3, 0.05, 0.2], True),
+    "literal_violated_per_example": (dict(encoder_output="literal", gate_samples="per_example",
+                                          kl_normalizer="all"), True, 0.0, [0.1, -0.05, 0.3, -0.2], False),
+    "literal_unsampled": (dict(encoder_output="literal"), False, 0.0, None, False),
 }
 
 
@@ -148,6 +160,38 @@ def test_train_step_gradients_match_finite_differences(config, seed):
     if config == "all_closed":
         assert not record["nu2"].any() and record["scalars"]["kl"] == 0.0
         assert all(np.isfinite(g).all() for g in record["grads"].values())
+    check_against_finite_differences(state, x, record, generator(seed + 3))
+
+
+def one_in_three_tau(seed, hit, gamma, **options):
+    """A tau between the smallest and the middle per-image error of the step ``run_step(..., seed + 2)`` takes on
+    the batch of ``seed + 1`` (found by a probe step on an equal model; tau does not change e_b): one image in
+    three meets it, and the batch mean does not (mean > (e_(1) + e_(2)) / 2 unless all three are equal)."""
+    model = GatedVAE(tiny_arch(), 4, rng=generator(seed), dtype=F64)
+    probe = init_state(model, Hyper(tau=0.0, **options))
+    model.params["gamma"][...] = gamma
+    probe.hit = hit
+    e2 = np.sort(run_step(probe, generator(seed + 1).uniform(0, 1, (3, 1, 8, 8)), seed + 2)["e2"])
+    return 0.5 * (e2[0] + e2[1])
+
+
+@pytest.mark.parametrize("options", [{}, {"gate_samples": "per_example", "encoder_output": "literal"}],
+                         ids=["defaults", "per_example+literal"])
+@settings(max_examples=3)
+@given(seed=st.integers(0, 2**16), hit=st.booleans())
+def test_per_image_l0_weight_gradients_match_finite_differences(options, seed, hit):
+    """(p) constraint="per_image" with one image in three within tau and the batch-mean C > 0: l. 24 adds
+    1/3 sum_j sigmoid(k gamma_j) to L (the batch reading adds nothing), and gamma's gradient 1/3 of its own."""
+    gamma = [0.4, -0.3, 0.05, 0.2]
+    tau = one_in_three_tau(seed, hit, gamma, **options)
+    model = GatedVAE(tiny_arch(), 4, rng=generator(seed), dtype=F64)
+    state = init_state(model, Hyper(tau=tau, constraint="per_image", **options))
+    model.params["gamma"][...] = gamma
+    state.hit = hit
+    x = generator(seed + 1).uniform(0, 1, (3, 1, 8, 8))
+    record = run_step(state, x, seed + 2)
+    scalars = record["scalars"]
+    assert scalars["C"] > 0 and scalars["l0_added"] and scalars["hit_fraction"] == 1 / 3 and state.hit
     check_against_finite_differences(state, x, record, generator(seed + 3))
 
 
@@ -242,6 +286,19 @@ def test_kl_elementwise_is_the_gaussian_kl(encoder_output):
         assert got[b, j] == pytest.approx(integral, rel=1e-8, abs=1e-10)
     assert np.all(got >= 0)
     np.testing.assert_allclose(kl_elementwise(np.zeros(3), np.zeros(3), encoder_output), 0.0, atol=0)
+
+
+def test_literal_kl_is_not_the_kl_of_the_sampled_gaussian():
+    """(r): Eq. 15 as printed on s = log sigma is the KL of N(mu, e^s) -- "logvar"'s formula on the same s -- while
+    l. 11 samples N(mu, e^2s) ("logstd"'s KL): they differ by (s + e^s - e^2s)/2, which is 0 only at s = 0."""
+    rng = generator(1)
+    mu, s = rng.uniform(-2, 2, (3, 4)), rng.uniform(-1.5, 1.0, (3, 4))
+    literal, sampled = kl_elementwise(mu, s, "literal"), kl_elementwise(mu, s, "logstd")
+    np.testing.assert_array_equal(literal, kl_elementwise(mu, s, "logvar"))
+    np.testing.assert_allclose(literal - sampled, 0.5 * (s + np.exp(s) - np.exp(2 * s)), rtol=1e-10, atol=1e-14)
+    assert np.all(literal != sampled)
+    np.testing.assert_array_equal(kl_elementwise(mu, np.zeros_like(s), "literal"),
+                                  kl_elementwise(mu, np.zeros_like(s), "logstd"))
 
 
 # ---------------------------------------------------------------- BatchNorm running statistics (h)

@@ -13,7 +13,9 @@ three gradient estimators of l. 29 (o), hit forced at the start, the 28x28 netwo
 refimpl's fused decoder blocks, torch's unbiased running variance, the clamp of l. 21 under
 both gradient rules, Adam's step count for gamma both ways (n) with the first hit on the second
 step and with gamma dropping out again under hit="per_step", a trace started mid-training and a
-float32 trace (rtol 1e-4). Unless a case says otherwise, tau is chosen so that the constraint is
+float32 trace (rtol 1e-4), and the readings (p)-(r): the L0 term weighted per image (with a step
+where the batch-mean C is violated and some images meet it), lambda at its own Adam rate and by
+plain gradient ascent (also from a state whose Adam count for lambda lags), Eqs. 3 and 15 literally. Unless a case says otherwise, tau is chosen so that the constraint is
 met at step 1: gates are then sampled and the estimator is active in steps 2-3; a guard test per
 case asserts what the case needs of refimpl's trace.
 
@@ -139,6 +141,54 @@ def dropout_guard(adam_steps):
     return guard
 
 
+def per_image_guard(weights=None, violated_step=None):
+    """(p): l. 24 adds the L0 term times the fraction of images with e_b <= tau (``weights`` per step where given;
+    some strictly between 0 and 1), also at a step where the batch mean violates the constraint (C > 0), where the
+    batch reading adds nothing."""
+    def guard(ref):
+        tau, seen = ref.manifest["hyper"]["tau"], []
+        for k in range(STEPS):
+            p = f"step{k:04d}/value/"
+            weight = float((ref[p + "e2"] <= tau).mean())
+            seen.append(weight)
+            assert bool(ref[p + "l0_added"]) == (weight > 0)
+            assert float(ref[p + "L"]) == pytest.approx(float(ref[p + "lambda_eff"] * ref[p + "C_ma"] + ref[p + "kl"])
+                                                        + weight * float(ref[p + "gates_l1"]), rel=1e-12)
+        assert any(0 < w < 1 for w in seen)
+        if weights is not None:
+            assert seen == pytest.approx(weights, abs=1e-12)
+        if violated_step is not None:
+            assert float(ref[f"step{violated_step:04d}/value/C"]) > 0
+    return guard
+
+
+def per_image_per_step_guard(ref):
+    """(p) with hit="per_step": step 0 violates the batch-mean constraint but some images meet it, so step 1
+    samples gates (under constraint="batch" it would not)."""
+    assert float(ref["step0000/value/C"]) > 0 and step_flags(ref, "l0_added")[0]
+    assert step_flags(ref, "sampling")[:2] == [False, True]
+
+
+def lambda_sgd_guard(rate, sign=1.0):
+    """(q) "sgd": lambda moves by exactly sign * rate * dL/dlambda (no Adam), the others by Adam."""
+    def guard(ref):
+        met_at_step0(ref)
+        for k in range(STEPS):
+            p = f"step{k:04d}/"
+            moved = float(ref[p + "param_after/lambda"] - ref[p + "param/lambda"])
+            assert moved == pytest.approx(sign * rate * float(ref[p + "grad/lambda"]), rel=1e-12) and moved != 0
+    return guard
+
+
+def lambda_lr_guard(rate):
+    """(q) Adam at lambda's own rate: Adam's first step moves lambda by rate (sign(g) up to eps), gamma by lr."""
+    def guard(ref):
+        met_at_step0(ref)
+        moved = abs(float(ref["step0000/param_after/lambda"] - ref["step0000/param/lambda"]))
+        assert moved == pytest.approx(rate, rel=1e-6)
+    return guard
+
+
 def clamp_guard(rule, met, side, bounds):
     """Under ascent lambda moves up iff C' > 0 (constraint violated). "outward" keeps the gradient when that moves
     lambda back into range and zeroes it otherwise; "zero" always zeroes it."""
@@ -163,6 +213,8 @@ INTERPRETATIONS = [
     ("hit=per_step", {**MET, "hit": "per_step"}),
     ("gate_samples=per_example", {**MET, "gate_samples": "per_example"}),
     ("arm_objective=loss", {**MET, "arm_objective": "loss"}),
+    ("encoder_output=literal", {**MET, "encoder_output": "literal"}),
+    ("encoder_output=literal+lambda_update=descent", {**MET, "encoder_output": "literal", "lambda_update": "descent"}),
 ]
 ESTIMATOR_CASES = [
     (f"estimator={e}{suffix}", {**MET, "estimator": e, **extra})
@@ -188,6 +240,24 @@ CASES = [
       for a in ("global", "per_parameter")],
     Case("mid_training", Hyper(**MET), pre_steps=2, active=(0, 1, 2), guard=mid_training_guard),
     Case("float32", Hyper(**MET), dtype=np.float32, rtol=1e-4, compile=True),
+    # (p): tau 25 sits among the per-image errors (E2 ~ 24-26): fractions 1/2, 1/2, 1/6, the last at C > 0
+    *[Case(f"constraint=per_image{suffix}", Hyper(tau=25.0, gamma_init=0.1, constraint="per_image", **extra),
+           dtype=dtype, rtol=rtol, guard=guard)
+      for suffix, extra, dtype, rtol, guard in (
+          ("", {}, np.float64, TOL, per_image_guard((0.5, 0.5, 1 / 6), violated_step=2)),
+          ("+per_example+loss", {"gate_samples": "per_example", "arm_objective": "loss"}, np.float64, TOL,
+           per_image_guard()),
+          ("+float32", {}, np.float32, 1e-4, per_image_guard((0.5, 0.5, 1 / 6), violated_step=2)))],
+    Case("constraint=per_image+hit=per_step", Hyper(tau=24.5, gamma_init=0.1, constraint="per_image",
+                                                    hit="per_step"), active=(1,), guard=per_image_per_step_guard),
+    # (q)
+    Case("lambda_lr=0.01", Hyper(**MET, lambda_lr=1e-2), guard=lambda_lr_guard(1e-2)),
+    Case("lambda_optimizer=sgd", Hyper(**MET, lambda_optimizer="sgd"), guard=lambda_sgd_guard(LR)),
+    Case("lambda_optimizer=sgd+lambda_lr=0.01+descent", Hyper(**MET, lambda_optimizer="sgd", lambda_lr=1e-2,
+                                                               lambda_update="descent"),
+         guard=lambda_sgd_guard(1e-2, sign=-1.0)),
+    Case("lambda_optimizer=sgd+mid_training", Hyper(**MET, lambda_optimizer="sgd", lambda_lr=1e-2), pre_steps=2,
+         active=(0, 1, 2), guard=lambda_sgd_guard(1e-2)),
     *[Case(f"lambda_clamp={rule}+{'met' if met else 'violated'}+{side}",
            Hyper(tau=40.0 if met else 5.0, gamma_init=0.1, lambda_clamp_grad=rule, **CLAMP_BOUNDS[side]),
            active=(1, 2) if met else (), guard=clamp_guard(rule, met, side, CLAMP_BOUNDS[side]))

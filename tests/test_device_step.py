@@ -15,7 +15,9 @@ from refimpl.rng import generator
 # every switch's non-default choices that apply after the first hit (hit="per_step" never takes the fast path)
 VARIANTS = [{}] + [{name: choice} for name, choices in OPTIONS.items() if name != "hit" for choice in choices[1:]]
 VARIANTS += [{"lambda_max": 0.5}, {"lambda_max": 0.5, "lambda_clamp_grad": "zero"},  # lambda' clamped at the top
-             {"lambda_min": 2.0, "lambda_max": 3.0}]  # and at the bottom
+             {"lambda_min": 2.0, "lambda_max": 3.0},  # and at the bottom
+             {"lambda_lr": 0.01}, {"lambda_optimizer": "sgd", "lambda_lr": 0.01, "lambda_update": "descent"},  # (q)
+             {"constraint": "per_image", "lambda_optimizer": "sgd"}]
 
 
 def tiny_arch():
@@ -44,9 +46,11 @@ def snapshot(state):
     return {k: np.array(to_host(v), copy=True) for k, v in arrays.items()}
 
 
-def taus_around(steps=8):
-    """Tolerances that put C on both sides of 0: l. 23's mask both ways."""
-    return [1e3 if i % 2 == 0 else 1e-3 for i in range(steps)]
+def taus_around():
+    """Tolerances that put C on both sides of 0 (l. 23's mask both ways) and, at 6.0 and 5.5, among the per-image
+    errors (E2 ~ 5-7 here): some images within tau, some not (at 5.5 with the batch mean C > 0), the weight of
+    l. 24 under constraint="per_image" (p)."""
+    return [1e3, 1e-3, 6.0, 1e-3, 5.5, 1e3, 1e-3, 5.5]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
@@ -57,7 +61,7 @@ def test_device_step_equals_train_step(dtype, hyper_kw):
     fast = DeviceStep(fast_state)
     rng_ref, rng_fast, images = generator(7), generator(7), generator(8)
     rtol, atol = (1e-12, 1e-14) if dtype == np.float64 else (1e-6, 1e-7)
-    l0_seen = set()
+    l0_seen, fractional = set(), []
     for tau in taus_around():
         for s in (reference, fast_state):
             s.hyper = dataclasses.replace(s.hyper, tau=tau)
@@ -69,12 +73,15 @@ def test_device_step_equals_train_step(dtype, hyper_kw):
             assert got[key] == pytest.approx(want[key], rel=rtol, abs=atol), key
         assert (got["open_gates"], got["l0_added"]) == (want["open_gates"], want["l0_added"])
         l0_seen.add(want["l0_added"])
+        if 0 < want["hit_fraction"] < 1:
+            fractional.append(want["C"] > 0 and want["l0_added"])
         assert (fast_state.c_ma, fast_state.last_constraint_met) == pytest.approx(
             (reference.c_ma, reference.last_constraint_met), rel=rtol)
         a, b = snapshot(reference), snapshot(fast_state)
         for key in a:
             np.testing.assert_allclose(b[key], a[key], rtol=rtol, atol=atol, err_msg=key)
     assert l0_seen == {True, False}  # both sides of l. 23
+    assert any(fractional) == (hyper_kw.get("constraint") == "per_image")  # (p): added at C > 0
     assert rng_ref.bit_generator.state == rng_fast.bit_generator.state  # the same draws, in the same order
     assert fast_state.optimizer.t == reference.optimizer.t and fast_state.optimizer.steps == reference.optimizer.steps
 
@@ -162,8 +169,9 @@ def test_train_with_device_step_takes_the_fast_path_after_the_first_hit(tmp_path
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("hyper_kw", [{}, {"estimator": "disarm"}, {"lambda_max": 0.5}], ids=["defaults", "disarm",
-                                                                                             "clamped"])
+@pytest.mark.parametrize("hyper_kw", [{}, {"estimator": "disarm"}, {"lambda_max": 0.5},
+                                      {"constraint": "per_image", "lambda_optimizer": "sgd", "encoder_output": "literal"}],
+                         ids=["defaults", "disarm", "clamped", "per_image+sgd+literal"])
 def test_device_step_on_cupy_equals_train_step_on_cupy_and_numpy(dtype, hyper_kw):
     cp = get_xp("cupy")
     states = {"ref": hit_state(dtype, hyper_kw, xp=cp), "fast": hit_state(dtype, hyper_kw, xp=cp),

@@ -66,17 +66,19 @@ def test_invalid_adam_betas_are_refused_by_init_state(betas):
         init_state(model, Hyper(tau=1.0, betas=betas))
 
 
-SWITCHES = {  # interpretation switches (a)-(k) and their valid readings
+SWITCHES = {  # interpretation switches with choices and their valid readings
     "error": ("sse", "l2"),
     "lambda_update": ("ascent", "descent"),
     "lambda_clamp_grad": ("outward", "zero"),
     "lambda_init_on": ("raw", "effective"),
-    "encoder_output": ("logvar", "logstd"),
+    "encoder_output": ("logvar", "logstd", "literal"),
     "kl_normalizer": ("open", "all"),
     "hit": ("sticky", "per_step"),
     "e1_batchnorm": ("batch", "batch_update", "running"),
     "gate_samples": ("batch", "per_example"),
     "arm_objective": ("error", "loss"),
+    "constraint": ("batch", "per_image"),
+    "lambda_optimizer": ("adam", "sgd"),
 }
 
 
