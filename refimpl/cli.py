@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy
 
 from . import __version__, compare, factors, figures, milestones, options, plot, sweep, trace
-from .config import Schedule, default_out, new_config
+from .config import OUT_PATTERN, Schedule, default_out, new_config
 from .exits import ArgumentParser, run_command
 from .optionspec import OptionError, index_list, positive_int
+from .runfolder import existing_run_path
 
 PROG = "refimpl"
 MAX_IMAGES, PER_ROW = 256, 16  # refimpl reconstruct: images in one PNG, and to a row
@@ -46,7 +47,8 @@ def build_parser() -> ArgumentParser:
     options.add_options(p, Schedule)
     options.add_backend_option(p)
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="run folder (default: runs/<dataset>-n<latent>-tau<tau>-seed<seed>)")
+                   help=f"run folder (default: {OUT_PATTERN}, e.g. --image-size 16 --tau 4: "
+                        f"{default_out(new_config({'image_size': 16, 'hyper': {'tau': 4.0}}))})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that already holds a run (deletes every file of the old run)")
@@ -152,10 +154,7 @@ def cmd_train(args) -> int:
 def _load(run_path, backend=None):
     from .training import Run
 
-    path = Path(run_path)
-    if not path.exists():
-        raise OptionError(f"{path}: no such run folder or checkpoint")
-    return Run.load(path, backend=backend, for_training=False)
+    return Run.load(existing_run_path(run_path), backend=backend, for_training=False)
 
 
 def cmd_evaluate(args) -> int:

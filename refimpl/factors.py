@@ -68,9 +68,10 @@ import numpy
 
 from .atomic import atomic_write
 from .backend import to_host
-from .data import eval_batches
+from .data import DatasetError, eval_batches
 from .figures import no_plot_note, pyplot, save_figure
 from .optionspec import OptionError
+from .runfolder import NoRun, existing_run_path
 
 JSON_FILE = "factors.json"
 PNG_FILE = "factors.png"
@@ -278,7 +279,7 @@ def factor_classes(dataset, indices) -> tuple:
     """(classes (B, K) int64, factor names) of ``dataset`` at ``indices`` (B,).
 
     Datasets with ``latents_classes`` use them; Shapes3D's ``labels`` (factor values)
-    become classes by their distinct values. Others raise a one-line :class:`OptionError`.
+    become classes by their distinct values. Others raise a one-line :class:`DatasetError`.
     """
     names = getattr(dataset, "factor_names", None)
     if names is not None and hasattr(dataset, "latents_classes"):
@@ -289,7 +290,7 @@ def factor_classes(dataset, indices) -> tuple:
         classes = numpy.stack([_discrete(values[:, f])[0] for f in range(len(names))], axis=1)
         return classes, tuple(names)
     name = getattr(dataset, "name", type(dataset).__name__)
-    raise OptionError(f"dataset {name!r} has no known generative factors; factors are known for dsprites, "
+    raise DatasetError(f"dataset {name!r} has no known generative factors; factors are known for dsprites, "
                      f"synthetic-dsprites, shapes3d and cars3d")
 
 
@@ -473,9 +474,9 @@ def run(args) -> int:
     """``refimpl factors RUN``: print the table and MIG, write the JSON and the heatmap."""
     from .training import Run
 
-    folder = Path(args.run)
+    folder = existing_run_path(args.run)
     if not folder.is_dir():
-        raise OptionError(f"run={str(folder)!r}: no such run folder")
+        raise NoRun(f"{folder}: not a run folder (refimpl factors writes its files beside the run's)")
     _check_int("count", args.count, 1)
     _check_int("bins", args.bins, 2)
     _check_int("batch_size", args.batch_size, 1)

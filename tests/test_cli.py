@@ -272,57 +272,17 @@ def test_floats_beyond_the_dtype_are_refused_without_warnings(option, fragment, 
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("argv,code,fragment", [
-    (["train", "--tau", "-1"], 2, "tau=-1.0"),
-    (["train", "--alpha", "1.5"], 2, "alpha=1.5"),
-    (["train", "--error", "mse"], 2, "invalid choice: 'mse'"),
-    (["train", "--latent", "0"], 2, "positive integer"),
-    (["train", "--channels", "4,x"], 2, "comma-separated integers"),
-    (["train", "--image-size", "24"], 2, "image_size=24"),
-    (["train", "--channels", "4,4"], 2, "expected 4 positive widths"),
-    (["train", "--data", "somewhere"], 2, "takes no path"),
-    (["train", "mnist", "--data", "/nonexistent/mnist"], 1, "MNIST file not found"),
-    (["train", "--backend", "cupy"], 1, "cupy"),
-    (["train", "--baseline", "--tau", "3"], 2, "--baseline trains with tau=0"),
-    (["train", "--resume", "--overwrite"], 2, "exclude each other"),
-    (["train", "--repair-log"], 2, "--repair-log repairs the log of a run being resumed: add --resume"),
-    (["train", "--resume"], 2, "nothing to resume"),
-    (["evaluate", "/nonexistent/run"], 2, "no such run folder"),
-    (["export"], 2, "required: RUN"),
-    (["frobnicate"], 2, "invalid choice"),
-])
-def test_bad_arguments_give_one_line_errors(argv, code, fragment, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    if "cupy" in argv:
-        from refimpl.backend import cuda_available
-
-        if cuda_available():
-            pytest.skip("CuPy works here")
-    try:
-        result = main(argv + ["--batches", "1"] if argv[0] == "train" else argv)
-    except SystemExit as exc:  # argparse
-        result = exc.code
-    err = capsys.readouterr().err
-    assert result == code
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("refimpl") and "error: " in lines[0], err
-    assert fragment in lines[0]
-    assert not list(tmp_path.iterdir())  # nothing was created
-
-
 def test_errors_from_the_environment_and_files(tmp_path):
     code, _, err = refimpl("train", "--out", tmp_path / "r", env={"REFIMPL_BACKEND": "tpu"})
     assert code == 1 and err.strip() == "refimpl train: error: $REFIMPL_BACKEND='tpu': expected one of numpy, cupy"
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "checkpoint.npz").write_bytes(b"garbage")
     code, _, err = refimpl("evaluate", tmp_path / "bad")
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "not a readable .npz" in err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "not a .npz file (a zip archive of arrays): it holds text" in err
     assert "Traceback" not in err
 
 
 def test_existing_run_and_resume_checks(trained, capsys):
-    assert main(["train", *TINY, "--tau", "40", "--out", str(trained), "--batches", "1"]) == 2
-    assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--out", str(trained), "--resume", "--tau", "30", "--latent", "4"]) == 2
     err = capsys.readouterr().err
     assert "tau=30.0 (the run has 40.0)" in err and "latent" not in err  # an unchanged option is fine

@@ -346,7 +346,7 @@ def test_cli_rejects_bad_values(tiny_run, argv, match):
 
 
 def test_cli_rejects_a_missing_run_folder(tmp_path):
-    with pytest.raises(ValueError, match="no such run folder"):
+    with pytest.raises(FileNotFoundError, match="no such run folder"):  # a run-folder problem: exit status 1
         factors.run(parse(tmp_path / "nope"))
 
 
