@@ -214,9 +214,12 @@ def cmd_reconstruct(args) -> int:
     scale = args.scale if args.scale is not None else max(1, 128 // size)
     out = Path(args.out) if args.out else run.out / RECONSTRUCTIONS_FILE
     originals, recons = reconstructions(run, indices)
-    save_image(reconstruction_grid(originals, recons, scale=scale, per_row=PER_ROW), out)
-    print(f"{len(indices)} originals over their reconstructions with {run.model.open_gates()}/{run.config.latent} "
-          f"gates open, step {run.state.step}, {PER_ROW} to a row: {out}")
+    gates = f"{run.model.open_gates()}/{run.config.latent} gates open"
+    images = "held-out images (never trained on)" if args.indices is None else "images " + ",".join(map(str, indices))
+    title = f"{run.out.name}, step {run.state.step}, tau {run.hyper.tau:g}, {gates}: {images}"
+    save_image(reconstruction_grid(originals, recons, scale=scale, per_row=PER_ROW, title=title), out)
+    rows = f" (rows of {PER_ROW})" if len(indices) > PER_ROW else ""
+    print(f"{len(indices)} originals over their reconstructions{rows} with {gates}, step {run.state.step}: {out}")
     if args.indices is not None:
         held_set = set(int(i) for i in held)
         for kind, chosen in (("held out (never trained on)", [i for i in indices if i in held_set]),
@@ -249,7 +252,9 @@ def _reconstruct_runs(args) -> int:
     originals, _ = reconstructions(first, indices)
     rows = [originals] + [reconstructions(run, indices)[1] for run in runs]
     scale = args.scale if args.scale is not None else max(1, 128 // first.arch.image_shape[1])
-    save_image(image_grid(rows, scale=scale), args.out)
+    labels = ["original"] + [f"tau {run.hyper.tau:g}, {run.model.open_gates()}/{run.config.latent} open" for run in runs]
+    save_image(image_grid(rows, scale=scale, row_labels=labels,
+                          title=f"reconstructions with each run's inference gates ({first.config.dataset})"), args.out)
     print(f"{len(indices)} originals (top row) over the reconstructions of {len(runs)} runs with their inference "
           f"gates: {args.out}")
     for row, (path, run) in enumerate(zip(args.run, runs), start=2):

@@ -150,19 +150,42 @@ def test_export_loads_into_the_torch_transcription(trained, tmp_path):
     numpy.testing.assert_allclose(recon, to_host(model.reconstruct(x)), rtol=1e-4, atol=1e-5)
 
 
-def test_reconstruct_writes_a_grid(trained, tmp_path, capsys):
+def grid_size(image):
+    """(width, height) of the image grid in the bottom-right corner of a titled, labelled PNG: its
+    gray padding (128) runs along the bottom row and the right column, the margins are white."""
+    a = numpy.asarray(image)
+
+    def trailing_gray(line):
+        return len(line) - max((i + 1 for i, v in enumerate(line) if v != 128), default=0)
+
+    return trailing_gray(a[-1]), trailing_gray(a[:, -1])
+
+
+def ink(block) -> bool:
+    return bool((numpy.asarray(block) < 100).any())
+
+
+def test_reconstruct_writes_a_titled_labelled_grid(trained, tmp_path, capsys):
     from PIL import Image
 
     out = tmp_path / "grid.png"
     assert main(["reconstruct", str(trained), "--count", "5", "--scale", "3", "--out", str(out)]) == 0
     image = Image.open(out)
-    assert image.size == (3 * (5 * (8 + 2) + 2), 3 * (2 * (8 + 2) + 2)) and image.mode == "L"
+    w, h = grid_size(image)
+    assert (w, h) == (3 * (5 * (8 + 2) + 2), 3 * (2 * (8 + 2) + 2)) and image.mode == "L"
+    assert image.width > w and image.height > h  # a column of row labels, a title
+    pixels = numpy.asarray(image)
+    left, top = image.width - w, image.height - h
+    assert ink(pixels[:top])  # the title
+    for row in range(2):  # "original" beside the first row, "reconstruction" beside the second
+        assert ink(pixels[top + 3 * (2 + row * 10):top + 3 * (10 + row * 10), :left])
+    assert capsys.readouterr().out.startswith(f"5 originals over their reconstructions with 4/4 gates open, step 20: ")
     run = Run.load(trained, for_training=False)
     held, trained_on = [int(i) for i in run.split[1][:2]], [int(i) for i in run.split[0][:3]]
     capsys.readouterr()
     assert main(["reconstruct", str(trained), "--indices", ",".join(map(str, trained_on + held)),
                  "--out", str(out)]) == 0
-    assert Image.open(out).size == (16 * (5 * 10 + 2), 16 * 22)  # default scale 128 // 8
+    assert grid_size(Image.open(out)) == (16 * (5 * 10 + 2), 16 * 22)  # default scale 128 // 8
     printed = capsys.readouterr().out
     assert f"held out (never trained on): {', '.join(map(str, held))}" in printed
     assert f"trained on: {', '.join(map(str, trained_on))}" in printed
@@ -174,11 +197,11 @@ def test_reconstruct_wraps_rows_and_caps_the_count(trained, tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert main(["reconstruct", str(trained), "--count", "40", "--scale", "1", "--out", str(out)]) == 0
     # 16 held-out images (the run's --holdout): one row pair of 16
-    assert Image.open(out).size == (16 * 10 + 2, 2 * 10 + 2)
+    assert grid_size(Image.open(out)) == (16 * 10 + 2, 2 * 10 + 2)
     assert main(["reconstruct", str(trained), "--indices", ",".join(map(str, range(40))), "--scale", "1",
                  "--out", str(out)]) == 0
-    assert Image.open(out).size == (16 * 10 + 2, 6 * 10 + 2)  # 16 + 16 + 8: three row pairs
-    capsys.readouterr()
+    assert grid_size(Image.open(out)) == (16 * 10 + 2, 6 * 10 + 2)  # 16 + 16 + 8: three row pairs
+    assert "40 originals over their reconstructions (rows of 16) with" in capsys.readouterr().out
     assert main(["reconstruct", str(trained), "--count", "5000", "--out", str(tmp_path / "big.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "refimpl reconstruct: error: --count: 5000 images; at most 256 fit one PNG (16 to a row): ask for fewer"
@@ -195,8 +218,10 @@ def test_reconstruct_several_runs_is_figure3s_grid(trained, tmp_path, capsys):
     out = tmp_path / "fig3.png"
     capsys.readouterr()
     assert main(["reconstruct", str(trained), str(second), "--count", "6", "--scale", "1", "--out", str(out)]) == 0
-    image = numpy.asarray(Image.open(out), dtype=float) / 255
-    assert image.shape == (3 * 10 + 2, 6 * 10 + 2)  # three rows of 6
+    png = Image.open(out)
+    assert grid_size(png) == (6 * 10 + 2, 3 * 10 + 2)  # three rows of 6
+    image = numpy.asarray(png, dtype=float)[-(3 * 10 + 2):, -(6 * 10 + 2):] / 255
+    assert ink(numpy.asarray(png)[:, :png.width - image.shape[1]])  # the rows' labels
     indices = spread_indices(one.split[1], 6)
     cells = [image[2 + 10 * r: 10 + 10 * r, 2:10] for r in range(3)]  # the first image of each row
     expected = [to_host(one.images(indices[:1]))[0, 0], to_host(one.model.reconstruct(one.images(indices[:1])))[0, 0],
