@@ -426,3 +426,15 @@ def test_readme_option_table_is_generated_from_the_fields():
     for row in block.splitlines()[3:]:  # every option of the table exists in refimpl train
         flag = row.split("`")[1].split()[0]
         assert flag in flags, flag
+
+
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run's first step is the README's second command, character for character."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    block = (root / "README.md").read_text().split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert ci[ci.index("# README test command (keep identical to the README's second command):") + 1] == commands[1]
