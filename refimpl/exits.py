@@ -73,9 +73,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def unknown_option(name: str, known) -> str:
     """The error for option ``name``, which is none of ``known`` (option strings): the closest one suggested."""
-    spelled = sorted(k for k in known if k.startswith("--") and "_" not in k)  # --lambda-max, not --lambda_max too
-    close = difflib.get_close_matches(name.replace("_", "-"), spelled, n=1, cutoff=0.6)
-    return f"unrecognized option {name}" + (f"; did you mean {close[0]}?" if close else "")
+    spelled = sorted(k[2:] for k in known if k.startswith("--") and "_" not in k)  # lambda-max, not lambda_max too
+    close = difflib.get_close_matches(name.lstrip("-").replace("_", "-"), spelled, n=1, cutoff=0.6)
+    return f"unrecognized option {name}" + (f"; did you mean --{close[0]}?" if close else "")
 
 
 def one_line(exc: BaseException) -> str:

@@ -179,6 +179,8 @@ class Sweep:
     # -- lifetime
 
     def __enter__(self) -> "Sweep":
+        if self.out.exists() and not self.out.is_dir():
+            raise SweepSetupError(f"{self.out} is a file, not a folder: choose another --out")
         (self.out / "runs").mkdir(parents=True, exist_ok=True)
         (self.out / STOP_FILE).unlink(missing_ok=True)
         write_json(self.out / MARKER_FILE, {"client_pid": os.getpid()})

@@ -97,6 +97,7 @@ CASES = {
         (["--grid", "tau=1", "--out", "x", "--batches", "0"], USAGE, "--batches: expected a positive integer"),
         (["--grid", "image_size=24", "--out", "x"], USAGE, "image_size=24"),
         (["--grd", "tau=1", "--out", "x"], USAGE, "unrecognized option --grd; did you mean --grid?"),
+        (["--grid", "tau=1", "--out", "FILE", "--batches", "1"], FAILURE, "file.txt is a file, not a folder"),
     ],
     "trace": [
         (["--steps", "0"], USAGE, "--steps: expected a positive integer"),
@@ -114,6 +115,15 @@ CASES = {
         ([], USAGE, "the following arguments are required: COMMAND"),
     ],
 }
+
+
+EXPERIMENT_CASES = [  # the experiment scripts end through the same parser and run_command
+    ("figure2", ["--tua", "3"], USAGE, "unrecognized option --tua"),
+    ("figure2", ["--batches", "0"], USAGE, "--batches: expected a positive integer, got 0"),
+    ("figure1", ["--tua", "3"], USAGE, "unrecognized option --tua; did you mean --tau?"),
+    ("table1", ["--latents", "x"], USAGE, "--latents"),
+    ("figure3", ["--out", "FILE", "--batches", "1"], FAILURE, "file.txt is a file, not a folder"),
+]
 
 
 def _fill(argv, places):
@@ -153,3 +163,18 @@ def test_the_readme_states_the_rule():
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     assert "exits 2 when the command line itself is wrong" in readme
     assert "and 1 when what it points at is wrong" in readme
+
+
+@pytest.mark.parametrize("script,argv,code,fragment", EXPERIMENT_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_the_experiment_scripts_follow_the_rule(script, argv, code, fragment, places, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        result = importlib.import_module(f"refimpl.experiments.{script}").main(_fill(argv, places))
+    except SystemExit as exc:  # argparse
+        result = exc.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m refimpl.experiments.{script}: error: "), lines
+    assert fragment in lines[0] and result == code, lines[0]
+    assert not list(tmp_path.iterdir())
