@@ -215,7 +215,8 @@ def cmd_reconstruct(args) -> int:
     out = Path(args.out) if args.out else run.out / RECONSTRUCTIONS_FILE
     originals, recons = reconstructions(run, indices)
     gates = f"{run.model.open_gates()}/{run.config.latent} gates open"
-    images = "held-out images (never trained on)" if args.indices is None else "images " + ",".join(map(str, indices))
+    images = ("held-out images (never trained on)" if args.indices is None else
+              f"images {','.join(map(str, indices))}" if len(indices) <= 8 else f"{len(indices)} chosen images")
     title = f"{run.out.name}, step {run.state.step}, tau {run.hyper.tau:g}, {gates}: {images}"
     save_image(reconstruction_grid(originals, recons, scale=scale, per_row=PER_ROW, title=title), out)
     rows = f" (rows of {PER_ROW})" if len(indices) > PER_ROW else ""

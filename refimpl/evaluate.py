@@ -138,9 +138,9 @@ def _annotate(image, row_centres, row_labels, title, font_px: int, gap: int = 6)
         left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
         return right - left, bottom - top
 
-    left = max((size(t)[0] for t in row_labels), default=-gap) + 2 * gap
+    labels_width = max((size(t)[0] for t in row_labels), default=-gap) + 2 * gap
     top = size(title)[1] + 2 * gap if title else 0
-    width = max(left + image.width, size(title)[0] + 2 * gap if title else 0)
+    width = max(labels_width + image.width, size(title)[0] + 2 * gap if title else 0)
     ink, white = (0, 255) if image.mode == "L" else ((0,) * 3, (255,) * 3)
     canvas = Image.new(image.mode, (width, top + image.height), white)
     left = width - image.width  # the grid flush right, under a title wider than it
