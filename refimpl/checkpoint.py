@@ -53,15 +53,34 @@ def save(path, arrays: dict, meta: dict) -> None:
 
 def read_npz(path, error, missing: str, unreadable: str) -> dict:
     """Every member of the .npz file ``path`` as host arrays (no pickles); ``error`` with the message
-    ``missing`` if there is no such file, ``unreadable + " not a readable .npz file (...)"`` if it is damaged."""
+    ``missing`` if there is no such file, ``unreadable + " not a .npz file ..."`` (what it holds instead) or
+    ``unreadable + " not a readable .npz file (...)"`` if it is not one or is damaged."""
     path = Path(path)
     if not path.is_file():
         raise error(missing)
+    if not zipfile.is_zipfile(path):  # numpy.load would try it as a pickle and say so
+        raise error(f"{unreadable} not a .npz file (a zip archive of arrays): {_what_it_holds(path)}")
     try:
         with numpy.load(path, allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise error(f"{unreadable} not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
+def _what_it_holds(path: Path) -> str:
+    """A few words on a file that is not a zip archive: empty, a damaged zip, a .npy array, text, other bytes."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "it is empty"
+    if head.startswith(b"PK"):
+        return "a zip archive cut short or damaged"
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a single .npy array"
+    try:
+        return f"it holds text ({(head.decode('utf-8').splitlines() or [''])[0][:40]!r} ...)"
+    except UnicodeDecodeError:
+        return f"it starts with the bytes {head[:16]!r}"
 
 
 def load(path) -> tuple[dict, dict]:

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy
 
 from . import __version__, compare, factors, figures, milestones, options, plot, study, sweep, trace
-from .config import Schedule, default_out, new_config
+from .config import OUT_PATTERN, Schedule, default_out, new_config
 from .exits import ArgumentParser, run_command
 from .optionspec import OptionError, index_list, positive_int
+from .runfolder import existing_run_path
 
 PROG = "refimpl"
 MAX_IMAGES, PER_ROW = 256, 16  # refimpl reconstruct: images in one PNG, and to a row
@@ -47,7 +48,8 @@ def build_parser() -> ArgumentParser:
     options.add_options(p, Schedule)
     options.add_backend_option(p)
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="run folder (default: runs/<dataset>-n<latent>-tau<tau>-seed<seed>)")
+                   help=f"run folder (default: {OUT_PATTERN}, e.g. --image-size 16 --tau 4: "
+                        f"{default_out(new_config({'image_size': 16, 'hyper': {'tau': 4.0}}))})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that already holds a run (deletes every file of the old run)")
@@ -153,10 +155,7 @@ def cmd_train(args) -> int:
 def _load(run_path, backend=None):
     from .training import Run
 
-    path = Path(run_path)
-    if not path.exists():
-        raise OptionError(f"{path}: no such run folder or checkpoint")
-    return Run.load(path, backend=backend, for_training=False)
+    return Run.load(existing_run_path(run_path), backend=backend, for_training=False)
 
 
 def cmd_evaluate(args) -> int:
@@ -216,9 +215,13 @@ def cmd_reconstruct(args) -> int:
     scale = args.scale if args.scale is not None else max(1, 128 // size)
     out = Path(args.out) if args.out else run.out / RECONSTRUCTIONS_FILE
     originals, recons = reconstructions(run, indices)
-    save_image(reconstruction_grid(originals, recons, scale=scale, per_row=PER_ROW), out)
-    print(f"{len(indices)} originals over their reconstructions with {run.model.open_gates()}/{run.config.latent} "
-          f"gates open, step {run.state.step}, {PER_ROW} to a row: {out}")
+    gates = f"{run.model.open_gates()}/{run.config.latent} gates open"
+    images = ("held-out images (never trained on)" if args.indices is None else
+              f"images {','.join(map(str, indices))}" if len(indices) <= 8 else f"{len(indices)} chosen images")
+    title = f"{run.out.name}, step {run.state.step}, tau {run.hyper.tau:g}, {gates}: {images}"
+    save_image(reconstruction_grid(originals, recons, scale=scale, per_row=PER_ROW, title=title), out)
+    rows = f" (rows of {PER_ROW})" if len(indices) > PER_ROW else ""
+    print(f"{len(indices)} originals over their reconstructions{rows} with {gates}, step {run.state.step}: {out}")
     if args.indices is not None:
         held_set = set(int(i) for i in held)
         for kind, chosen in (("held out (never trained on)", [i for i in indices if i in held_set]),
@@ -251,7 +254,9 @@ def _reconstruct_runs(args) -> int:
     originals, _ = reconstructions(first, indices)
     rows = [originals] + [reconstructions(run, indices)[1] for run in runs]
     scale = args.scale if args.scale is not None else max(1, 128 // first.arch.image_shape[1])
-    save_image(image_grid(rows, scale=scale), args.out)
+    labels = ["original"] + [f"tau {run.hyper.tau:g}, {run.model.open_gates()}/{run.config.latent} open" for run in runs]
+    save_image(image_grid(rows, scale=scale, row_labels=labels,
+                          title=f"reconstructions with each run's inference gates ({first.config.dataset})"), args.out)
     print(f"{len(indices)} originals (top row) over the reconstructions of {len(runs)} runs with their inference "
           f"gates: {args.out}")
     for row, (path, run) in enumerate(zip(args.run, runs), start=2):

@@ -173,7 +173,7 @@ class Comparison:
                          f"({', '.join(g + '/' for g in STATE_GROUPS)})")
         lines += [f"manifest differs: {d}" for d in self.manifest_differences]
         header = f"{'step':>5}  {'tensor':<44} {'shape':<16} {'max abs err':>12} {'max rel err':>12}  status"
-        lines += ["", header, "-" * len(header)]
+        lines += ["", header, "-" * len(header)] if shown else []  # no table when every tensor is equal
         for r in shown:
             step = "init" if r.step is None else str(r.step)
             shape = "x".join(map(str, r.shape)) if r.shape is not None else "-"
@@ -188,7 +188,7 @@ class Comparison:
         first = self.first_divergence
         n_bad = sum(not r.ok for r in self.rows)
         if first is None:
-            lines.append(f"all {len(self.rows)} tensors agree")
+            lines.append(f"all {len(self.rows)} tensors agree" + ("" if shown else ", bit for bit"))
         else:
             where = "init" if first.step is None else f"step {first.step}"
             lines.append(f"{n_bad} of {len(self.rows)} tensors diverge; first: {where} {first.name} "
@@ -199,7 +199,7 @@ class Comparison:
                 lines.append(f"likely causes (porting bugs whose first diverging tensor is {first.name}; "
                              "refimpl/porting_bugs.py):")
                 lines += [f"  {b.name} ({b.line}): {b.description}" for b in causes]
-        if not all_rows:
+        if shown and not all_rows:
             most = "" if limit is None else f" (at most {limit})"
             lines.append(f"(shown: diverging tensors{most} and each step's largest error; --all for every tensor)")
         return "\n".join(lines)
@@ -402,12 +402,14 @@ def _adam_steps_note(ta: Trace, step: int) -> str:
 
 def add_arguments(parser) -> None:
     """The options of ``refimpl compare``."""
+    from .optionspec import nonnegative_float
+
     parser.add_argument("a", metavar="A", help="trace file (e.g. from refimpl trace)")
     parser.add_argument("b", metavar="B", help="trace file to compare with A (e.g. bench/torch_algorithm1.py's replay)")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+    parser.add_argument("--rtol", type=nonnegative_float, default=DEFAULT_RTOL,
                         help=f"relative tolerance per tensor, against its largest magnitude (default: {DEFAULT_RTOL:g})")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default: {DEFAULT_ATOL:g})")
-    parser.add_argument("--param-rtol", type=float, default=None, metavar="R",
+    parser.add_argument("--atol", type=nonnegative_float, default=DEFAULT_ATOL, help=f"absolute tolerance (default: {DEFAULT_ATOL:g})")
+    parser.add_argument("--param-rtol", type=nonnegative_float, default=None, metavar="R",
                         help="relative tolerance for parameters and BatchNorm statistics (default: --rtol); Adam "
                              "amplifies rounding noise where a gradient is ~0, see refimpl.compare.diagnose")
     parser.add_argument("--all", action="store_true", help="print every tensor, not only diverging ones")

@@ -141,7 +141,7 @@ class Schedule:
     """How long a run trains and how often it saves: not part of what defines the run."""
 
     batches: int = option(5000, "total number of batches (with --resume: the run's own target)",
-                          parse=nonnegative_int, metavar="B")
+                          parse=positive_int, metavar="B")
     checkpoint_every: int = option(100, "write a checkpoint every N batches; also at the end and on Ctrl-C",
                                    parse=positive_int, metavar="N")
 
@@ -170,8 +170,11 @@ def new_config(given: dict) -> RunConfig:
     return config
 
 
+OUT_PATTERN = "runs/<dataset>[-s<S>]-n<n>-tau<T>|baseline-seed<seed>"  # default_out's names (-s<S>: --image-size)
+
+
 def default_out(config: RunConfig) -> Path:
-    """``runs/<dataset>[-s<S>]-n<n>-tau<tau>|baseline-seed<seed>``."""
+    """The run folder of ``config`` when none is given: :data:`OUT_PATTERN`."""
     tau = "baseline" if config.baseline else f"tau{config.hyper['tau']:g}"
     size = f"-s{config.image_size}" if config.image_size else ""
     return Path("runs") / f"{config.dataset}{size}-n{config.latent}-{tau}-seed{config.seed}"

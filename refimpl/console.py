@@ -53,7 +53,7 @@ class Progress:
             done = self.step - self.start_step
             eta = elapsed / done * (self.total - self.step) if done else float("nan")
             print(f"step {self.step}/{self.total} ({100 * self.step / self.total:.0f}%) "
-                  f"{_hms(elapsed)} elapsed, ETA {_hms(eta)} | {text}", file=self.stream, flush=True)
+                  f"{hms(elapsed)} elapsed, ETA {hms(eta)} | {text}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -61,7 +61,8 @@ class Progress:
             self.bar = None
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """``seconds`` as H:MM:SS; ``?`` when unknown (NaN or infinite)."""
     if not math.isfinite(seconds):
         return "?"
     s = int(round(seconds))

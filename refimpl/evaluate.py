@@ -76,13 +76,15 @@ def evaluate(run: Run, limit: int | None = None, batch_size: int = 250) -> dict:
 # Images
 
 
-def image_grid(rows, scale: int = 1, pad: int = 2, background: float = 0.5, labels=None):
+def image_grid(rows, scale: int = 1, pad: int = 2, background: float = 0.5, labels=None, row_labels=None,
+               title=None):
     """A Pillow image of ``rows``: each a host array (N, C, H, W) in [0, 1], C = 1 or 3, drawn
     left to right, rows top to bottom, ``pad`` pixels apart, every pixel ``scale`` x ``scale``.
 
     ``labels``: one text per column (lines split on newlines), printed under the grid in
-    Pillow's default font. Sizes that cannot fit in memory are refused first
-    (:class:`refimpl.memory.NotEnoughMemory`).
+    Pillow's default font. ``row_labels``: one text per row, printed left of it; ``title``:
+    a line above the grid (:func:`_annotate`). Sizes that cannot fit in memory are refused
+    first (:class:`refimpl.memory.NotEnoughMemory`).
     """
     from PIL import Image, ImageDraw
 
@@ -114,15 +116,50 @@ def image_grid(rows, scale: int = 1, pad: int = 2, background: float = 0.5, labe
             draw.multiline_text(((pad + j * (w + pad)) * scale, image.height + 2), str(text),
                                 fill=0 if c == 1 else (0,) * 3, spacing=2)
         image = labelled
+    if row_labels or title:
+        image = _annotate(image, [(pad + i * (h + pad) + h / 2) * scale for i in range(len(rows))],
+                          row_labels or [], title, font_px=max(10, min(16, h * scale // 6)))
     return image
 
 
-def reconstruction_grid(originals, recons, scale: int = 1, per_row: int = 16):
-    """Originals (N, C, H, W) over their reconstructions, ``per_row`` to a row: row pairs top to bottom."""
+def _annotate(image, row_centres, row_labels, title, font_px: int, gap: int = 6):
+    """``image`` in the bottom-right corner of a white canvas, with ``row_labels[i]`` left of the
+    row centred at height ``row_centres[i]`` (pixels) and ``title`` above, in Pillow's default
+    font at ``font_px``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=font_px)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+
+    def size(text):
+        left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    labels_width = max((size(t)[0] for t in row_labels), default=-gap) + 2 * gap
+    top = size(title)[1] + 2 * gap if title else 0
+    width = max(labels_width + image.width, size(title)[0] + 2 * gap if title else 0)
+    ink, white = (0, 255) if image.mode == "L" else ((0,) * 3, (255,) * 3)
+    canvas = Image.new(image.mode, (width, top + image.height), white)
+    left = width - image.width  # the grid flush right, under a title wider than it
+    canvas.paste(image, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((gap, gap), title, fill=ink, font=font)
+    for centre, text in zip(row_centres, row_labels):
+        draw.text((left - gap, top + centre), text, fill=ink, font=font, anchor="rm")
+    return canvas
+
+
+def reconstruction_grid(originals, recons, scale: int = 1, per_row: int = 16, title=None):
+    """Originals (N, C, H, W) over their reconstructions, ``per_row`` to a row: row pairs top to
+    bottom, each row labelled, ``title`` above."""
     rows = []
     for i in range(0, len(originals), per_row):
         rows += [originals[i:i + per_row], recons[i:i + per_row]]
-    return image_grid(rows, scale=scale)
+    return image_grid(rows, scale=scale, row_labels=["original", "reconstruction"] * (len(rows) // 2), title=title)
 
 
 def save_image(image, path) -> Path:

@@ -42,7 +42,10 @@ Reading the numbers:
 - The plug-in estimate is biased upwards by about (bins - 1)(values - 1) / (2 N) nats
   (N = 5000, 20 bins, posX: 0.06 nats, 0.02 after normalising): "near 0" means ~0.02.
   The JSON lists this, normalised, per factor as ``chance``: what a code independent
-  of the factor scores on average.
+  of the factor scores on average; and ``chance_band`` (:func:`chance_band`): chance
+  plus 3 standard deviations, the most such a code scores but on rare draws. The
+  printout marks scores up to it with ``~`` (indistinguishable from chance), and its
+  *reading* block sets the open dimensions together against the best one alone.
 - Closed dimensions are reported too, marked closed, but are not in MIG. Their
   number is the MI of the encoder's mu_j, which the decoder never sees (it gets
   mu_j * 0); so what reaches the decoder through a closed dimension is nothing.
@@ -62,20 +65,24 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import numpy
 
 from .atomic import atomic_write
 from .backend import to_host
-from .data import eval_batches
+from .data import DatasetError, eval_batches
 from .figures import no_plot_note, pyplot, save_figure
 from .optionspec import OptionError
+from .runfolder import NoRun, existing_run_path
 
 JSON_FILE = "factors.json"
 PNG_FILE = "factors.png"
 DEFAULT_COUNT, DEFAULT_BINS, DEFAULT_BATCH = 5000, 20, 250
 JOINT_K = 10  # neighbours of the joint k-NN classifier (step 5)
+CHANCE_Z = 3.0  # a score within plug-in bias + 3 standard deviations cannot be told from chance
+SPREAD = 1.5  # together / best one alone at or above this: the code spreads the factor over dimensions
 SAMPLES = ("heldout", "training")  # which split of the run the images come from
 SAMPLE_WORDS = {"heldout": "held-out", "training": "training"}
 
@@ -122,6 +129,15 @@ def mutual_information(a, b) -> float:
 def plugin_bias(levels_a, levels_b, samples):
     """The plug-in MI's upward bias in nats, (R_a - 1)(R_b - 1) / (2 N), for R_a and R_b levels."""
     return (levels_a - 1) * (levels_b - 1) / (2 * samples)
+
+
+def chance_band(levels_a, levels_b, samples, z: float = CHANCE_Z):
+    """The top of what independent variables score, in nats: :func:`plugin_bias` plus ``z`` of its
+    standard deviations. For independent variables 2 N I is about chi-squared with df = (R_a - 1)(R_b - 1)
+    degrees of freedom (the G-test), so I has mean df / (2 N) and standard deviation sqrt(2 df) / (2 N).
+    Where N is not much larger than R_a * R_b the mean overstates the bias, so the band errs wide."""
+    df = numpy.maximum((numpy.asarray(levels_a) - 1) * (numpy.asarray(levels_b) - 1), 1)
+    return plugin_bias(levels_a, levels_b, samples) * (1 + z * numpy.sqrt(2.0 / df))
 
 
 def discretize(codes, bins: int = DEFAULT_BINS) -> numpy.ndarray:
@@ -184,7 +200,9 @@ def factor_scores(codes, factors, bins: int = DEFAULT_BINS, open_dims=None) -> d
     (n, K) nats, ``entropy`` (K,) nats, ``normalized`` (n, K) = MI / H(v_k) in [0, 1],
     ``bound`` (K,) = min(1, log(bins) / H(v_k)), ``chance`` (K,) = (bins - 1)(R_k - 1)
     / (2 N H(v_k)), at most ``bound`` (the plug-in bias: about what an independent code
-    scores, for N much larger than bins * R_k; R_k the factor's number of values), ``open`` (n,), ``gaps`` (K,), ``top`` (K, 2), and
+    scores, for N much larger than bins * R_k; R_k the factor's number of values),
+    ``chance_band`` (K,) (:func:`chance_band` / H(v_k), at most ``bound``: a score at or
+    below it cannot be told from chance), ``open`` (n,), ``gaps`` (K,), ``top`` (K, 2), and
     ``mig`` (float), ``bins``, ``sample_size``.
     """
     binned = discretize(codes, bins)
@@ -200,10 +218,11 @@ def factor_scores(codes, factors, bins: int = DEFAULT_BINS, open_dims=None) -> d
     values = numpy.array([_discrete(factors[:, f])[1] for f in range(k)])
     bound = numpy.minimum(1.0, math.log(bins) / h)
     chance = numpy.minimum(bound, plugin_bias(bins, values, binned.shape[0]) / h)  # N >> bins * values
+    band = numpy.minimum(bound, chance_band(bins, values, binned.shape[0]) / h)
     open_dims = numpy.ones(n, bool) if open_dims is None else numpy.asarray(open_dims, bool).reshape(-1)
     gaps, top = mig_gaps(normalized, open_dims)
     return {"mutual_information": mi, "entropy": h, "normalized": normalized,
-            "bound": bound, "chance": chance, "open": open_dims,
+            "bound": bound, "chance": chance, "chance_band": band, "open": open_dims,
             "gaps": gaps, "top": top, "mig": float(gaps.mean()), "bins": int(bins),
             "sample_size": int(binned.shape[0])}
 
@@ -240,7 +259,8 @@ def joint_scores(codes, factors, k: int = JOINT_K) -> dict:
     N // 2, the size of a half; the ``k`` returned is the one used). Returns
     host arrays (K,): ``normalized`` = I(v_k; prediction) / H(v_k), ``accuracy``,
     ``majority`` (the accuracy of always guessing the commonest class), ``chance``
-    = (R_k - 1)^2 / (2 N H(v_k)) (the plug-in bias), and ``k``.
+    = (R_k - 1)^2 / (2 N H(v_k)) (the plug-in bias), ``chance_band`` (:func:`chance_band`
+    / H(v_k)), and ``k``.
     """
     codes = numpy.asarray(codes, dtype=numpy.float64)
     factors = numpy.asarray(factors)
@@ -256,7 +276,7 @@ def joint_scores(codes, factors, k: int = JOINT_K) -> dict:
     even = numpy.arange(x.shape[0]) % 2 == 0
     halves = (even, ~even)
     h = factor_entropies(factors)
-    normalized, accuracy, majority, chance = (numpy.zeros(factors.shape[1]) for _ in range(4))
+    normalized, accuracy, majority, chance, band = (numpy.zeros(factors.shape[1]) for _ in range(5))
     for f in range(factors.shape[1]):
         y = factors[:, f]
         predicted = numpy.empty_like(y)
@@ -267,7 +287,9 @@ def joint_scores(codes, factors, k: int = JOINT_K) -> dict:
         values, counts = numpy.unique(y, return_counts=True)
         majority[f] = counts.max() / y.size
         chance[f] = min(1.0, plugin_bias(values.size, values.size, y.size) / h[f])  # prediction: R_k levels
-    return {"normalized": normalized, "accuracy": accuracy, "majority": majority, "chance": chance, "k": int(k)}
+        band[f] = min(1.0, chance_band(values.size, values.size, y.size) / h[f])
+    return {"normalized": normalized, "accuracy": accuracy, "majority": majority, "chance": chance,
+            "chance_band": band, "k": int(k)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -278,7 +300,7 @@ def factor_classes(dataset, indices) -> tuple:
     """(classes (B, K) int64, factor names) of ``dataset`` at ``indices`` (B,).
 
     Datasets with ``latents_classes`` use them; Shapes3D's ``labels`` (factor values)
-    become classes by their distinct values. Others raise a one-line :class:`OptionError`.
+    become classes by their distinct values. Others raise a one-line :class:`DatasetError`.
     """
     names = getattr(dataset, "factor_names", None)
     if names is not None and hasattr(dataset, "latents_classes"):
@@ -289,7 +311,7 @@ def factor_classes(dataset, indices) -> tuple:
         classes = numpy.stack([_discrete(values[:, f])[0] for f in range(len(names))], axis=1)
         return classes, tuple(names)
     name = getattr(dataset, "name", type(dataset).__name__)
-    raise OptionError(f"dataset {name!r} has no known generative factors; factors are known for dsprites, "
+    raise DatasetError(f"dataset {name!r} has no known generative factors; factors are known for dsprites, "
                      f"synthetic-dsprites, shapes3d and cars3d")
 
 
@@ -330,12 +352,12 @@ def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch
     (:func:`sample_indices`): a JSON-able dict.
 
     Keys: run, step, dataset, n_latent, sample, sample_size, pool_size, bins, factors,
-    constant_factors (dropped), factor_entropy, bound, chance, gates, open_dims,
+    constant_factors (dropped), factor_entropy, bound, chance, chance_band, gates, open_dims,
     mutual_information (n x K, nats), normalized_mi (n x K), mig_gap (factor -> gap),
     mig_dims (factor -> [largest, second] dims, null where none), mig, best_factor
     (per dimension: dim, open, factor, normalized_mi), joint (the open dimensions
     together, :func:`joint_scores`: k, and factor -> value dicts normalized_mi,
-    accuracy, majority, chance; null when no gate is open).
+    accuracy, majority, chance, chance_band; null when no gate is open).
     """
     count = _check_int("count", count, 1)
     bins = _check_int("bins", bins, 2)
@@ -355,13 +377,15 @@ def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch
         j = joint_scores(codes[:, gates], classes[:, varying])
         joint = {"k": j["k"], **{key: dict(zip(kept, j[name].tolist())) for key, name in
                                  (("normalized_mi", "normalized"), ("accuracy", "accuracy"),
-                                  ("majority", "majority"), ("chance", "chance"))}}
+                                  ("majority", "majority"), ("chance", "chance"),
+                                  ("chance_band", "chance_band"))}}
     return {
         "run": str(run.out), "step": int(run.state.step), "dataset": run.config.dataset,
         "n_latent": int(run.model.n_latent), "sample": sample, "sample_size": int(held.size),
         "pool_size": int(_pool(run, sample).size),
         "bins": bins, "factors": kept, "constant_factors": [n for f, n in enumerate(names) if f not in varying],
         "factor_entropy": s["entropy"].tolist(), "bound": s["bound"].tolist(), "chance": s["chance"].tolist(),
+        "chance_band": s["chance_band"].tolist(),
         "gates": gates.astype(int).tolist(), "open_dims": numpy.nonzero(gates)[0].tolist(),
         "mutual_information": s["mutual_information"].tolist(), "normalized_mi": norm.tolist(),
         "mig_gap": dict(zip(kept, s["gaps"].tolist())),
@@ -374,33 +398,85 @@ def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch
 
 
 def format_table(result: dict) -> str:
-    """The printed report: a row per latent dimension (index, gate, normalised MI per factor, best factor), MIG."""
-    names, norm = result["factors"], result["normalized_mi"]
+    """The printed report: how to read it; a row per open latent dimension, then the closed ones
+    (index, gate, normalised MI per factor, ``~`` where within chance, best factor); bound, chance;
+    MIG; the open dimensions together; and which scores cannot be told from chance."""
+    names, norm, band = result["factors"], numpy.asarray(result["normalized_mi"]), result["chance_band"]
     width = max(6, *(len(n) for n in names))
+    joint, n_open = result["joint"], len(result["open_dims"])
+    dims = f"{n_open} open dimension{'s' if n_open != 1 else ''}"
+
+    def cells(values, bands=None):
+        return " ".join(f"{v:>{width}.3f}" + ("~" if bands is not None and v <= b else " ")
+                        for v, b in zip(values, bands if bands is not None else values))
+
+    def row(best):
+        gate = "open" if best["open"] else "closed"
+        return (f"{best['dim']:>4}  {gate:<6} " + cells(norm[best["dim"]], band)
+                + f" {best['factor']} ({best['normalized_mi']:.2f})")
+
     dropped = f" (constant, left out: {', '.join(result['constant_factors'])})" if result["constant_factors"] else ""
+    how = ("How to read: the decoder gets only the open dimensions"
+           + ("; 'together' and 'reading' at the end say what they hold between them. " if joint is not None
+              else ". ")
+           + "The table scores one dimension at a time (1: it alone determines the factor); closed dimensions "
+             "come last. A score marked ~ cannot be told from chance (what a code unrelated to the factor scores "
+             "with this many images).")
     lines = [f"{result['run']} ({result['dataset']}, step {result['step']}): {result['sample_size']} of "
              f"{result['pool_size']} {SAMPLE_WORDS[result['sample']]} images, z = mu, {result['bins']} equal-width bins",
-             "normalised mutual information I(z_j; v_k) / H(v_k)" + dropped,
-             f"{'dim':>4}  {'gate':<6} " + " ".join(f"{n:>{width}}" for n in names) + "  best"]
-    for row, best in zip(norm, result["best_factor"]):
-        gate = "open" if best["open"] else "closed"
-        lines.append(f"{best['dim']:>4}  {gate:<6} " + " ".join(f"{v:>{width}.3f}" for v in row)
-                     + f"  {best['factor']} ({best['normalized_mi']:.2f})")
-    lines.append(f"{'':>4}  {'bound':<6} " + " ".join(f"{v:>{width}.3f}" for v in result["bound"])
-                 + f"  (log {result['bins']} / H(v_k): the most {result['bins']} bins can show)")
-    lines.append(f"{'':>4}  {'chance':<6} " + " ".join(f"{v:>{width}.3f}" for v in result["chance"])
-                 + "  (plug-in bias: about what a code independent of the factor scores)")
-    n_open = len(result["open_dims"])
+             *textwrap.wrap(how, 100), "",
+             "normalised mutual information I(z_j; v_k) / H(v_k), one dimension at a time" + dropped,
+             f"{'dim':>4}  {'gate':<6} " + " ".join(f"{n:>{width}} " for n in names) + " best"]
+    lines += [row(b) for b in result["best_factor"] if b["open"]]
+    closed = [b for b in result["best_factor"] if not b["open"]]
+    if closed:
+        lines.append("      closed: the encoder's mu_j, which the decoder never gets (it gets 0); not in MIG")
+        lines += [row(b) for b in closed]
+    lines.append(f"{'':>4}  {'bound':<6} " + cells(result["bound"])
+                 + f" (log {result['bins']} / H(v_k): the most {result['bins']} bins can show)")
+    lines.append(f"{'':>4}  {'chance':<6} " + cells(result["chance"])
+                 + " (plug-in bias: what a code unrelated to the factor scores on average)")
+    lines.append(f"{'':>4}  {'~ to':<6} " + cells(band)
+                 + f" (chance + {CHANCE_Z:g} standard deviations: scores up to here are marked ~)")
     gaps = ", ".join(f"{k} {g:.3f}" for k, g in result["mig_gap"].items())
-    lines.append(f"MIG over the {n_open} open dimension{'s' if n_open != 1 else ''}: {result['mig']:.4f} ({gaps})")
-    joint = result["joint"]
+    lines.append(f"MIG over the {dims}: {result['mig']:.4f} ({gaps})")
     if joint is not None:
-        lines.append(f"the {n_open} open dimension{'s' if n_open != 1 else ''} together "
-                     f"({joint['k']}-NN classifier, two-fold; a lower bound on I(open z; v_k) / H(v_k)):")
-        for key, label in (("normalized_mi", "I(v;pred)/H"), ("chance", "chance"),
-                           ("accuracy", "accuracy"), ("majority", "majority")):
-            lines.append(f"{label:>12} " + " ".join(f"{joint[key][n]:>{width}.3f}" for n in names))
-    return "\n".join(lines)
+        jband = [joint["chance_band"][n] for n in names]
+        lines += ["", f"the {dims} together ({joint['k']}-NN classifier, two-fold; "
+                      "a lower bound on I(open z; v_k) / H(v_k)):"]
+        for key, label, bands in (("normalized_mi", "I(v;pred)/H", jband), ("chance", "chance", None),
+                                  ("accuracy", "accuracy", None), ("majority", "majority", None)):
+            lines.append(f"{label:>12} " + cells([joint[key][n] for n in names], bands))
+    return "\n".join(lines + [""] + _verdict(result))
+
+
+def _verdict(result: dict) -> list[str]:
+    """format_table's end: per factor, the open dimensions together against the best one alone, and
+    what that means (within chance; spread over several dimensions, which MIG does not show)."""
+    names, norm, band = result["factors"], numpy.asarray(result["normalized_mi"]), result["chance_band"]
+    open_dims, joint = result["open_dims"], result["joint"]
+    if joint is None:
+        return ["no dimension is open: the decoder gets nothing from the code"]
+    width = max(6, *(len(n) for n in names))
+    lines = [f"reading (the {len(open_dims)} open dimensions; ~: within chance)",
+             f"{'factor':>{width}}  together  best one alone"]
+    spread = []
+    for f, name in enumerate(names):
+        best = open_dims[int(norm[open_dims, f].argmax())]
+        alone, together = norm[best, f], joint["normalized_mi"][name]
+        lines.append(f"{name:>{width}}  {together:>8.3f}{'~' if together <= joint['chance_band'][name] else ' '} "
+                     f"{alone:.3f}{'~' if alone <= band[f] else ''} (z{best})")
+        if together > joint["chance_band"][name] and together >= SPREAD * alone:
+            spread.append(name)
+    if all(norm[open_dims, f].max() <= band[f] for f in range(len(names))):
+        lines += textwrap.wrap("every open dimension alone scores within chance on every factor: the table and MIG "
+                               "say nothing here; read 'together' (or encode more images: --sample training "
+                               "--count 20000)", 100)
+    if spread:
+        lines += textwrap.wrap(f"{', '.join(spread)}: held by the open dimensions together at least {SPREAD:g} times "
+                               "better than by any one of them, so spread over several dimensions; the "
+                               "one-dimension scores and MIG understate what the code holds", 100)
+    return lines
 
 
 def draw_heatmap(result: dict, path) -> Path | None:
@@ -473,9 +549,9 @@ def run(args) -> int:
     """``refimpl factors RUN``: print the table and MIG, write the JSON and the heatmap."""
     from .training import Run
 
-    folder = Path(args.run)
+    folder = existing_run_path(args.run)
     if not folder.is_dir():
-        raise OptionError(f"run={str(folder)!r}: no such run folder")
+        raise NoRun(f"{folder}: not a run folder (refimpl factors writes its files beside the run's)")
     _check_int("count", args.count, 1)
     _check_int("bins", args.bins, 2)
     _check_int("batch_size", args.batch_size, 1)

@@ -63,6 +63,17 @@ def integer(minimum: int):
     return parse
 
 
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (a tolerance)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def float_pair(text: str) -> tuple:
     """An argparse type: two comma-separated numbers (Adam's betas)."""
     try:

@@ -47,6 +47,10 @@ class NotARunFolder(FileExistsError):
     """``out`` exists but is neither empty nor a run folder (a file problem: exit status 1)."""
 
 
+class NoRun(FileNotFoundError):
+    """A command needs a run (to resume or read) where there is none (a run-folder problem: exit status 1)."""
+
+
 class RunLocked(OSError):
     """Another process trains this run (exit status 1); the message names the folder and its PID."""
 
@@ -68,6 +72,14 @@ def holds_run(folder) -> bool:
     """``folder`` holds a refimpl run: its config.json and a checkpoint.npz."""
     folder = Path(folder)
     return (folder / CHECKPOINT_FILE).is_file() and is_refimpl_config(folder / CONFIG_FILE)
+
+
+def existing_run_path(path) -> Path:
+    """``path`` (a run folder or its checkpoint) as a Path, or :class:`NoRun` when there is nothing there."""
+    path = Path(path)
+    if not path.exists():
+        raise NoRun(f"{path}: no such run folder or checkpoint")
+    return path
 
 
 def _own_temporary(name: str, targets=RUN_FILES) -> bool:

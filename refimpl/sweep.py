@@ -26,7 +26,6 @@ import contextlib
 import itertools
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,10 +33,13 @@ from pathlib import Path
 from .atomic import write_json
 from .config import Schedule
 from .optionspec import OptionError
+from .runfolder import LOG_FILE
+from .sweepwatch import LogRows, StatusBoard, SweepWatch
 from .training import TrainingInterrupted, open_run
 
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 STOP_FILE = ".stop"
+POLL_S = 0.5  # how often the client looks at its runs (their futures; their logs at the status board's pace)
 MARKER_FILE = "runs/.sweep.json"  # written by the client: a worker that cannot see it cannot see the runs
 
 
@@ -158,7 +160,10 @@ class Sweep:
     """A set of runs under ``out/runs/``, trained where ``cluster`` says; use as a context manager.
 
     :meth:`submit` a run (optionally after a future whose result is its tau), then
-    :meth:`gather` the summaries; each finished run prints one progress line.
+    :meth:`gather` the summaries. While they train on Dask, a status board shows the runs
+    done, running and waiting, each running run's batches and ETA (:mod:`refimpl.sweepwatch`);
+    each finished run prints one line and gets its ``plot.png`` (as ``refimpl train`` draws
+    it, when matplotlib is installed).
     """
 
     def __init__(self, out, cluster: Cluster, backend: str | None = None):
@@ -168,10 +173,14 @@ class Sweep:
         self._futures = []
         self._signum = None
         self._old_handlers = {}
+        self.watch = SweepWatch()
+        self.board = StatusBoard(self.watch, enabled=not cluster.quiet)
 
     # -- lifetime
 
     def __enter__(self) -> "Sweep":
+        if self.out.exists() and not self.out.is_dir():
+            raise SweepSetupError(f"{self.out} is a file, not a folder: choose another --out")
         (self.out / "runs").mkdir(parents=True, exist_ok=True)
         (self.out / STOP_FILE).unlink(missing_ok=True)
         write_json(self.out / MARKER_FILE, {"client_pid": os.getpid()})
@@ -182,6 +191,7 @@ class Sweep:
         return self
 
     def __exit__(self, *exc) -> bool:
+        self.board.close()
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         if self.client is not None:
@@ -229,9 +239,10 @@ class Sweep:
             self._say(f"run {spec['out']}: {spec['batches']} batches")
             return _Done(self._finished(train_one(spec, progress=not self.cluster.quiet)))
         resources = {"GPU": 1} if spec["backend"] == "cupy" else None
-        future = self.client.submit(worker_task, spec, str(self.out), tau, key=f"train-{spec['out']}",
-                                    resources=resources, pure=False)
+        key = f"train-{spec['out']}"
+        future = self.client.submit(worker_task, spec, str(self.out), tau, key=key, resources=resources, pure=False)
         self._futures.append(future)
+        self.watch.add(key, Path(spec["out"]).name, spec["batches"], LogRows(Path(spec["out"]) / LOG_FILE))
         return future
 
     def submit_function(self, function, *args):
@@ -244,14 +255,20 @@ class Sweep:
         """The results of ``futures`` in their order; a progress line per finished run as it finishes."""
         if self.cluster.local:
             return [f.result() for f in futures]
-        from distributed import as_completed
-
-        results = {}
+        results, pending = {}, list(futures)
+        self.board.update(force=True)
         try:
-            for future in as_completed(futures):
-                results[future.key] = future.result()
-                if isinstance(results[future.key], dict) and "open_gates" in results[future.key]:
-                    self._finished(results[future.key])
+            while pending:
+                for future in [f for f in pending if f.done()]:
+                    pending.remove(future)
+                    results[future.key] = future.result()
+                    if future.key in self.watch.runs:
+                        self.watch.finished(future.key)
+                    if isinstance(results[future.key], dict) and "open_gates" in results[future.key]:
+                        self._finished(results[future.key])
+                self.board.update()
+                if pending:
+                    time.sleep(POLL_S)
         except Exception as exc:  # a run failed, or a signal stopped the runs: the others save and stop
             stopped = self._stop_all()
             if self._signum is not None:
@@ -274,12 +291,22 @@ class Sweep:
         e2 = summary.get("E2_ma95")
         self._say(f"done {summary['out']}: {summary['step']} batches, {summary['open_gates']}/{summary['n_latent']} "
                   f"gates open" + (f", E2 moving average {e2:.4g} (tau {summary['tau']:g})" if e2 is not None else "")
-                  + f", {summary['elapsed_s']:.0f} s")
+                  + f", {summary['elapsed_s']:.0f} s" + self._plot(summary["out"]))
         return summary
 
+    def _plot(self, out) -> str:
+        """Draw the finished run's plot.png as ``refimpl train`` does (when matplotlib is installed); a note."""
+        from . import figures, plot
+
+        if figures.pyplot() is None:
+            return ""
+        try:
+            return f"; plot {plot.plot_run(out, backend=self.backend, notes=[])}"
+        except OSError as exc:  # a log without rows (a run reused at step 0): the summary line says enough
+            return f"; no plot ({' '.join(str(exc).split())})"
+
     def _say(self, text: str) -> None:
-        if not self.cluster.quiet:
-            print(text, file=sys.stderr, flush=True)
+        self.board.say(text)
 
 
 class _Done:

@@ -49,7 +49,7 @@ from .device_step import DeviceStep, applies
 from .model import Architecture, GatedVAE, build_architecture, default_fused
 from .optionspec import OptionError
 from .rng import generator, get_state, set_state
-from .runfolder import (CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, RUN_FILES, SUMMARY_FILE, RunLock,
+from .runfolder import (CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, RUN_FILES, SUMMARY_FILE, NoRun, RunLock,
                         check_new_run_folder, remove_run_files)
 from .runlog import CsvLog, moving_average, read_log, verify_log
 
@@ -63,7 +63,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class RunExistsError(FileExistsError):
-    """A new run was asked for in a folder that holds one (a usage error: exit status 2)."""
+    """A new run was asked for in a folder that holds one (a run-folder problem: exit status 1)."""
 
 
 class RunConflictError(FileExistsError):
@@ -451,7 +451,7 @@ def open_run(out, given: dict, *, backend: str | None = None, resume: bool | Non
     if not resume:
         return Run.create(new_config(given), out, backend=backend, overwrite=overwrite, schedule=schedule)
     if not exists:
-        raise OptionError(f"nothing to resume: {out} holds no {CHECKPOINT_FILE}")
+        raise NoRun(f"nothing to resume: {out} holds no {CHECKPOINT_FILE}")
     given = dict(given)
     if given.get("data") is not None:
         given["data"] = str(Path(given["data"]).resolve())

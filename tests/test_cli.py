@@ -150,19 +150,42 @@ def test_export_loads_into_the_torch_transcription(trained, tmp_path):
     numpy.testing.assert_allclose(recon, to_host(model.reconstruct(x)), rtol=1e-4, atol=1e-5)
 
 
-def test_reconstruct_writes_a_grid(trained, tmp_path, capsys):
+def grid_size(image):
+    """(width, height) of the image grid in the bottom-right corner of a titled, labelled PNG: its
+    gray padding (128) runs along the bottom row and the right column, the margins are white."""
+    a = numpy.asarray(image)
+
+    def trailing_gray(line):
+        return len(line) - max((i + 1 for i, v in enumerate(line) if v != 128), default=0)
+
+    return trailing_gray(a[-1]), trailing_gray(a[:, -1])
+
+
+def ink(block) -> bool:
+    return bool((numpy.asarray(block) < 100).any())
+
+
+def test_reconstruct_writes_a_titled_labelled_grid(trained, tmp_path, capsys):
     from PIL import Image
 
     out = tmp_path / "grid.png"
     assert main(["reconstruct", str(trained), "--count", "5", "--scale", "3", "--out", str(out)]) == 0
     image = Image.open(out)
-    assert image.size == (3 * (5 * (8 + 2) + 2), 3 * (2 * (8 + 2) + 2)) and image.mode == "L"
+    w, h = grid_size(image)
+    assert (w, h) == (3 * (5 * (8 + 2) + 2), 3 * (2 * (8 + 2) + 2)) and image.mode == "L"
+    assert image.width > w and image.height > h  # a column of row labels, a title
+    pixels = numpy.asarray(image)
+    left, top = image.width - w, image.height - h
+    assert ink(pixels[:top])  # the title
+    for row in range(2):  # "original" beside the first row, "reconstruction" beside the second
+        assert ink(pixels[top + 3 * (2 + row * 10):top + 3 * (10 + row * 10), :left])
+    assert capsys.readouterr().out.startswith(f"5 originals over their reconstructions with 4/4 gates open, step 20: ")
     run = Run.load(trained, for_training=False)
     held, trained_on = [int(i) for i in run.split[1][:2]], [int(i) for i in run.split[0][:3]]
     capsys.readouterr()
     assert main(["reconstruct", str(trained), "--indices", ",".join(map(str, trained_on + held)),
                  "--out", str(out)]) == 0
-    assert Image.open(out).size == (16 * (5 * 10 + 2), 16 * 22)  # default scale 128 // 8
+    assert grid_size(Image.open(out)) == (16 * (5 * 10 + 2), 16 * 22)  # default scale 128 // 8
     printed = capsys.readouterr().out
     assert f"held out (never trained on): {', '.join(map(str, held))}" in printed
     assert f"trained on: {', '.join(map(str, trained_on))}" in printed
@@ -174,11 +197,11 @@ def test_reconstruct_wraps_rows_and_caps_the_count(trained, tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert main(["reconstruct", str(trained), "--count", "40", "--scale", "1", "--out", str(out)]) == 0
     # 16 held-out images (the run's --holdout): one row pair of 16
-    assert Image.open(out).size == (16 * 10 + 2, 2 * 10 + 2)
+    assert grid_size(Image.open(out)) == (16 * 10 + 2, 2 * 10 + 2)
     assert main(["reconstruct", str(trained), "--indices", ",".join(map(str, range(40))), "--scale", "1",
                  "--out", str(out)]) == 0
-    assert Image.open(out).size == (16 * 10 + 2, 6 * 10 + 2)  # 16 + 16 + 8: three row pairs
-    capsys.readouterr()
+    assert grid_size(Image.open(out)) == (16 * 10 + 2, 6 * 10 + 2)  # 16 + 16 + 8: three row pairs
+    assert "40 originals over their reconstructions (rows of 16) with" in capsys.readouterr().out
     assert main(["reconstruct", str(trained), "--count", "5000", "--out", str(tmp_path / "big.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "refimpl reconstruct: error: --count: 5000 images; at most 256 fit one PNG (16 to a row): ask for fewer"
@@ -195,8 +218,10 @@ def test_reconstruct_several_runs_is_figure3s_grid(trained, tmp_path, capsys):
     out = tmp_path / "fig3.png"
     capsys.readouterr()
     assert main(["reconstruct", str(trained), str(second), "--count", "6", "--scale", "1", "--out", str(out)]) == 0
-    image = numpy.asarray(Image.open(out), dtype=float) / 255
-    assert image.shape == (3 * 10 + 2, 6 * 10 + 2)  # three rows of 6
+    png = Image.open(out)
+    assert grid_size(png) == (6 * 10 + 2, 3 * 10 + 2)  # three rows of 6
+    image = numpy.asarray(png, dtype=float)[-(3 * 10 + 2):, -(6 * 10 + 2):] / 255
+    assert ink(numpy.asarray(png)[:, :png.width - image.shape[1]])  # the rows' labels
     indices = spread_indices(one.split[1], 6)
     cells = [image[2 + 10 * r: 10 + 10 * r, 2:10] for r in range(3)]  # the first image of each row
     expected = [to_host(one.images(indices[:1]))[0, 0], to_host(one.model.reconstruct(one.images(indices[:1])))[0, 0],
@@ -272,57 +297,17 @@ def test_floats_beyond_the_dtype_are_refused_without_warnings(option, fragment, 
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("argv,code,fragment", [
-    (["train", "--tau", "-1"], 2, "tau=-1.0"),
-    (["train", "--alpha", "1.5"], 2, "alpha=1.5"),
-    (["train", "--error", "mse"], 2, "invalid choice: 'mse'"),
-    (["train", "--latent", "0"], 2, "positive integer"),
-    (["train", "--channels", "4,x"], 2, "comma-separated integers"),
-    (["train", "--image-size", "24"], 2, "image_size=24"),
-    (["train", "--channels", "4,4"], 2, "expected 4 positive widths"),
-    (["train", "--data", "somewhere"], 2, "takes no path"),
-    (["train", "mnist", "--data", "/nonexistent/mnist"], 1, "MNIST file not found"),
-    (["train", "--backend", "cupy"], 1, "cupy"),
-    (["train", "--baseline", "--tau", "3"], 2, "--baseline trains with tau=0"),
-    (["train", "--resume", "--overwrite"], 2, "exclude each other"),
-    (["train", "--repair-log"], 2, "--repair-log repairs the log of a run being resumed: add --resume"),
-    (["train", "--resume"], 2, "nothing to resume"),
-    (["evaluate", "/nonexistent/run"], 2, "no such run folder"),
-    (["export"], 2, "required: RUN"),
-    (["frobnicate"], 2, "invalid choice"),
-])
-def test_bad_arguments_give_one_line_errors(argv, code, fragment, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    if "cupy" in argv:
-        from refimpl.backend import cuda_available
-
-        if cuda_available():
-            pytest.skip("CuPy works here")
-    try:
-        result = main(argv + ["--batches", "1"] if argv[0] == "train" else argv)
-    except SystemExit as exc:  # argparse
-        result = exc.code
-    err = capsys.readouterr().err
-    assert result == code
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("refimpl") and "error: " in lines[0], err
-    assert fragment in lines[0]
-    assert not list(tmp_path.iterdir())  # nothing was created
-
-
 def test_errors_from_the_environment_and_files(tmp_path):
     code, _, err = refimpl("train", "--out", tmp_path / "r", env={"REFIMPL_BACKEND": "tpu"})
     assert code == 1 and err.strip() == "refimpl train: error: $REFIMPL_BACKEND='tpu': expected one of numpy, cupy"
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "checkpoint.npz").write_bytes(b"garbage")
     code, _, err = refimpl("evaluate", tmp_path / "bad")
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "not a readable .npz" in err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "not a .npz file (a zip archive of arrays): it holds text" in err
     assert "Traceback" not in err
 
 
 def test_existing_run_and_resume_checks(trained, capsys):
-    assert main(["train", *TINY, "--tau", "40", "--out", str(trained), "--batches", "1"]) == 2
-    assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--out", str(trained), "--resume", "--tau", "30", "--latent", "4"]) == 2
     err = capsys.readouterr().err
     assert "tau=30.0 (the run has 40.0)" in err and "latent" not in err  # an unchanged option is fine
@@ -441,3 +426,15 @@ def test_readme_option_table_is_generated_from_the_fields():
     for row in block.splitlines()[3:]:  # every option of the table exists in refimpl train
         flag = row.split("`")[1].split()[0]
         assert flag in flags, flag
+
+
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run's first step is the README's second command, character for character."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    block = (root / "README.md").read_text().split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert ci[ci.index("# README test command (keep identical to the README's second command):") + 1] == commands[1]

@@ -118,6 +118,56 @@ def test_a_code_copying_one_factor_scores_near_one_for_it_and_near_zero_for_the_
     assert s["top"][1, 0] == 2
 
 
+def test_independent_codes_score_inside_the_chance_band():
+    """For a code independent of the factor, the plug-in MI averages plugin_bias and stays under chance_band
+    (chance + 3 standard deviations) on all but rare draws; a code that holds a little of it gets above."""
+    rng = np.random.default_rng(7)
+    n, bins, values = 4000, 10, 6
+    scores = np.array([mutual_information(discretize(rng.standard_normal((n, 1)), bins)[:, 0],
+                                          rng.integers(0, values, n)) for _ in range(300)])
+    assert scores.mean() == pytest.approx(factors.plugin_bias(bins, values, n), rel=0.15)
+    assert (scores > factors.chance_band(bins, values, n)).mean() < 0.03
+    v = rng.integers(0, values, n)
+    weak = discretize((v + 8.0 * rng.standard_normal(n))[:, None], bins)[:, 0]  # a faint trace of the factor
+    assert mutual_information(weak, v) > factors.chance_band(bins, values, n)
+
+
+def scored(norm, open_dims, joint, band=0.1, factor_names=("posX", "posY")):
+    """A run_factors-shaped result for format_table, from a normalised MI table and joint scores."""
+    norm = np.asarray(norm, dtype=float)
+    k = len(factor_names)
+    return {"run": "runs/r", "dataset": "synthetic-dsprites", "step": 100, "sample_size": 1000, "pool_size": 1000,
+            "sample": "heldout", "bins": 20, "factors": list(factor_names), "constant_factors": [],
+            "bound": [1.0] * k, "chance": [band / 2] * k, "chance_band": [band] * k, "open_dims": open_dims,
+            "normalized_mi": norm.tolist(), "mig_gap": dict.fromkeys(factor_names, 0.0), "mig": 0.0,
+            "best_factor": [{"dim": j, "open": j in open_dims, "factor": factor_names[int(row.argmax())],
+                             "normalized_mi": float(row.max())} for j, row in enumerate(norm)],
+            "joint": None if joint is None else {
+                "k": 10, "normalized_mi": dict(zip(factor_names, joint)), "chance": dict.fromkeys(factor_names, 0.05),
+                "chance_band": dict.fromkeys(factor_names, 0.1), "accuracy": dict.fromkeys(factor_names, 0.5),
+                "majority": dict.fromkeys(factor_names, 0.03)}}
+
+
+def test_the_printout_says_what_to_read_marks_chance_and_closed_dimensions():
+    # dims 0 and 2 open, 1 closed; alone, every open score is within chance; together they hold both factors
+    table = factors.format_table(scored([[0.08, 0.09], [0.15, 0.12], [0.07, 0.10]], [0, 2], [0.45, 0.40]))
+    lines = table.splitlines()
+    assert lines[1].startswith("How to read: the decoder gets only the open dimensions")
+    rows = [line.split()[:2] for line in lines if line[:4].strip().isdigit()]
+    assert rows == [["0", "open"], ["2", "open"], ["1", "closed"]]  # the open ones first
+    assert "closed: the encoder's mu_j, which the decoder never gets" in table
+    assert "0.080~" in table and "0.150 " in table  # within chance marked, above not
+    assert "every open dimension alone scores within chance on every factor" in table
+    assert "posX, posY: held by the open dimensions together at least 1.5 times better" in table
+    reading = lines[lines.index("reading (the 2 open dimensions; ~: within chance)") + 2]
+    assert reading.split() == ["posX", "0.450", "0.080~", "(z0)"]
+    # one dimension per factor, well above chance: no warning, nothing spread
+    table = factors.format_table(scored([[0.9, 0.05], [0.05, 0.05], [0.05, 0.8]], [0, 2], [0.95, 0.9]))
+    assert "within chance on every factor" not in table and "spread" not in table
+    assert factors.format_table(scored([[0.2, 0.2]], [], None)).endswith(
+        "no dimension is open: the decoder gets nothing from the code")
+
+
 def test_a_code_holding_every_factor_has_mig_near_one_given_enough_bins():
     rng = np.random.default_rng(4)
     f = dsprites_factors()
@@ -277,9 +327,11 @@ def test_run_factors_on_a_tiny_run(tiny_run):
     np.testing.assert_allclose(r["factor_entropy"], [entropy(c) for c in
                                run.dataset.latents_classes(run.split[1]).T[1:]], rtol=1e-12)
     joint = r["joint"]  # the open dims 0 and 2 together
-    assert joint["k"] == factors.JOINT_K and set(joint) == {"k", "normalized_mi", "accuracy", "majority", "chance"}
+    assert joint["k"] == factors.JOINT_K and set(joint) == {"k", "normalized_mi", "accuracy", "majority", "chance",
+                                                            "chance_band"}
     assert all(list(joint[key]) == r["factors"] and all(0.0 <= v <= 1.0 for v in joint[key].values())
-               for key in ("normalized_mi", "accuracy", "majority", "chance"))
+               for key in ("normalized_mi", "accuracy", "majority", "chance", "chance_band"))
+    assert all(c < b for c, b in zip(r["chance"], r["chance_band"]))
     codes = factors.encode(run, run.split[1])
     expected = joint_scores(codes[:, [0, 2]], run.dataset.latents_classes(run.split[1])[:, 1:])
     assert list(joint["normalized_mi"].values()) == pytest.approx(expected["normalized"].tolist(), abs=1e-12)
@@ -295,6 +347,7 @@ def test_with_every_gate_closed_there_is_no_joint_score(tiny_run):
     assert r["open_dims"] == [] and r["joint"] is None and r["mig"] == 0.0
     table = factors.format_table(r)
     assert "MIG over the 0 open dimensions" in table and "together" not in table
+    assert table.endswith("no dimension is open: the decoder gets nothing from the code")
 
 
 def test_a_smaller_count_is_a_seeded_random_subset_of_the_split(tiny_run):
@@ -346,7 +399,7 @@ def test_cli_rejects_bad_values(tiny_run, argv, match):
 
 
 def test_cli_rejects_a_missing_run_folder(tmp_path):
-    with pytest.raises(ValueError, match="no such run folder"):
+    with pytest.raises(FileNotFoundError, match="no such run folder"):  # a run-folder problem: exit status 1
         factors.run(parse(tmp_path / "nope"))
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from refimpl.cli import main as cli_main
 from refimpl.config import RunConfig, Schedule
+from refimpl.figures import pyplot
 from refimpl.experiments import figure2, table1
 from refimpl.sweep import Cluster, Sweep, grid_runs, parse_grid, run_name, run_spec
 from refimpl.training import Run
@@ -72,6 +73,7 @@ def test_refimpl_sweep_grid_csv(tmp_path, capsys):
         run = Run.load(r["run"], for_training=False)
         assert run.config.seed == int(r["seed"]) and run.hyper.tau == float(r["tau"]) and run.state.step == 6
         assert int(r["open_gates"]) == run.model.open_gates() and float(r["heldout_sse"]) > 0
+        assert (Path(r["run"]) / "plot.png").is_file() == (pyplot() is not None)  # as refimpl train draws it
     assert "4 runs" in capsys.readouterr().out
     # again: every run is reused, nothing retrained
     before = {r["run"]: (Path(r["run"]) / "log.csv").read_text() for r in rows}
@@ -79,6 +81,18 @@ def test_refimpl_sweep_grid_csv(tmp_path, capsys):
                      "--checkpoint-every", "3", "--eval-images", "8", "--blas-threads", "0", "--quiet",
                      "--out", str(out)]) == 0
     assert {r: (Path(r) / "log.csv").read_text() for r in before} == before
+
+
+def test_a_dask_sweep_shows_its_runs_from_the_start(tmp_path, capsys):
+    """Not --quiet: the status board's first line before any run ends, then a line per finished run."""
+    out = tmp_path / "shown"
+    assert cli_main(["sweep", "--grid", "tau=5,40", *TINY, "--latent", "3", "--batches", "4", "--eval-images", "0",
+                     "--out", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()  # not a terminal: summary lines, no escape codes
+    assert err[0] == "sweep: 0/2 runs done, 0 running, 2 waiting; 0/8 batches; ETA ?"
+    assert sorted(line.split(":")[0] for line in err if line.startswith("done ")) == [
+        f"done {out / 'runs' / name}" for name in ("tau40", "tau5")]
+    assert not any("\x1b" in line for line in err)
 
 
 def test_table1_gated_runs_start_after_their_baselines(tmp_path):

@@ -143,9 +143,15 @@ def test_checkpoint_load_rejects_non_checkpoints(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="not found"):
         ckpt.load(tmp_path / "none.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ckpt.CheckpointError, match="not a readable"):
+    with pytest.raises(ckpt.CheckpointError, match=r"junk.npz: not a .npz file \(a zip archive of arrays\): it holds text"):
         ckpt.load(tmp_path / "junk.npz")
     numpy.savez(tmp_path / "plain.npz", a=numpy.zeros(2))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "plain.npz").read_bytes()[:60])
+    with pytest.raises(ckpt.CheckpointError, match="cut.npz: not a .npz file .*: a zip archive cut short or damaged"):
+        ckpt.load(tmp_path / "cut.npz")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="it is empty"):
+        ckpt.load(tmp_path / "empty.npz")
     with pytest.raises(ckpt.CheckpointError, match="no 'meta'"):
         ckpt.load(tmp_path / "plain.npz")
 
