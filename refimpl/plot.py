@@ -227,7 +227,10 @@ def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list 
     ax = fig.add_subplot(grid[0, 0])
     line(ax, log["E2"], lw=0.5, color="C0", alpha=0.3, label="E2 per batch")
     line(ax, smooth(log["E2"]), lw=1.2, color="C0", label=f"moving average ({SMOOTHING})")
-    ax.axhline(tau, color="red", lw=1.2, label=f"tau = {tau:g}")
+    if "tau" in log and numpy.ptp(log["tau"]) > 0:  # a branch that changed tau: the tau of each batch
+        line(ax, log["tau"], color="red", lw=1.2, label=f"tau (now {tau:g})")
+    else:
+        ax.axhline(tau, color="red", lw=1.2, label=f"tau = {tau:g}")
     log_scale_if_wide(ax, log["E2"])
     ax.set_title("reconstruction error E2 (SSE per image)")
     ax.legend(loc="upper right", fontsize=8)
@@ -297,10 +300,10 @@ def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list 
                          f"{run.model.open_gates()}/{n} gates open (bottom), checkpoint at batch {run.state.step}")
 
     gates = f"{final_open}/{n} gates open" if final_open is not None else f"n = {n}"
-    origin = "".join(f"; from {name} at {s:,}" for s, name in branches[-1:])
-    changed = ", ".join(f"{k}={v}" for k, v in (run.parent or {}).get("changed", {}).items())
+    changed = ", ".join(f"{k}={v}" for k, v in (run.parent or {}).get("changed", {}).items()) or "no option changed"
+    origin = "".join(f"\nbranch of {name} at batch {s:,} ({changed}; dotted line)" for s, name in branches[-1:])
     fig.suptitle(f"{folder.name}: {run.config.dataset} {shape}, n = {n}, tau = {tau:g}, "
-                 f"{int(step[-1])} batches, {gates}{origin}" + (f" ({changed})" if changed else ""))
+                 f"{int(step[-1])} batches, {gates}{origin}")
     return save_figure(fig, out)
 
 

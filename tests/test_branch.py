@@ -229,12 +229,13 @@ def test_history_errors(parent, tmp_path):
 
 def test_milestones_and_plot_of_a_branch(parent, tmp_path, capsys):
     out = tmp_path / "b"
-    assert main(["train", "--from", str(parent), "--at", "20", "--out", str(out), "--quiet", "--hit", "per_step"]) == 0
+    assert main(["train", "--from", str(parent), "--at", "20", "--out", str(out), "--quiet", "--hit", "per_step",
+                 "--tau", "30"]) == 0
     assert main(["milestones", str(out), "--json", "--tail", "5"]) == 0
     m = json.loads((out / "milestones.md").read_text())
     history = plot.load_history(out)
-    assert m["batches"] == 30 and m["lambda_first"] == history["lambda_eff"][0] == read_log(parent / "log.csv")[
-        "lambda_eff"][0]
+    assert m["batches"] == 30 and m["tau"] == 30
+    assert m["lambda_first"] == history["lambda_eff"][0] == read_log(parent / "log.csv")["lambda_eff"][0]
     assert m["tail"]["E2_mean"] == pytest.approx(numpy.mean(read_log(out / "log.csv")["E2"][-5:]))
     pytest.importorskip("matplotlib")
     assert main(["plot", str(out), "--count", "0"]) == 0 and (out / "plot.png").stat().st_size > 0
