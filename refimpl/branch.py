@@ -39,6 +39,7 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .algorithm1 import Hyper
 from .config import RunConfig, Schedule, changed_fields, saved_schedule
+from .model import Architecture
 from .optionspec import OptionError, nonnegative_int
 from .runfolder import CHECKPOINT_FILE, CONFIG_FILE, KEPT_DIR, LOG_FILE, PARENT_KEY, holds_run, kept_checkpoints
 from .runlog import LogError, gz_path, read_log
@@ -50,7 +51,7 @@ MAX_DEPTH = 100  # parents followed at most (a loop of folders is refused before
 @dataclasses.dataclass
 class Source:
     """The checkpoint a branch starts from: run folder ``folder``, checkpoint file ``path`` at ``step``,
-    its ``arrays`` and ``meta`` (:func:`refimpl.checkpoint.load`), the run's config and schedule."""
+    its ``arrays`` and ``meta`` (:func:`refimpl.checkpoint.load`), the run's config, architecture and schedule."""
 
     folder: Path
     path: Path
@@ -58,6 +59,7 @@ class Source:
     arrays: dict
     meta: dict
     config: RunConfig
+    arch: Architecture
     schedule: Schedule
 
 
@@ -90,9 +92,10 @@ def open_source(parent, at: int | None = None) -> Source:
     ckpt.check_contents(path, arrays, meta, {}, ("step", "config", "architecture"))
     try:
         config = RunConfig.from_dict(meta["config"])
-    except (ValueError, TypeError) as exc:
+        arch = Architecture.from_dict(meta["architecture"])
+    except (ValueError, TypeError, KeyError) as exc:
         raise ckpt.CheckpointError(f"checkpoint {path}: its configuration does not load ({exc})") from None
-    return Source(folder, path, int(meta["step"]), arrays, meta, config, saved_schedule(meta))
+    return Source(folder, path, int(meta["step"]), arrays, meta, config, arch, saved_schedule(meta))
 
 
 def branch_config(source: Source, given: dict) -> tuple[RunConfig, dict]:

@@ -145,7 +145,8 @@ def cmd_train(args) -> int:
                    schedule=schedule, repair_log=args.repair_log, parent=source)
     if run.repaired_lines:
         lines = ", ".join(map(str, run.repaired_lines))
-        print(f"repaired {out}/log.csv: dropped line(s) {lines}; it holds rows 1-{run.state.step}", flush=True)
+        print(f"repaired {out}/log.csv: dropped line(s) {lines}; it holds rows {run.first_step + 1}-{run.state.step}",
+              flush=True)
     batches = getattr(args, "batches", None)  # with --resume, default: the run's own target
     checkpoint_every = getattr(args, "checkpoint_every", None)
     keep_checkpoints = getattr(args, "keep_checkpoints", None)

@@ -185,7 +185,7 @@ class Run:
             raise OptionError(f"--out {out}: that is the folder of {source.folder} or of one of its parents; a branch "
                               "needs a folder of its own")
         _holds_old_run(out, overwrite)
-        run = cls.build(config, backend, arch=Architecture.from_dict(source.meta["architecture"]), out=out)
+        run = cls.build(config, backend, arch=source.arch, out=out)
         run._restore(source.arrays, source.meta, source.path)
         if "seed" in changed:  # the new seed's u, eps and batch order (a new epoch) from here on
             run.train_rng = stream(config.seed, "train")
