@@ -15,6 +15,7 @@ from refimpl import branch, plot
 from refimpl import checkpoint as ckpt
 from refimpl.cli import main
 from refimpl.config import Schedule
+from refimpl.factors import sample_indices
 from refimpl.runlog import LogError, moving_average, pack_log, read_log, verify_log
 from refimpl.training import Run, open_run, stream
 from test_training import TINY, TINY_ARGS, checkpoint_state, log_without_time, tiny_config
@@ -126,6 +127,7 @@ def test_branch_seed_reseeds_draws_but_keeps_split_and_weights(parent, tmp_path)
     run.train(progress=False)
     reloaded = Run.load(tmp_path / "s", for_training=False)
     assert all(numpy.array_equal(a, b) for a, b in zip(reloaded.split, parent_run.split))
+    assert numpy.array_equal(sample_indices(reloaded, 8), sample_indices(parent_run, 8))  # factors' sample too
 
 
 def test_branch_changes_tau_and_estimator(parent, tmp_path):
