@@ -3,7 +3,8 @@
 A run lives in one folder (``refimpl train --out DIR``):
 
 - ``config.json``: the run's configuration (:class:`refimpl.config.RunConfig`) and architecture;
-- ``log.csv``: one row per step (:mod:`refimpl.runlog`);
+- ``log.csv``: one row per step (:mod:`refimpl.runlog`; a branch's holds only its own rows,
+  :mod:`refimpl.branch`), or ``log.csv.gz`` (``refimpl pack-log``) read in its place;
 - ``checkpoint.npz``: the latest good checkpoint (:mod:`refimpl.checkpoint`), written at
   step 0, every ``checkpoint_every`` steps, at the end and on Ctrl-C / SIGTERM;
 - ``checkpoints/step-XXXXXXXX.npz``: with ``keep_checkpoints`` N, a copy of the checkpoint of

@@ -16,6 +16,7 @@ from refimpl import checkpoint as ckpt
 from refimpl.cli import main
 from refimpl.config import Schedule
 from refimpl.factors import sample_indices
+from refimpl.runfolder import kept_checkpoints
 from refimpl.runlog import LogError, moving_average, pack_log, read_log, verify_log
 from refimpl.training import Run, open_run, stream
 from test_training import TINY, TINY_ARGS, checkpoint_state, log_without_time, tiny_config
@@ -78,6 +79,14 @@ def test_overwrite_and_resume_clean_kept_checkpoints(tmp_path):
     mine.unlink()
     assert main(["train", *QUIET, "--tau", "40", "--batches", "2", "--out", str(out), "--overwrite"]) == 0
     assert not (out / "checkpoints").exists()
+
+
+def test_experiments_keep_checkpoints(tmp_path):
+    from refimpl.experiments import figure1
+
+    figure1.run([*QUIET, "--batches", "6", "--checkpoint-every", "4", "--keep-checkpoints", "3", "--tau", "40",
+                 "--out", str(tmp_path / "f1")])
+    assert sorted(kept_checkpoints(tmp_path / "f1" / "runs" / "run")) == [3, 6]
 
 
 # ----------------------------------------------------------------------------------------
