@@ -1,6 +1,7 @@
 """The ``refimpl`` command line.
 
     refimpl train [DATASET] [--tau T] [--latent N] [--batches B] [--out DIR] [--resume] ...
+    refimpl train --from RUN [--at STEP] --out NEW [options]   a branch of RUN (refimpl/branch.py)
     refimpl evaluate RUN        held-out error, open gates -> RUN/eval.json
     refimpl export RUN          the pruned plain VAE -> RUN/export/model.{npz,json}
     refimpl reconstruct RUN     originals over reconstructions -> RUN/reconstructions.png
@@ -9,6 +10,7 @@
     refimpl milestones RUN      Section 4.1's events (lambda' peak, staircase, reopenings) from log.csv
     refimpl study DIR...        one table over many runs (sweeps), grouped by arm, with each seed's result
     refimpl sweep --grid ...    a grid of runs on Dask, one CSV row per run (refimpl/sweep.py)
+    refimpl pack-log RUN...     RUN/log.csv -> RUN/log.csv.gz, reproducibly (to commit a study's logs)
     refimpl trace, compare      golden traces (refimpl/trace.py, refimpl/compare.py)
 
 ``train``'s run options are derived from the dataclasses that declare them
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy
 
-from . import __version__, compare, factors, figures, milestones, options, plot, study, sweep, trace
+from . import __version__, branch, compare, factors, figures, milestones, options, plot, study, sweep, trace
 from .config import OUT_PATTERN, Schedule, default_out, new_config
 from .exits import ArgumentParser, run_command
 from .optionspec import OptionError, index_list, positive_int
@@ -50,6 +52,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help=f"run folder (default: {OUT_PATTERN}, e.g. --image-size 16 --tau 4: "
                         f"{default_out(new_config({'image_size': 16, 'hyper': {'tau': 4.0}}))})")
+    branch.add_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that already holds a run (deletes every file of the old run)")
@@ -98,6 +101,15 @@ def build_parser() -> ArgumentParser:
     options.add_backend_option(p)
     p.set_defaults(func=cmd_reconstruct)
 
+    # -- pack-log
+    p = sub.add_parser("pack-log", help="write RUN/log.csv.gz from RUN/log.csv, reproducibly, for committing",
+                       description="Write each RUN/log.csv's complete rows to RUN/log.csv.gz (gzip level 9, no name, "
+                                   "no timestamp: the same log gives the same bytes). plot, milestones, evaluate and "
+                                   "resume read log.csv.gz where log.csv is absent, so a study commits the .gz and "
+                                   "leaves log.csv out of git.")
+    p.add_argument("run", metavar="RUN", nargs="+", help="run folder")
+    p.set_defaults(func=cmd_pack_log)
+
     # -- commands whose options and runners live in their own modules
     for name, module in (("plot", plot), ("factors", factors), ("milestones", milestones), ("study", study),
                          ("sweep", sweep), ("trace", trace), ("compare", compare)):
@@ -120,24 +132,40 @@ def cmd_train(args) -> int:
         raise OptionError("--resume and --overwrite exclude each other")
     if args.repair_log and not args.resume:
         raise OptionError("--repair-log repairs the log of a run being resumed: add --resume")
+    branch.check_arguments(args)
     given = options.given_run_options(args)
+    source = None
+    if args.parent is not None:
+        if args.resume or args.out is None:
+            raise OptionError("--from starts a new run, a branch: give its folder with --out (and continue it later "
+                              "with --out NEW --resume, without --from)")
+        source = branch.open_source(args.parent, args.at)
+        schedule = branch.branch_schedule(source, options.given(args, Schedule))
+    else:
+        schedule = options.schedule(args)
     out = Path(args.out) if args.out is not None else default_out(new_config(given))
-    schedule = options.schedule(args)
     run = open_run(out, given, backend=args.backend, resume=args.resume, overwrite=args.overwrite,
-                   schedule=schedule, repair_log=args.repair_log)
+                   schedule=schedule, repair_log=args.repair_log, parent=source)
     if run.repaired_lines:
         lines = ", ".join(map(str, run.repaired_lines))
-        print(f"repaired {out}/log.csv: dropped line(s) {lines}; it holds rows 1-{run.state.step}", flush=True)
+        print(f"repaired {out}/log.csv: dropped line(s) {lines}; it holds rows {run.first_step + 1}-{run.state.step}",
+              flush=True)
     batches = getattr(args, "batches", None)  # with --resume, default: the run's own target
     checkpoint_every = getattr(args, "checkpoint_every", None)
-    if args.resume:
+    keep_checkpoints = getattr(args, "keep_checkpoints", None)
+    if source is not None:
+        changed = ", ".join(f"{k}={v}" for k, v in run.parent["changed"].items()) or "nothing changed"
+        print(f"branching {source.folder} at batch {source.step} ({changed}) to {run.schedule.batches} batches "
+              f"on {run.backend}; run folder {out}", flush=True)
+    elif args.resume:
         print(f"resuming {out} at batch {run.state.step} of {run.schedule.batches if batches is None else batches}",
               flush=True)
     else:
         print(f"training {run.config.dataset} {'x'.join(map(str, run.arch.image_shape))}, n={run.config.latent}, "
               f"tau={run.hyper.tau:g}, {run.schedule.batches} batches of {run.config.batch_size} on {run.backend}; "
               f"run folder {out}", flush=True)
-    summary = run.train(batches, checkpoint_every, progress=not args.quiet, device_step=args.device_step)
+    summary = run.train(batches, checkpoint_every, progress=not args.quiet, device_step=args.device_step,
+                        keep_checkpoints=keep_checkpoints)
     print(f"done: {summary['step']} batches in {summary['elapsed_s']:.0f} s; {out}/checkpoint.npz")
     print(f"  open gates: {summary['open_gates']}/{summary['n_latent']} {''.join(map(str, summary['gates']))}")
     if summary.get("E2_ma95") is not None:
@@ -145,6 +173,18 @@ def cmd_train(args) -> int:
               f"lambda' {summary['lambda_eff']:.3g}")
     if figures.pyplot() is not None:  # Figure 1 of the run, gate by gate (extra 'plots')
         print(f"  plot: {plot.plot_run(out, backend=args.backend)}")
+    return 0
+
+
+def cmd_pack_log(args) -> int:
+    from .runfolder import LOG_FILE
+    from .runlog import pack_log
+
+    for folder in args.run:
+        log = Path(folder) / LOG_FILE
+        before = log.stat().st_size if log.is_file() else 0
+        rows, out = pack_log(log)
+        print(f"{out}: {rows} rows, {before / 1e6:.1f} MB -> {out.stat().st_size / 1e6:.1f} MB")
     return 0
 
 

@@ -55,6 +55,8 @@ class RunConfig:
                                       "(same numbers; default: fused on numpy, the pair on cupy, the faster on "
                                       "each)", parse=bool)
     hyper: dict = option(help="Algorithm 1's Hyper fields", flag=False, default_factory=dict)
+    split_seed: int | None = option(None, "the seed of the held-out split (and of factors' sample) when not "
+                                          "``seed``: a branch with another --seed keeps its parent's", flag=False)
 
     def __post_init__(self):
         if self.channels is not None:
@@ -64,8 +66,9 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, numpy.integer)) or value < low:
                 raise OptionError(f"{name}={value!r}: expected an integer >= {low}")
-        if not isinstance(self.seed, (int, numpy.integer)) or self.seed < 0:
-            raise OptionError(f"seed={self.seed!r}: expected a non-negative integer")
+        for name, value in (("seed", self.seed), ("split_seed", self.data_seed())):
+            if not isinstance(value, (int, numpy.integer)) or value < 0:
+                raise OptionError(f"{name}={value!r}: expected a non-negative integer")
         get_dtype(self.dtype)
         if self.image_size is not None and self.image_size < 1:
             raise OptionError(f"image_size={self.image_size!r}: expected a positive integer")
@@ -81,6 +84,10 @@ class RunConfig:
         if self.baseline:
             kw["tau"] = 0.0
         return Hyper(**kw)
+
+    def data_seed(self) -> int:
+        """The seed of the held-out split: ``split_seed``, or ``seed`` when that is None."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def image_shape(self) -> tuple:
         """(C, S, S): the dataset's images (registry shape), pooled to ``image_size``."""
@@ -144,6 +151,17 @@ class Schedule:
                           parse=positive_int, metavar="B")
     checkpoint_every: int = option(100, "write a checkpoint every N batches; also at the end and on Ctrl-C",
                                    parse=positive_int, metavar="N")
+    keep_checkpoints: int = option(0, "also keep the checkpoint of every N-th batch, as checkpoints/step-XXXXXXXX.npz "
+                                      "(a later run can branch there: train --from RUN --at STEP); 0: none",
+                                   parse=nonnegative_int, metavar="N")
+
+
+def saved_schedule(meta: dict) -> Schedule:
+    """The Schedule a checkpoint's ``meta`` records (Schedule's defaults for what an older one lacks)."""
+    defaults = Schedule()
+    return Schedule(meta.get("target_batches") or defaults.batches,
+                    meta.get("checkpoint_every") or defaults.checkpoint_every,
+                    meta.get("keep_checkpoints") or defaults.keep_checkpoints)
 
 
 def default_tau(dataset: str, image_size: int | None) -> float:
@@ -180,16 +198,22 @@ def default_out(config: RunConfig) -> Path:
     return Path("runs") / f"{config.dataset}{size}-n{config.latent}-{tau}-seed{config.seed}"
 
 
-def config_differences(stored: RunConfig, given: dict) -> list[str]:
-    """The entries of ``given`` (config field -> value, ``hyper`` a dict) that differ from ``stored``."""
+def changed_fields(stored: RunConfig, given: dict) -> dict:
+    """The entries of ``given`` (config field -> value, ``hyper`` a dict) that differ from ``stored``:
+    field -> (given value, stored value); a Hyper field stored implicitly has its default."""
     stored_d = stored.to_dict()
     defaults = {f.name: f.default for f in fields(Hyper)}
     pairs = [(k, v, stored_d.get(k)) for k, v in given.items() if k != "hyper"]
     pairs += [(k, v, stored_d["hyper"].get(k, defaults.get(k) if k != "tau" else None))
               for k, v in given.get("hyper", {}).items()]
-    diffs = []
+    changed = {}
     for key, value, old in pairs:
         value, old = (tuple(a) if isinstance(a, list) else a for a in (value, old))  # JSON stores tuples as lists
         if old != value:
-            diffs.append(f"{key}={value!r} (the run has {old!r})")
-    return diffs
+            changed[key] = (value, old)
+    return changed
+
+
+def config_differences(stored: RunConfig, given: dict) -> list[str]:
+    """The entries of ``given`` (config field -> value, ``hyper`` a dict) that differ from ``stored``, as text."""
+    return [f"{key}={value!r} (the run has {old!r})" for key, (value, old) in changed_fields(stored, given).items()]

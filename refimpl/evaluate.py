@@ -27,8 +27,8 @@ from .backend import backend_name, get_dtype, get_xp, to_device, to_host
 from .data import eval_batches
 from .model import Architecture, GatedVAE, prune
 from .rng import generator
-from .runfolder import LOG_FILE
-from .runlog import moving_average, read_log
+from .branch import read_history
+from .runlog import moving_average
 from .training import Run
 
 EXPORT_FORMAT = "refimpl-export-1"
@@ -64,9 +64,8 @@ def evaluate(run: Run, limit: int | None = None, batch_size: int = 250) -> dict:
         "heldout_sse": sums["gated"] / held.size,
         "heldout_sse_all_gates_open": sums["open"] / held.size,
     }
-    log_path = run.out / LOG_FILE
-    if log_path.is_file():
-        e2 = read_log(log_path).get("E2", [])
+    if run.has_log():
+        e2 = read_history(run.out).get("E2", [])  # a branch's with its parents' rows
         if e2:
             result["train_E2_ma95"] = moving_average(e2, 0.95)
     return result

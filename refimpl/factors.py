@@ -7,7 +7,7 @@ x and y. Where a dataset's generative factors are known, this module measures it
    default) or of its training split (``"training"``: more images than a small
    held-out split has; which factor a dimension holds is a property of the code, not
    of generalisation): all of them if there are fewer, else a uniform random subset
-   drawn from the run seed's ``factors`` stream (the split's indices are sorted, and
+   drawn from the ``factors`` stream of the split's seed (the split's indices are sorted, and
    dataset order follows the factors, so its first ``count`` would be one shape),
    in inference mode, as :mod:`refimpl.evaluate` does: BatchNorm
    running statistics, z = mu. Gates are 1[gamma > 0] (``GatedVAE.inference_gates``).
@@ -335,7 +335,8 @@ def _pool(run, sample: str) -> numpy.ndarray:
 
 def sample_indices(run, count: int, sample: str = "heldout") -> numpy.ndarray:
     """Up to ``count`` sorted dataset indices of the run's ``sample`` split: all when fewer, else a uniform
-    random subset from the run seed's ``factors`` stream (the same subset every time)."""
+    random subset from the split seed's ``factors`` stream (the same subset every time; a branch's is its
+    parent's)."""
     if sample not in SAMPLES:
         raise OptionError(f"sample={sample!r}: expected one of {', '.join(SAMPLES)}")
     pool = _pool(run, sample)
@@ -343,7 +344,7 @@ def sample_indices(run, count: int, sample: str = "heldout") -> numpy.ndarray:
         return pool
     from .training import stream
 
-    return numpy.sort(stream(run.config.seed, "factors").choice(pool, count, replace=False))
+    return numpy.sort(stream(run.config.data_seed(), "factors").choice(pool, count, replace=False))
 
 
 def run_factors(run, count: int = DEFAULT_COUNT, bins: int = DEFAULT_BINS, batch_size: int = DEFAULT_BATCH,

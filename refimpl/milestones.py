@@ -5,8 +5,9 @@ below tau, then drops to a small value; after ca. 10K batches the gates close in
 staircase (9 open after 10K, 6 at 20K, 5 at 25K); lambda rises again whenever the error
 exceeds tau; late in training a gate closes, the constraint breaks and it reopens. The
 claims ledger (docs/claims.md) quotes these events for the 64x64 runs; this module
-computes them from ``log.csv`` (:mod:`refimpl.runlog`), so every number there can be
-recomputed with one command:
+computes them from ``log.csv`` (or ``log.csv.gz``; a branch's whole history, its parents'
+rows first: :func:`refimpl.plot.load_history`), so every number there can be recomputed
+with one command:
 
 - lambda': its first value, its peak and the batch of the peak, its last value;
 - the first batch with C_ma < 0 (l. 16's moving average of the constraint: E2 < tau on
@@ -41,9 +42,9 @@ import sys
 import numpy
 
 from .atomic import atomic_write
+from .plot import gamma_columns, load_history, run_folder
+from .runfolder import MILESTONES_FILE
 from .runlog import moving_average
-from .plot import gamma_columns, load_log, run_folder
-from .runfolder import LOG_FILE, MILESTONES_FILE
 
 PROG = "refimpl milestones"
 TAIL = 500  # batches averaged at the end of the run
@@ -108,7 +109,7 @@ def constraint_window(log: dict, window: int) -> dict:
 
 def milestones(log: dict, tail: int = TAIL, min_stretch: int = MIN_STRETCH, after: int = AFTER,
                window: int = WINDOW) -> dict:
-    """The events of Section 4.1 in ``log`` (columns name -> (T,) float arrays, :func:`refimpl.plot.load_log`)."""
+    """The events of Section 4.1 in ``log`` (columns name -> (T,) float arrays, :func:`refimpl.plot.load_history`)."""
     steps, lam, c_ma = log["step"], log["lambda_eff"], log["C_ma"]
     peak = int(numpy.argmax(lam))
     below = numpy.flatnonzero(c_ma < 0)
@@ -199,7 +200,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """``refimpl milestones``: print the report and write it."""
     folder = run_folder(args.run)
-    m = milestones(load_log(folder / LOG_FILE), tail=args.tail, min_stretch=args.min_stretch, after=args.after,
+    m = milestones(load_history(folder), tail=args.tail, min_stretch=args.min_stretch, after=args.after,
                    window=args.window)
     text = json.dumps(m, indent=1) + "\n" if args.json else to_markdown(m, folder.name)
     out = args.out or folder / MILESTONES_FILE

@@ -1,7 +1,9 @@
 """Figure 1 for any run folder: ``refimpl plot RUN`` -> ``RUN/plot.png``.
 
-One PNG of a run folder (see :mod:`refimpl.training`), drawn from its ``log.csv`` and
-its ``checkpoint.npz`` (the run's settings and model, via ``Run.load``):
+One PNG of a run folder (see :mod:`refimpl.training`), drawn from its ``log.csv`` (or
+``log.csv.gz``; a branch's whole history, its parents' rows first, with a dotted line at
+each branch step: :func:`refimpl.branch.read_history`) and its ``checkpoint.npz`` (the
+run's settings and model, via ``Run.load``):
 
 - Figure 1's four panels (Section 4.1), against the batch number: E2 per batch with its
   exponential moving average (0.99) and tau as a red line; ||sigmoid(k gamma)||_1
@@ -37,8 +39,9 @@ from pathlib import Path
 
 import numpy
 
+from .branch import lineage, read_history
 from .figures import require_pyplot, save_figure
-from .runlog import read_log
+from .runfolder import LOG_GZ_FILE
 from .training import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, Run
 
 PLOT_FILE = "plot.png"
@@ -109,13 +112,16 @@ def run_folder(path) -> Path:
     return folder
 
 
-def load_log(path) -> dict:
-    """``log.csv`` as columns name -> float64 array; FileNotFoundError / PlotError naming the file."""
-    path = Path(path)
-    if not path.is_file():
+def load_history(folder) -> dict:
+    """Run folder ``folder``'s log as columns name -> float64 array: its ``log.csv`` (or ``log.csv.gz``),
+    after its parents' rows for a branch (:func:`refimpl.branch.read_history`). FileNotFoundError /
+    PlotError naming the file."""
+    folder = Path(folder)
+    path = folder / LOG_FILE
+    if not lineage(folder)[1:] and not (path.is_file() or (folder / LOG_GZ_FILE).is_file()):
         raise FileNotFoundError(f"{path}: no such file (the run has not trained a batch yet)")
     try:
-        columns = read_log(path)
+        columns = read_history(folder)
     except (ValueError, IndexError) as exc:  # a non-number or a short row
         raise PlotError(f"{path}: not a readable training log ({type(exc).__name__}: {exc})") from None
     if not columns or not columns.get("step"):
@@ -168,6 +174,12 @@ def batch_axis(ax) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(label))
 
 
+def branch_lines(ax, branches) -> None:
+    """A dotted vertical line at each step where the run's history branches: branches [(step, parent name)]."""
+    for step, _ in branches:
+        ax.axvline(step, color="0.4", ls=":", lw=1.0)
+
+
 def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list | None = None) -> Path:
     """Draw Figure 1 (plus per-gate lines and held-out reconstructions) of run folder ``run_dir``.
 
@@ -185,7 +197,8 @@ def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list 
         raise ValueError(f"recon_count={recon_count!r}: expected a non-negative integer")
     folder = run_folder(run_dir)
     out = Path(out) if out is not None else folder / PLOT_FILE
-    log = load_log(folder / LOG_FILE)
+    log = load_history(folder)
+    branches = [(step, parent.name) for parent, step in lineage(folder)[:-1]]
     plt = require_pyplot()
 
     run = Run.load(folder, backend=backend, for_training=False)  # the checkpoint: settings and model
@@ -214,7 +227,10 @@ def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list 
     ax = fig.add_subplot(grid[0, 0])
     line(ax, log["E2"], lw=0.5, color="C0", alpha=0.3, label="E2 per batch")
     line(ax, smooth(log["E2"]), lw=1.2, color="C0", label=f"moving average ({SMOOTHING})")
-    ax.axhline(tau, color="red", lw=1.2, label=f"tau = {tau:g}")
+    if "tau" in log and numpy.ptp(log["tau"]) > 0:  # a branch that changed tau: the tau of each batch
+        line(ax, log["tau"], color="red", lw=1.2, label=f"tau (now {tau:g})")
+    else:
+        ax.axhline(tau, color="red", lw=1.2, label=f"tau = {tau:g}")
     log_scale_if_wide(ax, log["E2"])
     ax.set_title("reconstruction error E2 (SSE per image)")
     ax.legend(loc="upper right", fontsize=8)
@@ -240,6 +256,7 @@ def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list 
     for a in fig.axes:
         a.grid(alpha=0.3)
         batch_axis(a)
+        branch_lines(a, branches)
 
     # per-gate panel: sigmoid(k gamma_j) over batches
     ax = fig.add_subplot(grid[2, :])
@@ -252,6 +269,7 @@ def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list 
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("batch")
         batch_axis(ax)
+        branch_lines(ax, branches)
         ax.set_title(rf"gate probabilities $\sigma(k\gamma_j)$, k = {k:g}: "
                      f"{len(last_open)}/{len(gammas)} open at the end (gamma_j > 0)")
         ax.grid(alpha=0.3)
@@ -282,8 +300,10 @@ def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list 
                          f"{run.model.open_gates()}/{n} gates open (bottom), checkpoint at batch {run.state.step}")
 
     gates = f"{final_open}/{n} gates open" if final_open is not None else f"n = {n}"
+    changed = ", ".join(f"{k}={v}" for k, v in (run.parent or {}).get("changed", {}).items()) or "no option changed"
+    origin = "".join(f"\nbranch of {name} at batch {s:,} ({changed}; dotted line)" for s, name in branches[-1:])
     fig.suptitle(f"{folder.name}: {run.config.dataset} {shape}, n = {n}, tau = {tau:g}, "
-                 f"{int(step[-1])} batches, {gates}")
+                 f"{int(step[-1])} batches, {gates}{origin}")
     return save_figure(fig, out)
 
 

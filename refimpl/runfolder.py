@@ -4,7 +4,8 @@
   holds a run (``config.json`` and ``checkpoint.npz`` written by refimpl). Any other
   folder, or a file, is refused (:func:`check_new_run_folder`) and nothing is written.
 - refimpl deletes only files it made: the names in :data:`RUN_FILES`, ``export/``'s
-  :data:`EXPORT_FILES` (and ``export/`` once empty), and the temporaries of
+  :data:`EXPORT_FILES` (and ``export/`` once empty), the kept checkpoints
+  ``checkpoints/step-XXXXXXXX.npz`` (and ``checkpoints/`` once empty), and the temporaries of
   :func:`refimpl.atomic.atomic_write` for those names. ``overwrite`` deletes all of them
   (:func:`remove_run_files`), so nothing of the old run stays beside the new one; the
   user's own files in the folder are left alone.
@@ -21,12 +22,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from pathlib import Path
 
 from .atomic import TMP_PREFIX, remove_stale_temporaries, temporary_name
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.csv"
+LOG_GZ_FILE = "log.csv.gz"  # refimpl pack-log: the log compressed, for committing (refimpl.runlog.pack_log)
 CHECKPOINT_FILE = "checkpoint.npz"
 SUMMARY_FILE = "summary.json"
 EVAL_FILE = "eval.json"  # refimpl evaluate
@@ -37,10 +40,13 @@ MILESTONES_FILE = "milestones.md"  # refimpl milestones
 LOCK_FILE = ".lock"
 EXPORT_DIR = "export"  # refimpl export
 EXPORT_FILES = ("model.npz", "model.json", "model.safetensors")
+KEPT_DIR = "checkpoints"  # --keep-checkpoints N: a checkpoint every N batches, named by step
+KEPT_NAME = re.compile(r"step-(\d{8,})\.npz")
 # Every file refimpl writes into a run folder, removed in this order on overwrite: a folder
 # cut short mid-way still holds a run (config and checkpoint) or only a config (leftovers).
-RUN_FILES = (EVAL_FILE, RECONSTRUCTIONS_FILE, PLOT_FILE, *FACTORS_FILES, MILESTONES_FILE, SUMMARY_FILE, LOG_FILE, CHECKPOINT_FILE,
-             CONFIG_FILE)
+RUN_FILES = (EVAL_FILE, RECONSTRUCTIONS_FILE, PLOT_FILE, *FACTORS_FILES, MILESTONES_FILE, SUMMARY_FILE, LOG_GZ_FILE,
+             LOG_FILE, CHECKPOINT_FILE, CONFIG_FILE)
+PARENT_KEY = "parent"  # config.json of a branch: {"run": parent folder relative to the branch's, "step", "changed"}
 
 
 class NotARunFolder(FileExistsError):
@@ -60,12 +66,39 @@ class RunLocked(OSError):
 
 
 def is_refimpl_config(path) -> bool:
-    """``path`` is a config.json written by refimpl: a JSON object with ``config`` and ``architecture``."""
+    """``path`` is a config.json written by refimpl: a JSON object with ``config`` and ``architecture``
+    (and ``parent`` for a branch)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and set(data) == {"config", "architecture"}
+    return isinstance(data, dict) and set(data) - {PARENT_KEY} == {"config", "architecture"}
+
+
+def kept_checkpoint(folder, step: int) -> Path:
+    """Where ``--keep-checkpoints`` keeps the checkpoint of ``step``: ``folder/checkpoints/step-XXXXXXXX.npz``."""
+    return Path(folder) / KEPT_DIR / f"step-{int(step):08d}.npz"
+
+
+def kept_checkpoints(folder) -> dict:
+    """The kept checkpoints of run folder ``folder``: step -> path, in step order."""
+    found = {}
+    for name in kept_names(folder):
+        p = Path(folder) / KEPT_DIR / name
+        if p.is_file():
+            found[int(KEPT_NAME.fullmatch(name).group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def kept_names(folder) -> list[str]:
+    """The names of kept checkpoints in ``folder/checkpoints/``, and of those a killed write left temporaries of."""
+    kept = Path(folder) / KEPT_DIR
+    names = set()
+    for p in kept.iterdir() if kept.is_dir() else ():
+        name = p.name[len(TMP_PREFIX):-9] if p.name.startswith(TMP_PREFIX) else p.name  # .tmp-NAME.xxxxxxxx
+        if KEPT_NAME.fullmatch(name):
+            names.add(name)
+    return sorted(names)
 
 
 def holds_run(folder) -> bool:
@@ -123,20 +156,27 @@ def remove_run_files(folder) -> list[Path]:
     temporaries), and only those; returns what was deleted."""
     folder = Path(folder)
     removed = remove_stale_temporaries(folder, RUN_FILES)
-    export = folder / EXPORT_DIR
-    if export.is_dir():
-        removed += remove_stale_temporaries(export, EXPORT_FILES)
-        for name in EXPORT_FILES:
-            if (export / name).is_file():
-                (export / name).unlink()
-                removed.append(export / name)
-        if not any(export.iterdir()):
-            export.rmdir()
-            removed.append(export)
+    removed += _remove_subfolder_files(folder / EXPORT_DIR, EXPORT_FILES)
+    removed += _remove_subfolder_files(folder / KEPT_DIR, kept_names(folder))
     for name in RUN_FILES:
         if (folder / name).is_file():
             (folder / name).unlink()
             removed.append(folder / name)
+    return removed
+
+
+def _remove_subfolder_files(sub: Path, names) -> list[Path]:
+    """Delete ``names`` and their temporaries in folder ``sub``, and ``sub`` once empty; returns what was deleted."""
+    if not sub.is_dir():
+        return []
+    removed = remove_stale_temporaries(sub, names)
+    for name in names:
+        if (sub / name).is_file():
+            (sub / name).unlink()
+            removed.append(sub / name)
+    if not any(sub.iterdir()):
+        sub.rmdir()
+        removed.append(sub)
     return removed
 
 

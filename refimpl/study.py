@@ -2,7 +2,9 @@
 
 A study (``bench/results/study/``) asks why refimpl's runs differ from the paper's: seed
 spread, budget, or a reading of the paper. Its runs live in sweep folders (``DIR/runs/*``)
-or are given as run folders. For each run this reads ``config.json`` and the log
+or are given as run folders; a run needs only its ``config.json`` and its log
+(``log.csv`` or ``log.csv.gz``; a branch's history includes its parent's rows), so a
+finished run's checkpoint need not be kept. For each run this reads the log
 (:func:`refimpl.milestones.milestones`) and reports: how far it trained and whether it is
 finished (``summary.json`` at the log's last step), the open gates at the end, the
 staircase of closings, reopenings, the first batch with C_ma < 0, and the constraint over
@@ -24,8 +26,8 @@ from pathlib import Path
 
 from .atomic import atomic_write
 from .milestones import WINDOW, milestones
-from .plot import load_log, run_folder
-from .runfolder import CONFIG_FILE, LOG_FILE, SUMMARY_FILE
+from .plot import load_history
+from .runfolder import CONFIG_FILE, SUMMARY_FILE
 
 STUDY_FILE = "study.md"
 IGNORED = ("seed", "data")  # fields that never define an arm
@@ -43,7 +45,7 @@ def run_folders(paths) -> list[Path]:
         runs = [c for c in candidates if (c / CONFIG_FILE).is_file()]
         if not runs:
             raise StudyError(f"{path}: neither a run folder nor a sweep folder with runs/ (no {CONFIG_FILE})")
-        found += [run_folder(r) for r in runs]
+        found += runs
     return found
 
 
@@ -56,7 +58,7 @@ def flat_config(folder: Path) -> dict:
 
 def run_row(folder: Path, window: int = WINDOW) -> dict:
     """One run's row: its configuration and what its log shows."""
-    log = load_log(folder / LOG_FILE)
+    log = load_history(folder)
     m = milestones(log, window=window)
     summary = folder / SUMMARY_FILE
     finished = summary.is_file() and json.loads(summary.read_text()).get("step") == m["batches"]

@@ -67,11 +67,15 @@ class SweepInterrupted(Exception):
 # One run, as a task
 
 
-def run_spec(out, given: dict, schedule: Schedule, backend: str | None = None, eval_images: int | None = None) -> dict:
+def run_spec(out, given: dict, schedule: Schedule, backend: str | None = None, eval_images: int | None = None,
+             parent=None, at: int | None = None) -> dict:
     """A picklable task input: run folder ``out``, the run options ``given`` (RunConfig fields,
-    ``hyper`` a dict), the schedule, the backend; ``eval_images``: held-out images to evaluate after."""
+    ``hyper`` a dict), the schedule, the backend; ``eval_images``: held-out images to evaluate after;
+    ``parent``, ``at``: the run is a branch of run folder ``parent`` (at its checkpoint of step ``at``)."""
     return {"out": str(out), "given": given, "batches": int(schedule.batches),
-            "checkpoint_every": int(schedule.checkpoint_every), "backend": backend, "eval_images": eval_images}
+            "checkpoint_every": int(schedule.checkpoint_every), "keep_checkpoints": int(schedule.keep_checkpoints),
+            "backend": backend, "eval_images": eval_images, "parent": None if parent is None else str(parent),
+            "at": at}
 
 
 def with_tau(spec: dict, tau) -> dict:
@@ -82,10 +86,11 @@ def with_tau(spec: dict, tau) -> dict:
 def train_one(spec: dict, progress: bool = False, stop=None) -> dict:
     """Create (or resume, or reuse) the run ``spec`` describes, train it to its target; its summary plus ``out``
     (and ``heldout_sse`` on ``spec["eval_images"]`` held-out images when that is set)."""
-    schedule = Schedule(spec["batches"], spec["checkpoint_every"])
-    run = open_run(spec["out"], spec["given"], backend=spec["backend"], resume=None, schedule=schedule)
-    summary = {**run.train(schedule.batches, schedule.checkpoint_every, progress=progress, stop=stop),
-               "out": spec["out"]}
+    schedule = Schedule(spec["batches"], spec["checkpoint_every"], spec.get("keep_checkpoints", 0))
+    run = open_run(spec["out"], spec["given"], backend=spec["backend"], resume=None, schedule=schedule,
+                   parent=spec.get("parent"), at=spec.get("at"))
+    summary = {**run.train(schedule.batches, schedule.checkpoint_every, progress=progress, stop=stop,
+                           keep_checkpoints=schedule.keep_checkpoints), "out": spec["out"]}
     if spec.get("eval_images"):
         from .evaluate import evaluate
 
@@ -353,14 +358,16 @@ def run_name(point: dict) -> str:
 
 def add_arguments(parser) -> None:
     """The options of ``refimpl sweep``: the run options of ``refimpl train`` (the fixed part of every run),
-    the grid, the schedule, and where the runs train."""
-    from . import options
+    the grid, the schedule, and where the runs train; ``--from RUN [--at STEP]`` makes every run a
+    branch of RUN (:mod:`refimpl.branch`)."""
+    from . import branch, options
 
     parser.add_argument("--grid", action="append", required=True, metavar="NAME=V1,V2,...",
                         help="a run option and its values (repeat for a product grid: --grid tau=3,6,10 --grid seed=0,1,2)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the sweep's folder: runs in DIR/runs/, DIR/sweep.csv")
     parser.add_argument("--eval-images", type=int, default=1000, metavar="N",
                         help="held-out images for each run's error in sweep.csv (default: 1000, at most the holdout)")
+    branch.add_arguments(parser)
     options.add_run_options(parser, positional=False)
     options.add_options(parser, Schedule, title="schedule (per run)")
     options.add_backend_option(parser)
@@ -369,15 +376,17 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """``refimpl sweep``: every grid point's run, then ``OUT/sweep.csv`` (one row per run)."""
-    from . import options
+    from . import branch, options
     from .algorithm1 import Hyper
     from .config import new_config
     from .atomic import write_csv
 
+    branch.check_arguments(args)
     grids = [parse_grid(text) for text in args.grid]
     hyper_names = {f.name for f in fields(Hyper)}
     base = options.given_run_options(args)
-    schedule = options.schedule(args)
+    source = None if args.parent is None else branch.open_source(args.parent, args.at)
+    schedule = options.schedule(args) if source is None else branch.branch_schedule(source, options.given(args, Schedule))
     out = Path(args.out)
     specs, points = [], grid_runs(grids)
     for point in points:
@@ -385,14 +394,18 @@ def run(args) -> int:
         for name, value in point.items():
             if name in hyper_names:
                 given["hyper"][name] = value
-            elif name in ("batches", "checkpoint_every"):
+            elif name in {f.name for f in fields(Schedule)}:
                 raise OptionError(f"--grid {name}: the schedule is the same for every run; give --{name.replace('_', '-')}")
             else:
                 given[name] = value
-        config = new_config(given)  # every run's options checked before any run starts
-        given["hyper"].setdefault("tau", config.hyper["tau"])
+        if source is None:
+            config = new_config(given)  # every run's options checked before any run starts
+            given["hyper"].setdefault("tau", config.hyper["tau"])
+        else:
+            config = branch.branch_config(source, given)[0]  # a branch: tau and the rest are the parent's
         eval_images = min(args.eval_images, config.holdout) if args.eval_images > 0 else None
-        specs.append(run_spec(out / "runs" / run_name(point), given, schedule, args.backend, eval_images))
+        specs.append(run_spec(out / "runs" / run_name(point), given, schedule, args.backend, eval_images,
+                              None if source is None else source.folder, None if source is None else source.step))
     start = time.monotonic()
     with Sweep(out, Cluster.from_args(args), backend=args.backend) as sweep:
         summaries = sweep.gather([sweep.submit(spec) for spec in specs])

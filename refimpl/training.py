@@ -3,9 +3,12 @@
 A run lives in one folder (``refimpl train --out DIR``):
 
 - ``config.json``: the run's configuration (:class:`refimpl.config.RunConfig`) and architecture;
-- ``log.csv``: one row per step (:mod:`refimpl.runlog`);
+- ``log.csv``: one row per step (:mod:`refimpl.runlog`; a branch's holds only its own rows,
+  :mod:`refimpl.branch`), or ``log.csv.gz`` (``refimpl pack-log``) read in its place;
 - ``checkpoint.npz``: the latest good checkpoint (:mod:`refimpl.checkpoint`), written at
   step 0, every ``checkpoint_every`` steps, at the end and on Ctrl-C / SIGTERM;
+- ``checkpoints/step-XXXXXXXX.npz``: with ``keep_checkpoints`` N, a copy of the checkpoint of
+  every N-th step, kept (a later run can branch there);
 - ``summary.json``: written when the run reaches its target: final gates, errors, time.
 
 The folder's rules (where a run may start, what refimpl deletes, the lock that keeps a
@@ -13,7 +16,8 @@ second process out while one trains) are in :mod:`refimpl.runfolder`; a Run open
 training holds the folder's lock until :meth:`Run.train` ends or :meth:`Run.close`.
 
 :meth:`Run.build` makes the run a configuration defines, in memory and at step 0;
-:meth:`Run.create` (a new run folder), :meth:`Run.load` (resume) and ``refimpl trace``
+:meth:`Run.create` (a new run folder), :meth:`Run.branch` (a new run folder from another
+run's checkpoint, :mod:`refimpl.branch`), :meth:`Run.load` (resume) and ``refimpl trace``
 all start from it, and :meth:`Run.next_batch` is where both ``train`` and ``trace``
 take their batches, so a trace records exactly the steps training takes.
 
@@ -40,8 +44,9 @@ from . import checkpoint as ckpt
 from . import memory
 from .algorithm1 import init_state, train_step
 from .atomic import remove_stale_temporaries, write_json
+from .branch import Source, branch_config, lineage, open_source, parent_folder, read_history, relative_parent
 from .backend import backend_name, get_dtype, get_xp, to_device, to_host
-from .config import RunConfig, Schedule, config_differences, new_config
+from .config import RunConfig, Schedule, config_differences, new_config, saved_schedule
 from .console import Progress, StopOnSignal
 from .data import BatchIterator, DatasetError, dataset_info, open_dataset, split_indices
 from .data.base import downsample
@@ -49,9 +54,10 @@ from .device_step import DeviceStep, applies
 from .model import Architecture, GatedVAE, build_architecture, default_fused
 from .optionspec import OptionError
 from .rng import generator, get_state, set_state
-from .runfolder import (CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, RUN_FILES, SUMMARY_FILE, NoRun, RunLock,
-                        check_new_run_folder, remove_run_files)
-from .runlog import CsvLog, moving_average, read_log, verify_log
+from .runfolder import (CHECKPOINT_FILE, CONFIG_FILE, KEPT_DIR, LOG_FILE, LOG_GZ_FILE, PARENT_KEY, RUN_FILES,
+                        SUMMARY_FILE, NoRun, RunLock, check_new_run_folder, kept_checkpoint, kept_names,
+                        remove_run_files)
+from .runlog import CsvLog, moving_average, verify_log
 
 STREAMS = ("init", "split", "batches", "train", "factors")  # new names go last: the index seeds the stream
 META_KEYS = ("step", "adam_t", "hit", "c_ma", "last_constraint_met", "train_rng", "batch_iterator", "config",
@@ -113,6 +119,7 @@ class Run:
         self.train_rng = stream(config.seed, "train")
         self.elapsed = 0.0
         self.checkpoint_step = None
+        self.parent = None  # a branch's record: {"run": parent folder relative to out, "step", "changed"}
         self._dataset = None
         self._split = None
         self._batch_order = None
@@ -153,30 +160,62 @@ class Run:
         out = Path(out)
         if "tau" not in config.hyper and not config.baseline:
             raise OptionError("config.hyper needs 'tau' (or baseline=True)")
-
-        def holds_old_run() -> bool:
-            held = check_new_run_folder(out, overwrite)
-            if held and not overwrite:
-                raise RunExistsError(f"{out} already holds a run ({CHECKPOINT_FILE}); continue it with --resume, "
-                                     f"start afresh with --overwrite, or choose another --out")
-            return held
-
-        holds_old_run()
+        _holds_old_run(out, overwrite)
         run = cls.build(config, backend, out=out)
         run.schedule = schedule or Schedule()
-        run.batch_order  # opens the dataset and checks the split before anything is written
+        return run._start_folder(overwrite)
+
+    @classmethod
+    def branch(cls, parent, out, given: dict, *, at: int | None = None, backend: str | None = None,
+               overwrite: bool = False, schedule: Schedule | None = None) -> "Run":
+        """A new run in folder ``out`` that starts from run ``parent``'s checkpoint (a folder, or a
+        :class:`refimpl.branch.Source`; ``at``: the step of a kept one) with the options ``given``
+        changed (RunConfig fields, ``hyper`` a dict; :func:`refimpl.branch.branch_config` says which
+        may), open for training; writes config.json with the parent record and the branch's first
+        checkpoint, at the parent's step. ``schedule``: default the parent's; its target must lie
+        beyond the parent's step. ``out``'s rules are :meth:`create`'s, and it may not be the parent
+        or one of its parents.
+        """
+        source = parent if isinstance(parent, Source) else open_source(parent, at)
+        out = Path(out)
+        config, changed = branch_config(source, given)
+        schedule = schedule or source.schedule
+        if schedule.batches <= source.step:
+            raise OptionError(f"--batches {schedule.batches}: the branch starts at step {source.step} ({source.path}); "
+                              "give a larger target")
+        if any(out.resolve() == run.resolve() for run, _ in lineage(source.folder)):
+            raise OptionError(f"--out {out}: that is the folder of {source.folder} or of one of its parents; a branch "
+                              "needs a folder of its own")
+        _holds_old_run(out, overwrite)
+        run = cls.build(config, backend, arch=source.arch, out=out)
+        run._restore(source.arrays, source.meta, source.path)
+        if "seed" in changed:  # the new seed's u, eps and batch order (a new epoch) from here on
+            run.train_rng = stream(config.seed, "train")
+            run._batch_state = None
+        run.parent = {"run": relative_parent(source.folder, out), "step": source.step, "changed": changed}
+        run.elapsed = 0.0
+        run.schedule = schedule
+        return run._start_folder(overwrite)
+
+    def _start_folder(self, overwrite: bool) -> "Run":
+        """Make ``out`` this new run's folder (emptied of an old run's files with ``overwrite``), holding
+        its lock: config.json and the first checkpoint."""
+        out = self.out
+        self.batch_order  # opens the dataset and checks the split before anything is written
         out.mkdir(parents=True, exist_ok=True)
-        run._lock = RunLock(out).acquire()
+        self._lock = RunLock(out).acquire()
         try:
-            if holds_old_run():  # asked again under the lock
+            if _holds_old_run(out, overwrite):  # asked again under the lock
                 remove_run_files(out)
             remove_stale_temporaries(out, RUN_FILES)
-            write_json(out / CONFIG_FILE, {"config": config.to_dict(), "architecture": run.arch.to_dict()})
-            run.save_checkpoint()
+            record = {PARENT_KEY: self.parent} if self.parent is not None else {}
+            write_json(out / CONFIG_FILE, {"config": self.config.to_dict(), "architecture": self.arch.to_dict(),
+                                           **record})
+            self.save_checkpoint()
         except BaseException:
-            run.close()
+            self.close()
             raise
-        return run
+        return self
 
     @classmethod
     def load(cls, path, backend: str | None = None, for_training: bool = True, repair_log: bool = False) -> "Run":
@@ -221,7 +260,14 @@ class Run:
         rows after the checkpoint are dropped; a missing or damaged row up to it is refused)."""
         self._lock = lock
         remove_stale_temporaries(self.out, RUN_FILES)
-        self.repaired_lines = verify_log(self.out / LOG_FILE, self.state.step, repair=repair_log)
+        remove_stale_temporaries(self.out / KEPT_DIR, kept_names(self.out))
+        self.repaired_lines = verify_log(self.out / LOG_FILE, self.state.step, repair=repair_log,
+                                         first_step=self.first_step)
+
+    @property
+    def first_step(self) -> int:
+        """The step the run's own log starts after: 0, or a branch's parent step."""
+        return self.parent["step"] if self.parent is not None else 0
 
     def close(self) -> None:
         """Release the folder's lock (if this run holds it); the run stays usable read-only."""
@@ -256,7 +302,7 @@ class Run:
             n = len(self.dataset)
             if self.config.holdout >= n:
                 raise OptionError(f"holdout={self.config.holdout}: the dataset has only {n} images")
-            self._split = split_indices(n, int(self.config.holdout), stream(self.config.seed, "split"))
+            self._split = split_indices(n, int(self.config.holdout), stream(self.config.data_seed(), "split"))
         return self._split
 
     @property
@@ -288,7 +334,8 @@ class Run:
         return self.out / CHECKPOINT_FILE
 
     def save_checkpoint(self) -> Path:
-        """Write the current state to ``out/checkpoint.npz`` atomically (log synced first)."""
+        """Write the current state to ``out/checkpoint.npz`` atomically (log synced first), and keep a
+        copy in ``out/checkpoints/`` at a step the schedule's ``keep_checkpoints`` names."""
         if self._log is not None:
             self._log.sync()
         state = self.state
@@ -303,12 +350,20 @@ class Run:
             "train_rng": get_state(self.train_rng),
             "batch_iterator": self._batch_order.state_dict() if self._batch_order is not None else self._batch_state,
             "target_batches": self.schedule.batches, "checkpoint_every": self.schedule.checkpoint_every,
+            "keep_checkpoints": self.schedule.keep_checkpoints, "parent": self.parent,
             "config": self.config.to_dict(), "architecture": self.arch.to_dict(),
             "timing": {"elapsed_s": self.elapsed, "backend": self.backend},
         }
         ckpt.save(self.checkpoint_path(), arrays, meta)
+        if self._keeps(state.step):
+            ckpt.save(kept_checkpoint(self.out, state.step), arrays, meta)
         self.checkpoint_step = state.step
         return self.checkpoint_path()
+
+    def _keeps(self, step: int) -> bool:
+        """Whether ``step``'s checkpoint is kept: a multiple of ``keep_checkpoints`` the run computed."""
+        keep = self.schedule.keep_checkpoints
+        return bool(keep) and step % keep == 0 and step > self.first_step
 
     def _restore(self, arrays: dict, meta: dict, path) -> None:
         state, xp = self.state, self.xp
@@ -328,19 +383,18 @@ class Run:
         state.last_constraint_met = bool(meta["last_constraint_met"])
         set_state(self.train_rng, meta["train_rng"])
         self.elapsed = float(meta.get("timing", {}).get("elapsed_s", 0.0))
-        defaults = Schedule()
-        self.schedule = Schedule(meta.get("target_batches") or defaults.batches,
-                                 meta.get("checkpoint_every") or defaults.checkpoint_every)
+        self.schedule = saved_schedule(meta)
+        self.parent = meta.get("parent")
         self._batch_state = meta["batch_iterator"]
         self.checkpoint_step = state.step
 
     # -- training
 
     def train(self, batches: int | None = None, checkpoint_every: int | None = None, progress: bool = True,
-              log_interval=10.0, stop=None, device_step: bool = False) -> dict:
+              log_interval=10.0, stop=None, device_step: bool = False, keep_checkpoints: int | None = None) -> dict:
         """Run Algorithm 1 until ``batches`` steps in total (default: the run's target); returns the summary.
 
-        ``checkpoint_every``: default the run's own. Both become the run's schedule.
+        ``checkpoint_every``, ``keep_checkpoints``: default the run's own. All three become the run's schedule.
         ``stop``: a callable asked before every step; when it says True the run stops as on
         SIGTERM (a sweep's workers, which receive no signals, stop this way).
         ``device_step``: from the first hit on, run :class:`refimpl.device_step.DeviceStep` (the
@@ -358,16 +412,20 @@ class Run:
             raise OptionError(f"batches={batches}: this run has already done {self.state.step} batches")
         if not isinstance(checkpoint_every, (int, numpy.integer)) or checkpoint_every < 1:
             raise OptionError(f"checkpoint_every={checkpoint_every!r}: expected a positive integer")
+        keep = self.schedule.keep_checkpoints if keep_checkpoints is None else keep_checkpoints
+        if not isinstance(keep, (int, numpy.integer)) or keep < 0:
+            raise OptionError(f"keep_checkpoints={keep!r}: expected a non-negative integer")
         if self._lock is None:
             self._lock = RunLock(self.out).acquire()
         try:
-            return self._train(int(batches), int(checkpoint_every), progress, log_interval, stop, device_step)
+            return self._train(Schedule(int(batches), int(checkpoint_every), int(keep)), progress, log_interval, stop,
+                               device_step)
         finally:
             self.close()
 
-    def _train(self, batches: int, checkpoint_every: int, progress: bool, log_interval, stop,
-               device_step: bool = False) -> dict:
-        self.schedule = Schedule(batches, checkpoint_every)
+    def _train(self, schedule: Schedule, progress: bool, log_interval, stop, device_step: bool = False) -> dict:
+        self.schedule = schedule
+        batches, checkpoint_every = schedule.batches, schedule.checkpoint_every
         self.batch_order  # opens the dataset before the log
         state, tau = self.state, self.hyper.tau
         self._log = CsvLog(self.out / LOG_FILE)
@@ -400,7 +458,7 @@ class Run:
                         raise NonFiniteLoss(f"non-finite loss at step {state.step} (loss={log['loss']}, "
                                             f"E2={log['E2']}, lambda={log['lambda_raw']}); stopped; {kept}")
                     bar.update(log, tau)
-                    if state.step % checkpoint_every == 0:
+                    if state.step % checkpoint_every == 0 or self._keeps(state.step):
                         self.save_checkpoint()
                 if signalled.signum is not None:
                     if self.checkpoint_step != state.step:
@@ -421,13 +479,18 @@ class Run:
         out = {"step": self.state.step, "n_latent": self.config.latent, "open_gates": int(gates.sum()),
                "gates": gates.tolist(), "gamma": gamma.tolist(), "tau": self.hyper.tau,
                "lambda_eff": None, "hit": self.state.hit, "elapsed_s": self.elapsed, "backend": self.backend}
-        log_path = self.out / LOG_FILE
-        if log_path.is_file():
-            columns = read_log(log_path)
+        if self.has_log():
+            columns = read_history(self.out)
             if columns.get("E2"):
                 out.update(E2_last=columns["E2"][-1], E2_ma95=moving_average(columns["E2"], 0.95),
                            lambda_eff=columns["lambda_eff"][-1], gates_l1=columns["gates_l1"][-1])
         return out
+
+    def has_log(self) -> bool:
+        """Whether the run has logged a step: its own log.csv (or log.csv.gz), or a parent's for a branch."""
+        if any((self.out / name).is_file() for name in (LOG_FILE, LOG_GZ_FILE)):
+            return True
+        return self.parent is not None and (self.out / CONFIG_FILE).is_file()  # not a kept checkpoint read alone
 
     def write_summary(self) -> dict:
         summary = self.summary()
@@ -436,7 +499,7 @@ class Run:
 
 
 def open_run(out, given: dict, *, backend: str | None = None, resume: bool | None = False, overwrite: bool = False,
-             schedule: Schedule | None = None, repair_log: bool = False) -> Run:
+             schedule: Schedule | None = None, repair_log: bool = False, parent=None, at: int | None = None) -> Run:
     """The run in folder ``out``, continued or new, open for training (holding the folder's lock
     until it has trained or is closed): the one place train, the experiments and sweeps open runs.
 
@@ -444,10 +507,17 @@ def open_run(out, given: dict, *, backend: str | None = None, resume: bool | Non
     the run in ``out`` (it must exist, and ``given`` must agree with it); False: a new run
     from ``given`` (``overwrite`` replaces one already there); None: continue if ``out``
     holds a run, else start one. ``repair_log``: see :func:`refimpl.runlog.verify_log`.
+    ``parent`` (a run folder or a :class:`refimpl.branch.Source`), ``at``: the new run is a
+    branch (:meth:`Run.branch`; ``schedule`` default the parent's); a run continued with
+    resume=None must then be a branch of that folder.
     """
     out = Path(out)
     exists = (out / CHECKPOINT_FILE).is_file()
     automatic, resume = resume is None, exists if resume is None else resume
+    if parent is not None and resume and not automatic:
+        raise OptionError("--from starts a new run (a branch): continue a branch with --resume alone")
+    if parent is not None and not resume:
+        return Run.branch(parent, out, given, at=at, backend=backend, overwrite=overwrite, schedule=schedule)
     if not resume:
         return Run.create(new_config(given), out, backend=backend, overwrite=overwrite, schedule=schedule)
     if not exists:
@@ -459,6 +529,8 @@ def open_run(out, given: dict, *, backend: str | None = None, resume: bool | Non
     try:
         run = Run.load(out, backend=backend, for_training=False)
         differences = config_differences(run.config, given)
+        if parent is not None:
+            differences += _other_parent(run, parent, at)
         if differences and automatic:
             raise RunConflictError(f"{out} holds a run with other settings ({'; '.join(differences)}); delete it or "
                                    "choose another --out")
@@ -469,6 +541,28 @@ def open_run(out, given: dict, *, backend: str | None = None, resume: bool | Non
         lock.release()
         raise
     return run
+
+
+def _holds_old_run(out: Path, overwrite: bool) -> bool:
+    """Whether ``out`` holds a run a new one replaces (with ``overwrite``; RunExistsError without)."""
+    held = check_new_run_folder(out, overwrite)
+    if held and not overwrite:
+        raise RunExistsError(f"{out} already holds a run ({CHECKPOINT_FILE}); continue it with --resume, "
+                             f"start afresh with --overwrite, or choose another --out")
+    return held
+
+
+def _other_parent(run: Run, parent, at: int | None) -> list[str]:
+    """How ``run`` differs from a branch of ``parent`` (at step ``at``, if given), as :func:`config_differences`
+    words it."""
+    folder = parent.folder if isinstance(parent, Source) else Path(parent)
+    if run.parent is None:
+        return [f"a branch of {folder} (the run is not a branch)"]
+    theirs = parent_folder(run.out, run.parent)
+    if theirs.resolve() != folder.resolve() or at is not None and at != run.parent["step"]:
+        return [f"a branch of {folder}{'' if at is None else f' at step {at}'} (the run branches {theirs} at step "
+                f"{run.parent['step']})"]
+    return []
 
 
 __all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "LOG_FILE", "NonFiniteLoss", "Run", "RunConflictError", "RunExistsError", "STREAMS", "SUMMARY_FILE",

@@ -90,8 +90,8 @@ def spec(out, chosen: dict, *, backend=None, eval_images=None, **override) -> di
     if not chosen.get("baseline"):
         given["hyper"]["tau"] = float(chosen["tau"])
     new_config(given)  # a combination that cannot work is refused before any run starts
-    return run_spec(out, given, Schedule(int(chosen["batches"]), int(chosen["checkpoint_every"])), backend,
-                    eval_images)
+    schedule = Schedule(int(chosen["batches"]), int(chosen["checkpoint_every"]), int(chosen.get("keep_checkpoints", 0)))
+    return run_spec(out, given, schedule, backend, eval_images)
 
 
 def report(name: str, written: list) -> list:
