@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
+from .algorithm1 import Hyper
 from .atomic import atomic_write
+from .config import RunConfig
 from .milestones import WINDOW, milestones
 from .plot import load_history
 from .runfolder import CONFIG_FILE, SUMMARY_FILE
 
 STUDY_FILE = "study.md"
-IGNORED = ("seed", "data")  # fields that never define an arm
+IGNORED = ("seed", "split_seed", "data")  # fields that never define an arm
 
 
 class StudyError(OSError):
@@ -49,11 +52,25 @@ def run_folders(paths) -> list[Path]:
     return found
 
 
+def defaults() -> dict:
+    """Every RunConfig and Hyper field that has a default, with it (``hyper`` itself left out)."""
+    out = {}
+    for cls in (RunConfig, Hyper):
+        for f in fields(cls):
+            if f.default is not MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not MISSING and f.name != "hyper":
+                out[f.name] = f.default_factory()
+    return out
+
+
 def flat_config(folder: Path) -> dict:
-    """config.json's run configuration as one flat dict (``hyper`` fields beside the others)."""
+    """config.json's run configuration as one flat dict: ``hyper`` fields beside the others, and the
+    defaults of the fields it does not name."""
     config = json.loads((folder / CONFIG_FILE).read_text())["config"]
     hyper = config.pop("hyper", {})
-    return {**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}, **hyper}
+    given = {**config, **hyper}
+    return {**defaults(), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()}}
 
 
 def run_row(folder: Path, window: int = WINDOW) -> dict:
@@ -79,16 +96,18 @@ def _value(v) -> str:
 
 
 def study(rows: list[dict]) -> dict:
-    """The groups of ``rows`` by arm: {arm label: {"rows": [...], "open_gates": [...], "range": (lo, hi)}}."""
-    fields = arm_fields(rows)
+    """The groups of ``rows`` by arm: {arm label: {"rows": [...], "open_gates": [...], "range": (lo, hi)}}; a
+    label names the varying fields whose value is not the default ("defaults" for none)."""
+    varying, default = arm_fields(rows), defaults()
     groups = {}
-    for r in sorted(rows, key=lambda r: ([repr(r["config"].get(k)) for k in fields], r["config"].get("seed", 0))):
-        label = " ".join(f"{k}={_value(r['config'].get(k))}" for k in fields) or "all runs"
+    for r in sorted(rows, key=lambda r: ([repr(r["config"].get(k)) for k in varying], r["config"].get("seed", 0))):
+        changed = [k for k in varying if k not in default or r["config"].get(k) != default[k]]
+        label = " ".join(f"{k}={_value(r['config'].get(k))}" for k in changed) or ("defaults" if varying else "all runs")
         groups.setdefault(label, {"rows": []})["rows"].append(r)
     for g in groups.values():
         gates = [r["open_gates"] for r in g["rows"]]
         g["open_gates"], g["range"] = gates, (min(gates), max(gates))
-    return {"fields": fields, "groups": groups}
+    return {"fields": varying, "groups": groups}
 
 
 def to_markdown(s: dict, window: int) -> str:

@@ -68,3 +68,14 @@ def test_folders_without_runs_are_refused(tmp_path, capsys):
     assert cli_main(["study", str(tmp_path / "empty")]) == 1
     assert "neither a run folder nor a sweep folder" in capsys.readouterr().err
     assert cli_main(["study", str(tmp_path / "missing")]) == 1
+
+
+def test_arms_are_labelled_by_what_differs_from_the_defaults(tmp_path):
+    for name, hyper in (("plain", {"tau": 1.0}), ("per-step", {"tau": 1.0, "hit": "per_step"}),
+                        ("sticky", {"tau": 1.0, "hit": "sticky"})):
+        config = RunConfig(dataset="synthetic-dsprites", latent=3, image_size=16, holdout=100, hyper=hyper)
+        Run.create(config, tmp_path / "runs" / name).train(2, progress=False)
+    rows = [st.run_row(f) for f in st.run_folders([tmp_path])]
+    assert st.arm_fields(rows) == ["hit"]  # a default given explicitly is the same arm as one left out
+    s = st.study(rows)
+    assert {label: len(g["rows"]) for label, g in s["groups"].items()} == {"hit=per_step": 1, "defaults": 2}
