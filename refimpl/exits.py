@@ -28,10 +28,8 @@ from .backend import BackendError
 from .checkpoint import CheckpointError
 from .data import DatasetError
 from .figures import PlottingUnavailable
+from .errors import NonFiniteLoss, SweepInterrupted, TraceError, TrainingInterrupted
 from .optionspec import OptionError
-from .sweep import SweepInterrupted
-from .trace import TraceError
-from .training import NonFiniteLoss, TrainingInterrupted
 
 USAGE, FAILURE = 2, 1
 FAILURES = (BackendError, DatasetError, CheckpointError, TraceError, NonFiniteLoss, PlottingUnavailable, OSError)

@@ -6,7 +6,7 @@ staircase (9 open after 10K, 6 at 20K, 5 at 25K); lambda rises again whenever th
 exceeds tau; late in training a gate closes, the constraint breaks and it reopens. The
 claims ledger (docs/claims.md) quotes these events for the 64x64 runs; this module
 computes them from ``log.csv`` (or ``log.csv.gz``; a branch's whole history, its parents'
-rows first: :func:`refimpl.plot.load_history`), so every number there can be recomputed
+rows first: :func:`refimpl.runread.load_history`), so every number there can be recomputed
 with one command:
 
 - lambda': its first value, its peak and the batch of the peak, its last value;
@@ -42,7 +42,7 @@ import sys
 import numpy
 
 from .atomic import atomic_write
-from .plot import gamma_columns, load_history, run_folder
+from .runread import gamma_columns, load_history, run_folder
 from .runfolder import MILESTONES_FILE
 from .runlog import moving_average
 
@@ -109,7 +109,7 @@ def constraint_window(log: dict, window: int) -> dict:
 
 def milestones(log: dict, tail: int = TAIL, min_stretch: int = MIN_STRETCH, after: int = AFTER,
                window: int = WINDOW) -> dict:
-    """The events of Section 4.1 in ``log`` (columns name -> (T,) float arrays, :func:`refimpl.plot.load_history`)."""
+    """The events of Section 4.1 in ``log`` (columns name -> (T,) float arrays, :func:`refimpl.runread.load_history`)."""
     steps, lam, c_ma = log["step"], log["lambda_eff"], log["C_ma"]
     peak = int(numpy.argmax(lam))
     below = numpy.flatnonzero(c_ma < 0)

@@ -25,8 +25,8 @@ of noisy series survive); moving averages are computed on the full series first.
 matplotlib is optional (extra ``plots``); without it :func:`plot_run` raises
 :class:`PlottingUnavailable` (a RuntimeError) whose message is the one-line install hint.
 A folder that is not a run, or an empty or unreadable ``log.csv``, raises
-:class:`PlotError` (an OSError), a missing ``log.csv`` FileNotFoundError; each message
-is one line naming the path.
+:class:`refimpl.runread.RunReadError` (an OSError), a missing ``log.csv``
+FileNotFoundError; each message is one line naming the path.
 
 Command line: ``refimpl plot RUN [--out FILE] [--count N] [--backend B]`` (also
 ``python -m refimpl.plot RUN ...``).
@@ -39,23 +39,15 @@ from pathlib import Path
 
 import numpy
 
-from .branch import lineage, read_history
+from .branch import lineage
 from .figures import require_pyplot, save_figure
-from .runfolder import LOG_GZ_FILE
-from .training import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, Run
+from .runread import gamma_columns, load_history, run_folder
+from .training import Run
 
 PLOT_FILE = "plot.png"
 MAX_POINTS = 5000  # points drawn per line at most
 SMOOTHING = 0.99  # moving-average factor of the noisy series (E2, hit fraction)
-REQUIRED_COLUMNS = ("step", "E2", "gates_l1", "lambda_eff", "hit_fraction")
 PROG = "refimpl plot"
-
-
-class PlotError(OSError):
-    """A path is not a run folder, or its log.csv is empty or unreadable; the message names the file.
-
-    An OSError, like the missing-file case, so that every command's error handling (which
-    reports OSError in one line, exit status 1) covers it without naming it."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -94,48 +86,6 @@ def smooth(values, factor: float = SMOOTHING) -> numpy.ndarray:
 
 def sigmoid(x):
     return 0.5 * (1.0 + numpy.tanh(0.5 * numpy.asarray(x, dtype=numpy.float64)))  # no overflow for large |x|
-
-
-# ----------------------------------------------------------------------------------------
-# Reading a run folder
-
-
-def run_folder(path) -> Path:
-    """The run folder ``path`` names (a folder, or its checkpoint.npz); PlotError when it is not one."""
-    path = Path(path)
-    folder = path.parent if path.is_file() and path.name == CHECKPOINT_FILE else path
-    if not folder.is_dir():
-        raise PlotError(f"{path}: no such run folder")
-    missing = [name for name in (CONFIG_FILE, CHECKPOINT_FILE) if not (folder / name).is_file()]
-    if missing:
-        raise PlotError(f"{folder}: not a refimpl run folder (no {' or '.join(missing)})")
-    return folder
-
-
-def load_history(folder) -> dict:
-    """Run folder ``folder``'s log as columns name -> float64 array: its ``log.csv`` (or ``log.csv.gz``),
-    after its parents' rows for a branch (:func:`refimpl.branch.read_history`). FileNotFoundError /
-    PlotError naming the file."""
-    folder = Path(folder)
-    path = folder / LOG_FILE
-    if not lineage(folder)[1:] and not (path.is_file() or (folder / LOG_GZ_FILE).is_file()):
-        raise FileNotFoundError(f"{path}: no such file (the run has not trained a batch yet)")
-    try:
-        columns = read_history(folder)
-    except (ValueError, IndexError) as exc:  # a non-number or a short row
-        raise PlotError(f"{path}: not a readable training log ({type(exc).__name__}: {exc})") from None
-    if not columns or not columns.get("step"):
-        raise PlotError(f"{path}: the log is empty (no rows)")
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise PlotError(f"{path}: not a training log (no column {', '.join(missing)})")
-    return {name: numpy.asarray(values, dtype=numpy.float64) for name, values in columns.items()}
-
-
-def gamma_columns(log: dict) -> list[str]:
-    """The log's ``gamma_0 .. gamma_{n-1}`` columns in index order ([] for logs that predate them)."""
-    names = [c for c in log if c.startswith("gamma_") and c[6:].isdigit()]
-    return sorted(names, key=lambda c: int(c[6:]))
 
 
 def _note(notes, text: str) -> None:
@@ -188,7 +138,7 @@ def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list 
     the model that reconstructs (default $REFIMPL_BACKEND or numpy). Notes on parts that
     could not be drawn (one line each) go to ``notes`` when it is a list, else to stderr.
 
-    Raises PlotError (not a run folder; empty or unreadable log), FileNotFoundError (no
+    Raises RunReadError (not a run folder; empty or unreadable log), FileNotFoundError (no
     log.csv), PlottingUnavailable (no matplotlib) and, from :meth:`Run.load`, CheckpointError
     (an unreadable checkpoint) or BackendError (``backend`` not available).
     """

@@ -29,7 +29,7 @@ from .algorithm1 import Hyper
 from .atomic import atomic_write
 from .config import RunConfig
 from .milestones import WINDOW, milestones
-from .plot import load_history
+from .runread import load_history
 from .runfolder import CONFIG_FILE, SUMMARY_FILE
 
 STUDY_FILE = "study.md"

@@ -4,9 +4,10 @@ A run is a task: its input is a run specification (:func:`run_spec`: the run opt
 schedule, and a run folder on a filesystem every worker can see), its result the run's
 summary. Where the tasks run:
 
-- ``--jobs 1`` (the default, no ``--scheduler``): here, one after another, in this process;
-- ``--jobs J``: a Dask ``LocalCluster`` of J single-threaded worker processes (each with
-  ``--blas-threads`` BLAS threads);
+- ``--jobs J`` (default 1): a Dask ``LocalCluster`` of J single-threaded worker processes,
+  each with ``--blas-threads`` BLAS threads (default 1);
+- ``--jobs 1 --blas-threads 0``: here, one after another, in this process, with the
+  environment's BLAS threads (no Dask);
 - ``--scheduler ADDRESS``: an existing Dask cluster (``dask scheduler`` on one machine,
   ``dask worker ADDRESS --nworkers N --nthreads 1`` on each, or dask-jobqueue's
   ``SLURMCluster``); GPU runs (``--backend cupy``) ask for one ``GPU`` resource each
@@ -32,35 +33,16 @@ from pathlib import Path
 
 from .atomic import write_json
 from .config import Schedule
+from .errors import RunFolderNotVisible, SchedulerError, SweepInterrupted, SweepSetupError, TrainingInterrupted
 from .optionspec import OptionError
 from .runfolder import LOG_FILE
 from .sweepwatch import LogRows, StatusBoard, SweepWatch
-from .training import TrainingInterrupted, open_run
+from .training import open_run
 
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 STOP_FILE = ".stop"
 POLL_S = 0.5  # how often the client looks at its runs (their futures; their logs at the status board's pace)
 MARKER_FILE = "runs/.sweep.json"  # written by the client: a worker that cannot see it cannot see the runs
-
-
-class SchedulerError(OSError):
-    """The Dask scheduler cannot be reached; the message names its address."""
-
-
-class SweepSetupError(OSError):
-    """What a sweep needs is missing (Dask); the message says what to install."""
-
-
-class RunFolderNotVisible(OSError):
-    """A worker cannot see the sweep's folder; the message names the folder and the worker."""
-
-
-class SweepInterrupted(Exception):
-    """The sweep stopped on a signal; every run in progress saved its checkpoint (exit status 128 + signal)."""
-
-    def __init__(self, signum: int, out: Path, saved: int):
-        super().__init__(f"{signal.Signals(signum).name}: {saved} run(s) in progress saved their checkpoints in {out}")
-        self.signum, self.path = signum, None
 
 
 # ----------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from .algorithm1 import train_step
 from .backend import to_host
 from .atomic import atomic_write
 from .checkpoint import read_npz
+from .errors import TraceError, TraceKeyError
 
 FORMAT = "refimpl-trace"
 VERSION = 1
@@ -110,17 +111,6 @@ STEP_KEYS = (
 VALUES = tuple((name, line, meaning) for group, name, line, meaning in STEP_KEYS if group == "value")
 VALUE_NAMES = tuple(v[0] for v in VALUES)
 FLAGS = ("sampling", "l0_added", "hit")
-
-
-class TraceError(ValueError):
-    """A trace file is missing, unreadable or malformed; the message names the file."""
-
-
-class TraceKeyError(TraceError, KeyError):
-    """A key is not in the trace; the message names the file and the key."""
-
-    def __str__(self):
-        return self.args[0] if self.args else ""
 
 
 def step_prefix(step: int) -> str:

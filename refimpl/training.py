@@ -51,6 +51,7 @@ from .console import Progress, StopOnSignal
 from .data import BatchIterator, DatasetError, dataset_info, open_dataset, split_indices
 from .data.base import downsample
 from .device_step import DeviceStep, applies
+from .errors import NonFiniteLoss, RunConflictError, RunExistsError, TrainingInterrupted
 from .model import Architecture, GatedVAE, build_architecture, default_fused
 from .optionspec import OptionError
 from .rng import generator, get_state, set_state
@@ -62,30 +63,6 @@ from .runlog import CsvLog, moving_average, verify_log
 STREAMS = ("init", "split", "batches", "train", "factors")  # new names go last: the index seeds the stream
 META_KEYS = ("step", "adam_t", "hit", "c_ma", "last_constraint_met", "train_rng", "batch_iterator", "config",
              "architecture")
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the kept checkpoint."""
-
-
-class RunExistsError(FileExistsError):
-    """A new run was asked for in a folder that holds one (a run-folder problem: exit status 1)."""
-
-
-class RunConflictError(FileExistsError):
-    """A folder that should hold this run holds one with other settings (a file problem: exit status 1)."""
-
-
-class TrainingInterrupted(Exception):
-    """Training stopped on SIGINT or SIGTERM after saving a checkpoint."""
-
-    def __init__(self, step: int, signum: int, path: Path):
-        self.step, self.signum, self.path = step, signum, path
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} at step {step}; checkpoint saved to {path}")
-
-    def __reduce__(self):  # picklable, so that it crosses from a worker process
-        return (type(self), (self.step, self.signum, self.path))
 
 
 def stream(seed: int, name: str) -> numpy.random.Generator:

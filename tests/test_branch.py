@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from refimpl import branch, plot
+from refimpl import branch, runread
 from refimpl import checkpoint as ckpt
 from refimpl.cli import main
 from refimpl.config import Schedule
@@ -119,7 +119,7 @@ def test_branch_records_parent_and_changed_options(parent, tmp_path):
     assert rows(out / "log.csv")[1:] != rows(parent / "log.csv")[21:]  # the switch changed the steps
     assert Run.load(out, for_training=False).hyper.gate_samples == "per_example"
     summary = json.loads((out / "summary.json").read_text())
-    full = plot.load_history(out)["E2"]
+    full = runread.load_history(out)["E2"]
     assert summary["E2_ma95"] == moving_average(full) != moving_average(read_log(out / "log.csv")["E2"])
 
 
@@ -201,10 +201,10 @@ def test_history_of_a_branch_of_a_branch(parent, tmp_path):
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-00000030.npz"]
     c = Run.branch(tmp_path / "b", tmp_path / "c", {"seed": 1}, at=30, schedule=Schedule(34))
     assert [(p.name, s) for p, s in branch.lineage(tmp_path / "c")] == [("a", 20), ("b", 30), ("c", None)]
-    history = plot.load_history(tmp_path / "c")
+    history = runread.load_history(tmp_path / "c")
     assert history["step"].tolist() == list(range(1, 31))  # c has no rows yet
     c.train(progress=False)
-    history = plot.load_history(tmp_path / "c")
+    history = runread.load_history(tmp_path / "c")
     assert history["step"].tolist() == list(range(1, 35))
     expected = (rows(parent / "log.csv")[1:21] + rows(tmp_path / "b" / "log.csv")[1:]
                 + rows(tmp_path / "c" / "log.csv")[1:])
@@ -231,7 +231,7 @@ def test_history_errors(parent, tmp_path):
     record["parent"]["run"] = "../gone"
     (tmp_path / "b" / "config.json").write_text(json.dumps(record))
     with pytest.raises(FileNotFoundError, match=r"b is a branch of .*gone at step 20, which is not there"):
-        plot.load_history(tmp_path / "b")
+        runread.load_history(tmp_path / "b")
     record["parent"]["run"] = "."
     (tmp_path / "b" / "config.json").write_text(json.dumps(record))
     with pytest.raises(LogError, match="its parents loop back"):
@@ -244,7 +244,7 @@ def test_milestones_and_plot_of_a_branch(parent, tmp_path, capsys):
                  "--tau", "30"]) == 0
     assert main(["milestones", str(out), "--json", "--tail", "5"]) == 0
     m = json.loads((out / "milestones.md").read_text())
-    history = plot.load_history(out)
+    history = runread.load_history(out)
     assert m["batches"] == 30 and m["tau"] == 30
     assert m["lambda_first"] == history["lambda_eff"][0] == read_log(parent / "log.csv")["lambda_eff"][0]
     assert m["tail"]["E2_mean"] == pytest.approx(numpy.mean(read_log(out / "log.csv")["E2"][-5:]))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from refimpl import figures as figure_helpers
-from refimpl import plot, training
+from refimpl import plot, runread, training
 from refimpl.cli import main as cli_main
 from refimpl.data import DatasetNotFoundError
 from refimpl.config import RunConfig
@@ -211,23 +211,23 @@ def test_smooth_is_the_running_moving_average():
 
 
 def test_not_a_run_folder_or_no_log_is_one_clear_error(run_dir, tmp_path, capsys):
-    assert issubclass(plot.PlotError, OSError)  # reported in one line (exit 1) wherever OSError is
-    with pytest.raises(plot.PlotError, match="no such run folder"):
+    assert issubclass(runread.RunReadError, OSError)  # reported in one line (exit 1) wherever OSError is
+    with pytest.raises(runread.RunReadError, match="no such run folder"):
         plot.plot_run(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(plot.PlotError, match=r"empty: not a refimpl run folder \(no config.json or checkpoint.npz\)"):
+    with pytest.raises(runread.RunReadError, match=r"empty: not a refimpl run folder \(no config.json or checkpoint.npz\)"):
         plot.plot_run(empty)
     log = run_dir / "log.csv"
     header = log.read_text().splitlines()[0]
     log.write_text(header + "\n")
-    with pytest.raises(plot.PlotError, match=r"log.csv: the log is empty"):
+    with pytest.raises(runread.RunReadError, match=r"log.csv: the log is empty"):
         plot.plot_run(run_dir)
     log.write_text("")
-    with pytest.raises(plot.PlotError, match=r"log.csv: the log is empty"):
+    with pytest.raises(runread.RunReadError, match=r"log.csv: the log is empty"):
         plot.plot_run(run_dir)
     log.write_text(header + "\n1,2\n")  # a torn row
-    with pytest.raises(plot.PlotError, match=r"log.csv: not a readable training log"):
+    with pytest.raises(runread.RunReadError, match=r"log.csv: not a readable training log"):
         plot.plot_run(run_dir)
     log.unlink()
     with pytest.raises(FileNotFoundError, match=r"log.csv: no such file"):
