@@ -30,7 +30,7 @@ from .atomic import atomic_write
 from .config import RunConfig
 from .milestones import WINDOW, milestones
 from .runread import load_history
-from .runfolder import CONFIG_FILE, SUMMARY_FILE
+from .runfolder import CONFIG_FILE, LOG_FILE, LOG_GZ_FILE, SUMMARY_FILE
 
 STUDY_FILE = "study.md"
 IGNORED = ("seed", "split_seed", "data")  # fields that never define an arm
@@ -73,6 +73,11 @@ def flat_config(folder: Path) -> dict:
     return {**defaults(), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()}}
 
 
+def started(folder: Path) -> bool:
+    """Whether the run has trained a batch of its own (a log; a sweep stopped early leaves step-0 folders)."""
+    return (folder / LOG_FILE).is_file() or (folder / LOG_GZ_FILE).is_file()
+
+
 def run_row(folder: Path, window: int = WINDOW) -> dict:
     """One run's row: its configuration and what its log shows."""
     log = load_history(folder)
@@ -95,9 +100,10 @@ def _value(v) -> str:
     return f"{v:g}" if isinstance(v, float) else ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
-def study(rows: list[dict]) -> dict:
+def study(rows: list[dict], waiting=()) -> dict:
     """The groups of ``rows`` by arm: {arm label: {"rows": [...], "open_gates": [...], "range": (lo, hi)}}; a
-    label names the varying fields whose value is not the default ("defaults" for none)."""
+    label names the varying fields whose value is not the default ("defaults" for none). ``waiting``: the
+    names of runs that have not trained a batch yet, listed as such."""
     varying, default = arm_fields(rows), defaults()
     groups = {}
     for r in sorted(rows, key=lambda r: ([repr(r["config"].get(k)) for k in varying], r["config"].get("seed", 0))):
@@ -107,7 +113,7 @@ def study(rows: list[dict]) -> dict:
     for g in groups.values():
         gates = [r["open_gates"] for r in g["rows"]]
         g["open_gates"], g["range"] = gates, (min(gates), max(gates))
-    return {"fields": varying, "groups": groups}
+    return {"fields": varying, "groups": groups, "waiting": list(waiting)}
 
 
 def to_markdown(s: dict, window: int) -> str:
@@ -131,6 +137,8 @@ def to_markdown(s: dict, window: int) -> str:
                          + ("never" if r["first_dive"] is None else f"{r['first_dive']:,}")
                          + f" | {100 * c['c_ma_positive_fraction']:.1f}% of {c['batches']:,} | "
                          f"{c['E2_mean']:.4g} / {c['tau']:g} |")
+    if s["waiting"]:
+        lines += ["", f"Not started yet: {', '.join(s['waiting'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +155,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """``refimpl study``: print the table and write it."""
-    s = study([run_row(folder, args.window) for folder in run_folders(args.dirs)])
+    folders = run_folders(args.dirs)
+    s = study([run_row(f, args.window) for f in folders if started(f)], [f.name for f in folders if not started(f)])
     text = json.dumps(s, indent=1, default=list) + "\n" if args.json else to_markdown(s, args.window)
     out = Path(args.out) if args.out else Path(args.dirs[0]) / STUDY_FILE
     atomic_write(out, lambda f: f.write(text.encode()))

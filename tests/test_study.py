@@ -79,3 +79,13 @@ def test_arms_are_labelled_by_what_differs_from_the_defaults(tmp_path):
     assert st.arm_fields(rows) == ["hit"]  # a default given explicitly is the same arm as one left out
     s = st.study(rows)
     assert {label: len(g["rows"]) for label, g in s["groups"].items()} == {"hit=per_step": 1, "defaults": 2}
+
+
+def test_runs_without_a_batch_are_listed_as_not_started(sweep, tmp_path, capsys):
+    idle = tmp_path / "idle"
+    config = RunConfig(dataset="synthetic-dsprites", latent=3, image_size=16, holdout=100, hyper={"tau": 1.0})
+    Run.create(config, idle).close()  # step 0: a config and a checkpoint, no log
+    assert not st.started(idle) and st.started(sweep / "runs" / "tau1-seed0")
+    assert cli_main(["study", str(sweep), str(idle), "--out", str(tmp_path / "t.md")]) == 0
+    text = capsys.readouterr().out
+    assert text.rstrip().endswith("Not started yet: idle.") and "| tau=1 | 2 (0, 1) |" in text

@@ -1,0 +1,29 @@
+#!/bin/sh
+# What bench/results/study/ commits of its runs, recomputed from their run folders (the runs
+# themselves are trained by the sweeps of bench/results/study/README.md):
+#   RUN/log.csv.gz   the run's log, compressed (refimpl pack-log; log.csv stays out of git;
+#                    a branch's log holds only its own rows)
+#   RUN/plot.png     Figure 1 of the run (a branch's whole history, its parent's rows first)
+#   RUN/milestones.md  Section 4.1's events, the bumps and the constraint's last 10,000 batches
+#   q1-seeds-s32/study.md, q2-tau20.md, q2-tau35.md, s44-n-vs-2n-s16/study.md   the tables
+# Run folders still at step 0 (a sweep creates each run's folder when it is stopped before the
+# run's first batch) hold nothing worth keeping and are skipped here; delete them before committing.
+# Usage: bench/record_study.sh [FOLDER]   (default bench/results/study)
+set -eu
+STUDY=${1:-bench/results/study}
+REFIMPL=${REFIMPL:-.venv/bin/refimpl}
+for run in "$STUDY"/*/runs/*; do
+    [ -f "$run/log.csv" ] || [ -f "$run/log.csv.gz" ] || continue
+    $REFIMPL pack-log "$run"
+    $REFIMPL plot "$run" --count 8 > /dev/null
+    $REFIMPL milestones "$run" > /dev/null
+done
+table() {  # OUT DIR...: one study table, when its runs have started
+    out=$1; shift
+    ls "$@" > /dev/null 2>&1 || return 0
+    $REFIMPL study "$@" --out "$out" > /dev/null
+}
+table "$STUDY/q1-seeds-s32/study.md" "$STUDY/q1-seeds-s32"
+table "$STUDY/q2-tau20.md" "$STUDY"/q2-b64-tau20-*
+table "$STUDY/q2-tau35.md" "$STUDY"/q2-b64-tau35-*
+table "$STUDY/s44-n-vs-2n-s16/study.md" "$STUDY/s44-n-vs-2n-s16"
