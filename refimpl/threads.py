@@ -1,0 +1,173 @@
+"""How the CPU step uses the machine's cores: BLAS threads, and l. 12 beside l. 13.
+
+Two execution settings, not part of a run (a run gives the same numbers bit for bit
+with any of them; ``tests/test_threads.py``), resolved once when the run is built
+(:func:`resolve`) and kept in :class:`refimpl.algorithm1.TrainState`:
+
+- ``blas_threads``: the threads OpenBLAS (NumPy's GEMMs) may use. ``auto``: one for a
+  model whose GEMMs are small (the 16x16 and 32x32 models), every core for larger ones;
+  left to the library when ``$OPENBLAS_NUM_THREADS`` or ``$OMP_NUM_THREADS`` is set (a
+  sweep's workers set them). Spinning BLAS threads are what a busy machine punishes
+  most (bench/NOTES.md, 2026-12-06).
+- ``decoder_passes``: ``parallel`` runs the E1 decoder pass (l. 12, never
+  differentiated) in a second thread beside the E2 pass (l. 13), each with its share of
+  the BLAS threads; NumPy releases the GIL inside its loops and GEMMs. ``sequential`` is
+  the reference: l. 12, then l. 13, as written. The E1 pass runs on a twin of the decoder
+  (:meth:`refimpl.layers.layer.Layer.twin`: the same parameters, its own caches and
+  scratch arrays). Only where the two passes are independent: NumPy backend, and E1 with
+  its own batch statistics (``e1_batchnorm="batch"``); ``batch_update`` writes and
+  ``running`` reads the running statistics that the E2 pass updates, so those run in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .optionspec import OptionError, option
+
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+# auto: more than one BLAS thread from this many GEMM multiply-adds per image of a step's
+# decoder pass on (bench/NOTES.md, 2026-12-06: the 16x16 and 32x32 models are below it).
+BLAS_WORK_THRESHOLD = 20e6
+
+
+def _blas_threads(text: str) -> str:
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise OptionError(f"blas_threads={text!r}: expected auto or a positive integer")
+    return text
+
+
+@dataclass
+class Execution:
+    """How the step is executed (``refimpl train`` options); never changes a number."""
+
+    blas_threads: str = option("auto", "BLAS threads for the step's GEMMs: auto (1 for small models, every core "
+                               "for large ones; $OPENBLAS_NUM_THREADS / $OMP_NUM_THREADS when set) or a number",
+                               parse=_blas_threads, metavar="auto|N")
+    decoder_passes: str = option("parallel", "l. 12-13: the E1 decoder pass in a second thread beside the E2 pass "
+                                 "(NumPy, e1_batchnorm=batch), or one after the other (the reference)",
+                                 choices=("parallel", "sequential"))
+
+    def __post_init__(self):
+        _blas_threads(str(self.blas_threads))
+        if self.decoder_passes not in ("parallel", "sequential"):
+            raise OptionError(f"decoder_passes={self.decoder_passes!r}: expected parallel or sequential")
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def decoder_work(model) -> float:
+    """GEMM multiply-adds per image of one decoder pass (the measure ``auto`` compares with the threshold)."""
+    total, shape = 0.0, None
+    for _, layer in model.decoder.children():
+        weight = layer.params.get("weight")
+        kind = type(layer).__name__
+        if kind == "Linear":
+            total += weight.size
+        elif kind == "Reshape":
+            shape = layer.shape
+        elif kind in ("Conv2d", "UpsampleConv2d"):
+            c, h, w = shape
+            h, w = (2 * h, 2 * w) if kind == "UpsampleConv2d" else (h, w)
+            total += weight.size * h * w  # the upsampled map's every pixel, each tap
+            shape = (weight.shape[0], h, w)
+        elif kind == "Upsample":
+            shape = (shape[0], 2 * shape[1], 2 * shape[2])
+    return total
+
+
+def library_threads() -> int:
+    """The threads NumPy's BLAS uses now (threadpoolctl)."""
+    counts = [lib["num_threads"] for lib in _controller().info() if lib["user_api"] == "blas"]
+    return max(counts, default=1)
+
+
+def blas_thread_count(setting: str, model, environ=os.environ) -> int | None:
+    """The BLAS threads for ``model``'s step under ``setting``; None: leave the library's own."""
+    if setting != "auto":
+        return int(setting)
+    if model.xp.__name__ != "numpy" or any(environ.get(k) for k in BLAS_ENV):
+        return None
+    return 1 if decoder_work(model) < BLAS_WORK_THRESHOLD else max(1, cores() // 2)
+
+
+@dataclass(frozen=True)
+class Threads:
+    """An :class:`Execution` resolved for one model: BLAS threads (None: the library's) and parallel passes."""
+
+    blas: int | None = None
+    parallel_passes: bool = False
+
+
+SEQUENTIAL = Threads()
+
+
+def resolve(execution: Execution, model) -> Threads:
+    """The threading of ``model``'s step under ``execution``.
+
+    The passes run side by side only where each keeps the step's BLAS threads without the two
+    together asking for more threads than there are cores (OpenBLAS's float32 GEMMs round
+    differently with 1 and 2 threads, so each pass must keep the count). CuPy never threads.
+    """
+    blas = blas_thread_count(str(execution.blas_threads), model)
+    numpy_backend = model.xp.__name__ == "numpy"
+    fits = 2 * (blas if blas is not None else (library_threads() if numpy_backend else 1)) <= cores()
+    return Threads(blas, execution.decoder_passes == "parallel" and numpy_backend and fits)
+
+
+def _controller():
+    from threadpoolctl import ThreadpoolController
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def blas_limit(threads: int | None, controller=None):
+    """BLAS limited to ``threads`` inside the block (None: unchanged); restored after."""
+    if threads is None:
+        yield
+        return
+    with (controller or _controller()).limit(limits=threads, user_api="blas"):
+        yield
+
+
+class DecoderPasses:
+    """l. 12 and l. 13 for one model: in order, or the E1 pass in a worker thread beside the E2 pass."""
+
+    def __init__(self, model, threads: Threads):
+        self.model, self.threads = model, threads
+        self._twin = None
+        self._pool = None
+        self._blas = None
+
+    def __call__(self, z1, z2, mode: str, e1_pass):
+        """The decoder's outputs (x1, x2) for z1 = z * nu1 (l. 12, not cached) and z2 = z * nu2 (l. 13, cached).
+
+        z1, z2: (B, n); mode: ``Hyper.e1_batchnorm``; e1_pass(model, z1, mode): the reference l. 12.
+        Side by side only with ``mode == "batch"``, where the E1 pass reads and writes nothing the E2 pass does.
+        """
+        decoder = self.model.decoder
+        if self._blas is None and self.threads.blas is not None:
+            self._blas = _controller()
+        with blas_limit(self.threads.blas, self._blas):  # both ways the same GEMMs on the same threads
+            if not (self.threads.parallel_passes and mode == "batch"):
+                return e1_pass(self.model, z1, mode), decoder.forward(z2)  # l. 12, then l. 13
+            if self._twin is None:
+                self._twin = decoder.twin()
+                for _, layer in self._twin.children():
+                    if hasattr(layer, "update_running"):
+                        layer.update_running = False  # (h) "batch": E1 leaves the running statistics alone
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="refimpl-e1")
+            # the caller's context (NumPy's errstate lives in a context variable) travels with the task
+            x1 = self._pool.submit(contextvars.copy_context().run, self._twin.forward, z1, False)  # l. 12
+            try:
+                x2 = decoder.forward(z2)  # l. 13
+            finally:
+                x1 = x1.result()
+            return x1, x2
