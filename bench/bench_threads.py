@@ -2,9 +2,10 @@
 
 One process, sides interleaved (the order rotated every round), one step per call:
 
-- refimpl ``T2 seq``: 2 BLAS threads, the decoder passes one after the other (before 2026-12-06's default);
+- refimpl ``T2 seq``: 2 BLAS threads, the decoder passes one after the other (before 2026-12-06);
 - refimpl ``T1 seq``: 1 BLAS thread, in order (the reference of the next);
-- refimpl ``T1 par``: 1 BLAS thread, the E1 pass in a second thread beside the E2 pass;
+- refimpl ``T1 par``: 1 BLAS thread, the E1 pass in a second thread beside the E2 pass (the default here);
+- refimpl ``T2+T1 par``: 2 BLAS threads, 1 for each decoder pass, side by side (``--blas-threads 2``);
 - torch channels_last eager with ``torch.set_num_threads(1)`` and ``(2)``.
 
 Cases: the gated step (gates sampled: both decoder passes) at batch 64 on the 16x16 model
@@ -31,13 +32,16 @@ from refimpl.algorithm1 import Hyper, init_state, train_step  # noqa: E402
 from refimpl.atomic import atomic_write  # noqa: E402
 from refimpl.model import GatedVAE, build_architecture, paper_architecture  # noqa: E402
 from refimpl.rng import generator  # noqa: E402
-from refimpl.threads import Execution, blas_limit  # noqa: E402
+from refimpl.threads import DecoderPasses, Threads, blas_limit  # noqa: E402
 
 import torch  # noqa: E402
 import torch_configs  # noqa: E402
 
-REFIMPL_SIDES = {"refimpl T2 seq": Execution("2", "sequential"), "refimpl T1 seq": Execution("1", "sequential"),
-                 "refimpl T1 par": Execution("1", "parallel")}
+# refimpl's sides as resolved thread settings (refimpl.threads.Threads: step BLAS threads, each pass's, side by side)
+REFIMPL_SIDES = {"refimpl T2 seq": Threads(2, 2, False),  # before 2026-12-06: OpenBLAS's default everywhere
+                 "refimpl T1 seq": Threads(1, 1, False),  # --blas-threads 1 --decoder-passes sequential
+                 "refimpl T1 par": Threads(1, 1, True),  # the default on 2 cores (--blas-threads auto)
+                 "refimpl T2+T1 par": Threads(2, 1, True)}  # --blas-threads 2
 TORCH_SIDES = {"torch T1": 1, "torch T2": 2}
 
 
@@ -45,14 +49,15 @@ def architecture(shape):
     return paper_architecture(shape) if shape[1] == 64 else build_architecture(shape)
 
 
-def refimpl_side(shape, dtype, execution, x, n_latent=10):
+def refimpl_side(shape, dtype, threads, x, n_latent=10):
     model = GatedVAE(architecture(shape), n_latent, rng=generator(0), dtype=dtype)
-    state = init_state(model, Hyper(tau=1e9), execution)
+    state = init_state(model, Hyper(tau=1e9))
+    state.passes = DecoderPasses(model, threads)
     state.hit = True  # gates sampled: both decoder passes
     rng = generator(1)
 
     def step():
-        with blas_limit(state.passes.threads.blas):
+        with blas_limit(threads.blas):  # as Run.train does
             train_step(state, x, rng)
     return model, step
 
@@ -70,8 +75,8 @@ def torch_side(model_np, dtype, x, threads):
 def time_case(shape, dtype, rounds, warmup):
     x = (generator(7).uniform(size=(64, *shape)) > 0.7).astype(dtype)
     sides = {}
-    for name, execution in REFIMPL_SIDES.items():
-        model, sides[name] = refimpl_side(shape, dtype, execution, x)
+    for name, threads in REFIMPL_SIDES.items():
+        model, sides[name] = refimpl_side(shape, dtype, threads, x)
     for name, threads in TORCH_SIDES.items():
         sides[name] = torch_side(model, dtype, x, threads)
     for step in sides.values():
@@ -101,7 +106,8 @@ def to_markdown(results, args, env, wall_s):
         cells = [f"{m:.1f} ({lo:.0f}-{hi:.0f})" for m, lo, hi in (med[n] for n in names)]
         ratio = lambda a, b: f"{med[a][0] / med[b][0]:.2f}"  # noqa: E731
         lines.append(f"| {'x'.join(map(str, shape[1:]))}x{shape[0]} | {dtype} | " + " | ".join(cells)
-                     + f" | {ratio('refimpl T1 par', 'torch T2')} | {ratio('refimpl T1 seq', 'torch T1')}"
+                     + f" | {ratio('refimpl T1 par', 'torch T2')} | {ratio('refimpl T2+T1 par', 'torch T2')}"
+                     + f" | {ratio('refimpl T1 seq', 'torch T1')}"
                      + f" | {ratio('refimpl T2 seq', 'torch T2')} |")
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,7 @@ from . import __version__, compare, factors, figures, milestones, options, plot,
 from .config import Schedule, default_out, new_config
 from .exits import ArgumentParser, run_command
 from .optionspec import OptionError, index_list, positive_int
+from .threads import Execution
 
 PROG = "refimpl"
 MAX_IMAGES, PER_ROW = 256, 16  # refimpl reconstruct: images in one PNG, and to a row
@@ -45,6 +46,7 @@ def build_parser() -> ArgumentParser:
     options.add_run_options(p)
     options.add_options(p, Schedule)
     options.add_backend_option(p)
+    options.add_options(p, Execution, title="execution on this machine (not part of the run; refimpl/threads.py)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="run folder (default: runs/<dataset>-n<latent>-tau<tau>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -134,7 +136,8 @@ def cmd_train(args) -> int:
         print(f"training {run.config.dataset} {'x'.join(map(str, run.arch.image_shape))}, n={run.config.latent}, "
               f"tau={run.hyper.tau:g}, {run.schedule.batches} batches of {run.config.batch_size} on {run.backend}; "
               f"run folder {out}", flush=True)
-    summary = run.train(batches, checkpoint_every, progress=not args.quiet, device_step=args.device_step)
+    summary = run.train(batches, checkpoint_every, progress=not args.quiet, device_step=args.device_step,
+                        execution=Execution(**options.given(args, Execution)))
     print(f"done: {summary['step']} batches in {summary['elapsed_s']:.0f} s; {out}/checkpoint.npz")
     print(f"  open gates: {summary['open_gates']}/{summary['n_latent']} {''.join(map(str, summary['gates']))}")
     if summary.get("E2_ma95") is not None:

@@ -21,8 +21,10 @@ with any of them; ``tests/test_threads.py``), resolved once when the run is buil
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import contextvars
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,14 +32,16 @@ from dataclasses import dataclass
 from .optionspec import OptionError, option
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
-# auto: more than one BLAS thread from this many GEMM multiply-adds per image of a step's
-# decoder pass on (bench/NOTES.md, 2026-12-06: the 16x16 and 32x32 models are below it).
-BLAS_WORK_THRESHOLD = 20e6
+# auto: more than one BLAS thread from this many GEMM multiply-adds per image of a decoder pass
+# on (bench/NOTES.md, 2026-12-06: the 16x16 model (2.6e6) gains 7% from a second thread on an idle
+# machine, the 32x32 one (7.5e6) 20%).
+BLAS_WORK_THRESHOLD = 5e6
 
 
 def _blas_threads(text: str) -> str:
+    """An argparse type: ``auto`` or a positive integer (kept as text)."""
     if text != "auto" and not (text.isdigit() and int(text) >= 1):
-        raise OptionError(f"blas_threads={text!r}: expected auto or a positive integer")
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
     return text
 
 
@@ -53,7 +57,10 @@ class Execution:
                                  choices=("parallel", "sequential"))
 
     def __post_init__(self):
-        _blas_threads(str(self.blas_threads))
+        try:
+            _blas_threads(str(self.blas_threads))
+        except argparse.ArgumentTypeError as exc:
+            raise OptionError(f"blas_threads: {exc}") from None
         if self.decoder_passes not in ("parallel", "sequential"):
             raise OptionError(f"decoder_passes={self.decoder_passes!r}: expected parallel or sequential")
 
@@ -100,9 +107,11 @@ def blas_thread_count(setting: str, model, environ=os.environ) -> int | None:
 
 @dataclass(frozen=True)
 class Threads:
-    """An :class:`Execution` resolved for one model: BLAS threads (None: the library's) and parallel passes."""
+    """An :class:`Execution` resolved for one model: BLAS threads of the step and of each decoder pass
+    (None: the library's), and whether the passes run side by side."""
 
     blas: int | None = None
+    pass_blas: int | None = None
     parallel_passes: bool = False
 
 
@@ -112,28 +121,32 @@ SEQUENTIAL = Threads()
 def resolve(execution: Execution, model) -> Threads:
     """The threading of ``model``'s step under ``execution``.
 
-    The passes run side by side only where each keeps the step's BLAS threads without the two
-    together asking for more threads than there are cores (OpenBLAS's float32 GEMMs round
-    differently with 1 and 2 threads, so each pass must keep the count). CuPy never threads.
+    Each decoder pass gets half the step's BLAS threads (at least one), in order or side by side
+    alike: OpenBLAS's GEMMs round differently with 1 and 2 threads, so both ways must use the same
+    count to give the same numbers. Side by side only where the two halves fit the cores. CuPy
+    never threads.
     """
+    if model.xp.__name__ != "numpy":
+        return SEQUENTIAL
     blas = blas_thread_count(str(execution.blas_threads), model)
-    numpy_backend = model.xp.__name__ == "numpy"
-    fits = 2 * (blas if blas is not None else (library_threads() if numpy_backend else 1)) <= cores()
-    return Threads(blas, execution.decoder_passes == "parallel" and numpy_backend and fits)
+    share = max(1, (blas if blas is not None else library_threads()) // 2)
+    return Threads(blas, share, execution.decoder_passes == "parallel" and 2 * share <= cores())
 
 
+@functools.cache
 def _controller():
+    """threadpoolctl's handle on the loaded thread pools (found once: ~1 ms; a limit then costs ~10 us)."""
     from threadpoolctl import ThreadpoolController
     return ThreadpoolController()
 
 
 @contextlib.contextmanager
-def blas_limit(threads: int | None, controller=None):
+def blas_limit(threads: int | None):
     """BLAS limited to ``threads`` inside the block (None: unchanged); restored after."""
     if threads is None:
         yield
         return
-    with (controller or _controller()).limit(limits=threads, user_api="blas"):
+    with _controller().limit(limits=threads, user_api="blas"):
         yield
 
 
@@ -144,7 +157,6 @@ class DecoderPasses:
         self.model, self.threads = model, threads
         self._twin = None
         self._pool = None
-        self._blas = None
 
     def __call__(self, z1, z2, mode: str, e1_pass):
         """The decoder's outputs (x1, x2) for z1 = z * nu1 (l. 12, not cached) and z2 = z * nu2 (l. 13, cached).
@@ -153,9 +165,7 @@ class DecoderPasses:
         Side by side only with ``mode == "batch"``, where the E1 pass reads and writes nothing the E2 pass does.
         """
         decoder = self.model.decoder
-        if self._blas is None and self.threads.blas is not None:
-            self._blas = _controller()
-        with blas_limit(self.threads.blas, self._blas):  # both ways the same GEMMs on the same threads
+        with blas_limit(self.threads.pass_blas):  # both ways the same GEMMs on the same threads
             if not (self.threads.parallel_passes and mode == "batch"):
                 return e1_pass(self.model, z1, mode), decoder.forward(z2)  # l. 12, then l. 13
             if self._twin is None:

@@ -46,6 +46,7 @@ from .console import Progress, StopOnSignal
 from .data import BatchIterator, DatasetError, dataset_info, open_dataset, split_indices
 from .data.base import downsample
 from .device_step import DeviceStep, applies
+from .threads import DecoderPasses, Execution, blas_limit, resolve
 from .model import Architecture, GatedVAE, build_architecture, default_fused
 from .optionspec import OptionError
 from .rng import generator, get_state, set_state
@@ -337,7 +338,7 @@ class Run:
     # -- training
 
     def train(self, batches: int | None = None, checkpoint_every: int | None = None, progress: bool = True,
-              log_interval=10.0, stop=None, device_step: bool = False) -> dict:
+              log_interval=10.0, stop=None, device_step: bool = False, execution: Execution | None = None) -> dict:
         """Run Algorithm 1 until ``batches`` steps in total (default: the run's target); returns the summary.
 
         ``checkpoint_every``: default the run's own. Both become the run's schedule.
@@ -345,6 +346,8 @@ class Run:
         SIGTERM (a sweep's workers, which receive no signals, stop this way).
         ``device_step``: from the first hit on, run :class:`refimpl.device_step.DeviceStep` (the
         step without host reads, for GPUs) instead of :func:`refimpl.algorithm1.train_step`.
+        ``execution``: BLAS threads and the decoder passes' threads (:mod:`refimpl.threads`;
+        default: those the run was built with); never changes a number for a given BLAS thread count.
         Raises :class:`NonFiniteLoss` (no checkpoint written) or :class:`TrainingInterrupted`
         (checkpoint written) instead of finishing. Holds the folder's lock throughout (taking
         it if the run does not hold it yet) and releases it at the end, however it ends.
@@ -358,6 +361,8 @@ class Run:
             raise OptionError(f"batches={batches}: this run has already done {self.state.step} batches")
         if not isinstance(checkpoint_every, (int, numpy.integer)) or checkpoint_every < 1:
             raise OptionError(f"checkpoint_every={checkpoint_every!r}: expected a positive integer")
+        if execution is not None:
+            self.state.passes = DecoderPasses(self.model, resolve(execution, self.model))
         if self._lock is None:
             self._lock = RunLock(self.out).acquire()
         try:
@@ -374,7 +379,7 @@ class Run:
         bar = Progress(batches, state.step, self.config.latent, enabled=progress, interval=log_interval)
         fast = None  # the DeviceStep, once it applies
         try:
-            with StopOnSignal() as signalled, numpy.errstate(all="ignore"):
+            with StopOnSignal() as signalled, numpy.errstate(all="ignore"), blas_limit(state.passes.threads.blas):
                 while state.step < batches:  # Alg. 1 l. 2: foreach x_i in D
                     if signalled.signum is None and stop is not None and stop():
                         signalled.signum = signal.SIGTERM

@@ -59,6 +59,13 @@ def test_parallel_passes_equal_sequential_bit_for_bit(dtype, hyper_kw):
 
 
 @needs_two_cores
+def test_parallel_passes_equal_sequential_with_two_blas_threads():
+    """2 BLAS threads for the step, 1 for each pass, in order or side by side: the same numbers."""
+    two = {k: Execution("2", v.decoder_passes) for k, v in (("par", PARALLEL), ("seq", REFERENCE))}
+    assert_bit_equal(run(two["par"], np.float32, {}), run(two["seq"], np.float32, {}))
+
+
+@needs_two_cores
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 def test_device_step_parallel_equals_sequential_bit_for_bit(dtype):
     assert_bit_equal(run(PARALLEL, dtype, {}, device_step=True), run(REFERENCE, dtype, {}, device_step=True))
@@ -86,14 +93,15 @@ def test_parallel_passes_run_in_two_threads_and_leave_the_running_statistics_to_
 
 def test_resolve_and_blas_thread_count():
     model = model_of(np.float32)
-    assert resolve(REFERENCE, model) == Threads(1, False)
-    assert resolve(Execution(blas_threads=str(cores())), model) == Threads(cores(), False)  # no core left for E1
+    assert resolve(REFERENCE, model) == Threads(1, 1, False)
+    assert resolve(PARALLEL, model) == Threads(1, 1, cores() >= 2)
+    assert resolve(Execution("4"), model) == Threads(4, 2, cores() >= 4)  # each pass half, if both fit the cores
     assert blas_thread_count("auto", model, environ={"OMP_NUM_THREADS": "2"}) is None  # the user's setting stands
     assert blas_thread_count("auto", model, environ={}) == 1  # the 16x16 model's GEMMs are small
     big = GatedVAE(build_architecture((1, 64, 64)), 10, rng=generator(0))
     assert decoder_work(big) > 6 * decoder_work(model)
     assert blas_thread_count("auto", big, environ={}) == max(1, cores() // 2)  # half each for the two passes
-    assert SEQUENTIAL == Threads(None, False)
+    assert SEQUENTIAL == Threads(None, None, False)
 
 
 @pytest.mark.parametrize("kw", [{"blas_threads": "0"}, {"blas_threads": "two"}, {"decoder_passes": "both"}])
