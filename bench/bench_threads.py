@@ -99,8 +99,8 @@ def to_markdown(results, args, env, wall_s):
     lines += [f"- {k}: {v}" for k, v in env.items()]
     names = list(REFIMPL_SIDES) + list(TORCH_SIDES)
     lines += ["", "Median (min-max) ms of one step, sides interleaved in one process.", "",
-              "| image | dtype | " + " | ".join(names) + " | T1 par / torch T2 | T1 seq / torch T1 | T2 seq / torch T2 |",
-              "|---|---|" + "---:|" * (len(names) + 3)]
+              "| image | dtype | " + " | ".join(names) + " | T1 par / torch T2 | T2+T1 par / torch T2 | T1 seq / torch T1 | T2 seq / torch T2 |",
+              "|---|---|" + "---:|" * (len(names) + 4)]
     for (shape, dtype), times in results:
         med = {n: timing.spread(times[n], "minmax") for n in names}
         cells = [f"{m:.1f} ({lo:.0f}-{hi:.0f})" for m, lo, hi in (med[n] for n in names)]

@@ -1,22 +1,31 @@
 """How the CPU step uses the machine's cores: BLAS threads, and l. 12 beside l. 13.
 
-Two execution settings, not part of a run (a run gives the same numbers bit for bit
-with any of them; ``tests/test_threads.py``), resolved once when the run is built
-(:func:`resolve`) and kept in :class:`refimpl.algorithm1.TrainState`:
+Two execution settings (:class:`Execution`, ``refimpl train --blas-threads``,
+``--decoder-passes``), not part of a run, resolved once for a model (:func:`resolve`)
+and kept in :class:`refimpl.algorithm1.TrainState` as its :class:`DecoderPasses`:
 
-- ``blas_threads``: the threads OpenBLAS (NumPy's GEMMs) may use. ``auto``: one for a
-  model whose GEMMs are small (the 16x16 and 32x32 models), every core for larger ones;
-  left to the library when ``$OPENBLAS_NUM_THREADS`` or ``$OMP_NUM_THREADS`` is set (a
-  sweep's workers set them). Spinning BLAS threads are what a busy machine punishes
-  most (bench/NOTES.md, 2026-12-06).
+- ``blas_threads``: the threads OpenBLAS (NumPy's GEMMs) may use in the step. ``auto``:
+  one for a model whose GEMMs are small (the 16x16 and 28x28 models), half the cores for
+  larger ones (one on 2 cores), the other half going to the second decoder pass; the
+  library's own count when ``$OPENBLAS_NUM_THREADS`` or ``$OMP_NUM_THREADS`` is set (a
+  sweep's workers set them). More BLAS threads than free cores is what a busy machine
+  punishes most: a GEMM split over 2 threads waits for the one that shares its core
+  (bench/NOTES.md, 2026-12-06: the 16x16 step 17 -> 650 ms).
 - ``decoder_passes``: ``parallel`` runs the E1 decoder pass (l. 12, never
-  differentiated) in a second thread beside the E2 pass (l. 13), each with its share of
-  the BLAS threads; NumPy releases the GIL inside its loops and GEMMs. ``sequential`` is
-  the reference: l. 12, then l. 13, as written. The E1 pass runs on a twin of the decoder
-  (:meth:`refimpl.layers.layer.Layer.twin`: the same parameters, its own caches and
-  scratch arrays). Only where the two passes are independent: NumPy backend, and E1 with
-  its own batch statistics (``e1_batchnorm="batch"``); ``batch_update`` writes and
-  ``running`` reads the running statistics that the E2 pass updates, so those run in order.
+  differentiated) in a second thread beside the E2 pass (l. 13); NumPy releases the GIL
+  inside its loops and GEMMs. ``sequential`` is the reference: l. 12, then l. 13, as
+  written. The E1 pass runs on a twin of the decoder (:meth:`refimpl.layers.layer.Layer.twin`:
+  the same parameters, its own caches and scratch arrays). Only where the two passes are
+  independent: the NumPy backend, and E1 with its own batch statistics
+  (``e1_batchnorm="batch"``); ``batch_update`` writes and ``running`` reads the running
+  statistics the E2 pass updates, so those run in order.
+
+Each decoder pass runs its GEMMs on half the step's BLAS threads (at least one), in order
+and side by side alike: OpenBLAS's float32 GEMMs round differently with 1 and 2 threads
+(float64 too for some shapes), so the same thread count in both ways is what makes them
+equal bit for bit (``tests/test_threads.py``). A run's numbers depend on its BLAS thread
+count, so a resumed run continues bit for bit with the same ``--blas-threads`` (``auto``
+gives the same count on the same machine).
 """
 
 from __future__ import annotations
@@ -49,11 +58,13 @@ def _blas_threads(text: str) -> str:
 class Execution:
     """How the step is executed (``refimpl train`` options); never changes a number."""
 
-    blas_threads: str = option("auto", "BLAS threads for the step's GEMMs: auto (1 for small models, every core "
-                               "for large ones; $OPENBLAS_NUM_THREADS / $OMP_NUM_THREADS when set) or a number",
+    blas_threads: str = option("auto", "BLAS threads for the step's GEMMs, each decoder pass using half of them: "
+                               "auto (1 for small models, half the cores for larger ones; $OPENBLAS_NUM_THREADS or "
+                               "$OMP_NUM_THREADS when set) or a number. Numbers depend on it (OpenBLAS's rounding)",
                                parse=_blas_threads, metavar="auto|N")
     decoder_passes: str = option("parallel", "l. 12-13: the E1 decoder pass in a second thread beside the E2 pass "
-                                 "(NumPy, e1_batchnorm=batch), or one after the other (the reference)",
+                                 "(NumPy, --e1-batchnorm batch, 2 cores or more), or one after the other (the "
+                                 "reference); the same numbers either way",
                                  choices=("parallel", "sequential"))
 
     def __post_init__(self):
@@ -181,3 +192,8 @@ class DecoderPasses:
             finally:
                 x1 = x1.result()
             return x1, x2
+
+
+if __name__ == "__main__":  # python -m refimpl.threads: the README's table of these options
+    from .options import markdown_table
+    print(markdown_table(Execution))
