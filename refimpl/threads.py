@@ -56,7 +56,8 @@ def _blas_threads(text: str) -> str:
 
 @dataclass
 class Execution:
-    """How the step is executed (``refimpl train`` options); never changes a number."""
+    """How the step is executed (``refimpl train`` options), not part of the run. The decoder passes'
+    setting never changes a number; the BLAS thread count changes the last bits of OpenBLAS's GEMMs."""
 
     blas_threads: str = option("auto", "BLAS threads for the step's GEMMs, each decoder pass using half of them: "
                                "auto (1 for small models, half the cores for larger ones; $OPENBLAS_NUM_THREADS or "

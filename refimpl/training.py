@@ -46,13 +46,13 @@ from .console import Progress, StopOnSignal
 from .data import BatchIterator, DatasetError, dataset_info, open_dataset, split_indices
 from .data.base import downsample
 from .device_step import DeviceStep, applies
-from .threads import DecoderPasses, Execution, blas_limit, resolve
 from .model import Architecture, GatedVAE, build_architecture, default_fused
 from .optionspec import OptionError
 from .rng import generator, get_state, set_state
 from .runfolder import (CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, RUN_FILES, SUMMARY_FILE, RunLock,
                         check_new_run_folder, remove_run_files)
 from .runlog import CsvLog, moving_average, read_log, verify_log
+from .threads import DecoderPasses, Execution, blas_limit, resolve
 
 STREAMS = ("init", "split", "batches", "train", "factors")  # new names go last: the index seeds the stream
 META_KEYS = ("step", "adam_t", "hit", "c_ma", "last_constraint_met", "train_rng", "batch_iterator", "config",

@@ -10,6 +10,8 @@ from refimpl.model import GatedVAE, build_architecture
 from refimpl.optionspec import OptionError
 from refimpl.rng import generator
 from refimpl.threads import SEQUENTIAL, Execution, Threads, blas_thread_count, cores, decoder_work, resolve
+from refimpl.training import Run
+from test_training import assert_same_checkpoint, log_without_time, tiny_config
 
 PARALLEL = Execution(blas_threads="1", decoder_passes="parallel")
 REFERENCE = Execution(blas_threads="1", decoder_passes="sequential")
@@ -119,3 +121,15 @@ def test_readme_execution_table_is_generated_from_the_fields():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("<!-- execution-options:begin -->\n", 1)[1].split("\n<!-- execution-options:end -->", 1)[0]
     assert block == markdown_table(Execution)
+
+
+@needs_two_cores
+def test_training_runs_with_either_setting_and_resume_give_the_same_run(tmp_path):
+    """Run.train's execution: in order, side by side, and side by side resumed half-way: one run, bit for bit."""
+    Run.create(tiny_config(), tmp_path / "seq").train(30, checkpoint_every=7, progress=False, execution=REFERENCE)
+    Run.create(tiny_config(), tmp_path / "par").train(13, checkpoint_every=7, progress=False, execution=PARALLEL)
+    resumed = Run.load(tmp_path / "par")
+    resumed.train(30, checkpoint_every=7, progress=False, execution=PARALLEL)
+    assert resumed.state.passes.threads == Threads(1, 1, True)
+    assert_same_checkpoint(tmp_path / "seq" / "checkpoint.npz", tmp_path / "par" / "checkpoint.npz")
+    assert log_without_time(tmp_path / "seq" / "log.csv") == log_without_time(tmp_path / "par" / "log.csv")
