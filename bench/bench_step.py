@@ -54,6 +54,7 @@ from refimpl.atomic import atomic_write  # noqa: E402
 from refimpl.backend import get_xp, to_device  # noqa: E402
 from refimpl.model import GatedVAE, paper_architecture  # noqa: E402
 from refimpl.rng import generator  # noqa: E402
+from refimpl.threads import blas_limit  # noqa: E402
 
 try:
     import torch
@@ -74,11 +75,17 @@ def refimpl_step(dtype, gated, n_latent, x_host, xp, seed=0, fused=None, device_
     state = init_state(model, Hyper(tau=1e9 if gated else 0.0))
     state.hit = gated
     rng, x = generator(seed + 1), to_device(x_host, xp, dtype)
+    blas = state.passes.threads.blas  # the run's BLAS threads for the whole step, as Run.train sets them
     if device_step and gated:
         state.c_ma = 0.0  # as after a first step
         fast = DeviceStep(state)
-        return model, lambda: fast.host_log(fast(x, rng))
-    return model, lambda: train_step(state, x, rng)
+        return model, lambda: with_blas(blas, lambda: fast.host_log(fast(x, rng)))
+    return model, lambda: with_blas(blas, lambda: train_step(state, x, rng))
+
+
+def with_blas(threads, call):
+    with blas_limit(threads):
+        return call()
 
 
 def torch_step(model_np, dtype, gated, x_host, device, config="nchw"):

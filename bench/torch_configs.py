@@ -81,9 +81,12 @@ class ChannelsLast(nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
 
-def build_model(model_np, channels: int, tdtype, device, config: Config):
-    """torch_algorithm1's network with refimpl's initial weights, laid out as ``config`` asks."""
-    model = ta.GatedVAE(ta.paper_architecture(channels=channels), model_np.n_latent, dtype=tdtype).to(device)
+def build_model(model_np, channels: int, tdtype, device, config: Config, arch=None):
+    """torch_algorithm1's network with refimpl's initial weights, laid out as ``config`` asks.
+
+    arch: the architecture (refimpl's Architecture); default: Section 4's 64x64 one."""
+    arch = arch if arch is not None else ta.paper_architecture(channels=channels)
+    model = ta.GatedVAE(arch, model_np.n_latent, dtype=tdtype).to(device)
     model.load_arrays({k: numpy.asarray(_host(v)) for k, v in model_np.state_dict().items()})
     for bn in model.batchnorms():
         # Running statistics do not enter a training step's outputs. refimpl blends in the biased batch
@@ -100,7 +103,7 @@ def _host(v):
     return v.get() if hasattr(v, "get") else v
 
 
-def lean_step(model_np, dtype, gated, x_host, device, config: Config = BY_NAME["nchw"], k=7.0, tau=1e9):
+def lean_step(model_np, dtype, gated, x_host, device, config: Config = BY_NAME["nchw"], k=7.0, tau=1e9, arch=None):
     """A closure running one training step (gated: Algorithm 1 with gates sampled; plain: hit false) in torch.
 
     Encoder forward, reparameterisation, the E1 decoder pass under ``no_grad`` (BatchNorm
@@ -108,7 +111,7 @@ def lean_step(model_np, dtype, gated, x_host, device, config: Config = BY_NAME["
     l. 22's loss, backward, the ARM term on gamma's gradient, ``torch.optim.Adam``.
     """
     tdtype = {numpy.float32: torch.float32, numpy.float64: torch.float64}[numpy.dtype(dtype).type]
-    model = build_model(model_np, x_host.shape[1], tdtype, device, config)
+    model = build_model(model_np, x_host.shape[1], tdtype, device, config, arch)
     lam = nn.Parameter(torch.tensor(1.0, dtype=tdtype, device=device))
     opt = torch.optim.Adam([{"params": list(model.parameters())}, {"params": [lam], "maximize": True}], lr=1e-3)
     x = torch.from_numpy(numpy.ascontiguousarray(x_host, dtype=dtype)).to(device)

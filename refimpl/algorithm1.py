@@ -43,6 +43,7 @@ from .layers.activations import sigmoid
 from .model import GatedVAE
 from .optionspec import OptionError, float_pair, option
 from .rng import standard_normal, uniform
+from .threads import DecoderPasses, Execution, resolve
 
 
 # l. 29's gradient estimators for gamma (interpretation (o)); the first is the paper's.
@@ -329,6 +330,7 @@ class TrainState:
     c_ma: float | None = None  # l. 16 sets it on the first step
     step: int = 0
     last_constraint_met: bool = False  # for hit="per_step"
+    passes: DecoderPasses | None = None  # how l. 12-13 execute (refimpl/threads.py); not part of the run
 
     def parameters(self) -> dict:
         return {**self.model.parameters(), "lambda": self.lam}
@@ -337,8 +339,11 @@ class TrainState:
         return {**self.model.gradients(), "lambda": self.lam_grad}
 
 
-def init_state(model: GatedVAE, hyper: Hyper) -> TrainState:
-    """Section 4 initialisation: gamma = gamma_init everywhere, lambda per (d), Adam on every parameter."""
+def init_state(model: GatedVAE, hyper: Hyper, execution: Execution | None = None) -> TrainState:
+    """Section 4 initialisation: gamma = gamma_init everywhere, lambda per (d), Adam on every parameter.
+
+    execution: how the step runs on this machine (refimpl/threads.py; default ``Execution()``).
+    """
     if not model.gated:
         raise ValueError("Algorithm 1 needs a gated model (GatedVAE(..., gated=True))")
     xp, dtype = model.xp, model.dtype
@@ -349,7 +354,8 @@ def init_state(model: GatedVAE, hyper: Hyper) -> TrainState:
     maximize = ("lambda",) if hyper.lambda_update == "ascent" else ()
     optimizer = Adam(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.adam_eps, maximize=maximize,
                      lrs={"lambda": hyper.lambda_rate})  # (q)
-    return TrainState(model, hyper, lam, lam_grad, optimizer)
+    passes = DecoderPasses(model, resolve(execution or Execution(), model))
+    return TrainState(model, hyper, lam, lam_grad, optimizer, passes=passes)
 
 
 def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
@@ -389,12 +395,14 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
 
     # l. 12: E1 with nu1; never differentiated, so no caches. Without sampling nu1 = nu2, so
     # E1 = E2 exactly and the pass is skipped (unless it must update BatchNorm's statistics).
+    # l. 13: E2 with nu2, cached for backpropagation. state.passes runs l. 12 and l. 13 in this
+    # order, or side by side in two threads with the same numbers (refimpl/threads.py).
     run_e1 = sampling or hyper.e1_batchnorm == "batch_update"
     if run_e1:
-        x1 = _decoder_e1_pass(model, z * nu1, hyper.e1_batchnorm)
+        x1, x2 = state.passes(z * nu1, z * nu2, hyper.e1_batchnorm, _decoder_e1_pass)
         e1 = per_image_error(x1, x, hyper.error)
-    # l. 13: E2 with nu2, cached for backpropagation
-    x2 = model.decoder.forward(z * nu2)
+    else:
+        x2 = model.decoder.forward(z * nu2)
     e2 = per_image_error(x2, x, hyper.error)
     if not run_e1:
         x1, e1 = x2, e2

@@ -31,6 +31,7 @@ from .config import OUT_PATTERN, Schedule, default_out, new_config
 from .exits import ArgumentParser, run_command
 from .optionspec import OptionError, index_list, positive_int
 from .runfolder import existing_run_path
+from .threads import Execution
 
 PROG = "refimpl"
 MAX_IMAGES, PER_ROW = 256, 16  # refimpl reconstruct: images in one PNG, and to a row
@@ -49,6 +50,7 @@ def build_parser() -> ArgumentParser:
     options.add_run_options(p)
     options.add_options(p, Schedule)
     options.add_backend_option(p)
+    options.add_options(p, Execution, title="execution on this machine (not part of the run; refimpl/threads.py)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help=f"run folder (default: {OUT_PATTERN}, e.g. --image-size 16 --tau 4: "
                         f"{default_out(new_config({'image_size': 16, 'hyper': {'tau': 4.0}}))})")
@@ -165,7 +167,7 @@ def cmd_train(args) -> int:
               f"tau={run.hyper.tau:g}, {run.schedule.batches} batches of {run.config.batch_size} on {run.backend}; "
               f"run folder {out}", flush=True)
     summary = run.train(batches, checkpoint_every, progress=not args.quiet, device_step=args.device_step,
-                        keep_checkpoints=keep_checkpoints)
+                        keep_checkpoints=keep_checkpoints, execution=Execution(**options.given(args, Execution)))
     print(f"done: {summary['step']} batches in {summary['elapsed_s']:.0f} s; {out}/checkpoint.npz")
     print(f"  open gates: {summary['open_gates']}/{summary['n_latent']} {''.join(map(str, summary['gates']))}")
     if summary.get("E2_ma95") is not None:

@@ -128,10 +128,9 @@ class DeviceStep:
         sigma = xp.exp(0.5 * s) if hyper.encoder_output == "logvar" else xp.exp(s)
         z = mu + sigma * eps
 
-        # l. 12-13
-        x1 = _decoder_e1_pass(model, z * nu1, hyper.e1_batchnorm)
+        # l. 12-13, in order or side by side (refimpl/threads.py)
+        x1, x2 = state.passes(z * nu1, z * nu2, hyper.e1_batchnorm, _decoder_e1_pass)
         e1 = per_image_error(x1, x, hyper.error)
-        x2 = model.decoder.forward(z * nu2)
         e2 = per_image_error(x2, x, hyper.error)
         E1, E2 = e1.mean().astype(f64), e2.mean().astype(f64)
 

@@ -7,9 +7,9 @@ available, instead of a MemoryError or the kernel's OOM killer much later.
 Estimates, in bytes (sums of array sizes; rough, but never far below what is used):
 
 - training step: the parameters four times (values, gradients, Adam's m and v) plus one
-  batch's activations (:func:`activation_count`: every layer's output and im2col buffer;
-  within 10-30% above the measured peak of a step with the plain decoder, several times
-  above the fused one's);
+  batch's activations (:func:`activation_count`: every layer's output and im2col buffer,
+  the decoder's twice on NumPy, for its two passes running side by side; 25-30% above the
+  measured peak of a step with the plain decoder, several times above the fused one's);
 - trace (host memory): per step, three copies of the parameters (before, gradient,
   after) and the step's inputs and intermediates (x, x1, x2, u, eps, mu, ...);
 - image grid: the float64 canvas, its uint8 copy and the scaled image, twice (PNG encoding).
@@ -29,7 +29,9 @@ from .optionspec import OptionError
 # Activations held at once, relative to one pass of the estimate's sum: calibrated on the
 # traced peak of two real steps from a fresh model, the layers' kept scratch included, with
 # the plain decoder (the larger; 64x64, 32x32, 16x16): the sum alone covers them by 5-8%
-# (2026-12-03), and 1.2 leaves a margin.
+# (2026-12-03), and 1.2 leaves a margin. With the two decoder passes side by side (2026-12-06)
+# the peak is 1.9x that of the passes in order (plain decoder; 1.4-1.5x fused), and the sum
+# with the decoder counted twice, times 1.2, is 1.25-1.30x it.
 ACTIVATION_FACTOR = 1.2
 
 
@@ -89,20 +91,24 @@ def parameter_count(arch, latent: int) -> int:
     return total + latent  # gamma
 
 
-def activation_count(arch, latent: int, batch: int) -> int:
-    """Array elements one training step holds at once for a batch (an estimate)."""
+def activation_count(arch, latent: int, batch: int, decoder_passes: int = 2) -> int:
+    """Array elements one training step holds at once for a batch (an estimate).
+
+    decoder_passes: the decoder passes in flight at once: 2 where l. 12 runs beside l. 13, each
+    with its own scratch (NumPy, refimpl/threads.py), else 1."""
     per_image = math.prod(arch.image_shape) * 4  # x, x1, x2, the error's difference
     for c, s, h, w in _encoder_sizes(arch):
         per_image += c * s.kernel**2 * h * w + 4 * s.channels * h * w  # im2col, conv, leaky ReLU, BatchNorm
     per_image += 3 * arch.hidden + 3 * math.prod(arch.encoder_feature_shape()) + 12 * latent
-    for c, h, w, s, h2, w2 in _decoder_sizes(arch):
-        per_image += 2 * c * h * w + 4 * c * h * w + c * s.kernel**2 * h2 * w2 + 3 * s.channels * h2 * w2
+    decoder = sum(2 * c * h * w + 4 * c * h * w + c * s.kernel**2 * h2 * w2 + 3 * s.channels * h2 * w2
+                  for c, h, w, s, h2, w2 in _decoder_sizes(arch))
+    per_image += decoder_passes * decoder
     return int(ACTIVATION_FACTOR * batch * per_image)
 
 
-def training_bytes(arch, latent: int, batch: int, itemsize: int) -> int:
+def training_bytes(arch, latent: int, batch: int, itemsize: int, decoder_passes: int = 2) -> int:
     """A training step: parameters, gradients, Adam's moments and a batch's activations."""
-    return itemsize * (4 * parameter_count(arch, latent) + activation_count(arch, latent, batch))
+    return itemsize * (4 * parameter_count(arch, latent) + activation_count(arch, latent, batch, decoder_passes))
 
 
 def trace_bytes(arch, latent: int, batch: int, itemsize: int, steps: int) -> int:
@@ -130,7 +136,8 @@ def check_training(arch, config, xp=None) -> None:
     """Refuse a run whose training step cannot fit (before its model is built)."""
     import numpy
 
-    need = training_bytes(arch, config.latent, config.batch_size, numpy.dtype(config.dtype).itemsize)
+    passes = 2 if xp is None or xp.__name__ == "numpy" else 1  # CuPy runs the passes in order
+    need = training_bytes(arch, config.latent, config.batch_size, numpy.dtype(config.dtype).itemsize, passes)
     size = "x".join(map(str, arch.image_shape))
     check(need, f"a model of {parameter_count(arch, config.latent):,} parameters (n={config.latent}, {size} "
                 f"images, hidden {arch.hidden}) trained on batches of {config.batch_size} ({config.dtype})",

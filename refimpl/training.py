@@ -59,6 +59,7 @@ from .runfolder import (CHECKPOINT_FILE, CONFIG_FILE, KEPT_DIR, LOG_FILE, LOG_GZ
                         SUMMARY_FILE, NoRun, RunLock, check_new_run_folder, kept_checkpoint, kept_names,
                         remove_run_files)
 from .runlog import CsvLog, moving_average, verify_log
+from .threads import DecoderPasses, Execution, blas_limit, resolve
 
 STREAMS = ("init", "split", "batches", "train", "factors")  # new names go last: the index seeds the stream
 META_KEYS = ("step", "adam_t", "hit", "c_ma", "last_constraint_met", "train_rng", "batch_iterator", "config",
@@ -368,7 +369,8 @@ class Run:
     # -- training
 
     def train(self, batches: int | None = None, checkpoint_every: int | None = None, progress: bool = True,
-              log_interval=10.0, stop=None, device_step: bool = False, keep_checkpoints: int | None = None) -> dict:
+              log_interval=10.0, stop=None, device_step: bool = False, keep_checkpoints: int | None = None,
+              execution: Execution | None = None) -> dict:
         """Run Algorithm 1 until ``batches`` steps in total (default: the run's target); returns the summary.
 
         ``checkpoint_every``, ``keep_checkpoints``: default the run's own. All three become the run's schedule.
@@ -376,6 +378,8 @@ class Run:
         SIGTERM (a sweep's workers, which receive no signals, stop this way).
         ``device_step``: from the first hit on, run :class:`refimpl.device_step.DeviceStep` (the
         step without host reads, for GPUs) instead of :func:`refimpl.algorithm1.train_step`.
+        ``execution``: BLAS threads and the decoder passes' threads (:mod:`refimpl.threads`;
+        default: those the run was built with); never changes a number for a given BLAS thread count.
         Raises :class:`NonFiniteLoss` (no checkpoint written) or :class:`TrainingInterrupted`
         (checkpoint written) instead of finishing. Holds the folder's lock throughout (taking
         it if the run does not hold it yet) and releases it at the end, however it ends.
@@ -392,6 +396,8 @@ class Run:
         keep = self.schedule.keep_checkpoints if keep_checkpoints is None else keep_checkpoints
         if not isinstance(keep, (int, numpy.integer)) or keep < 0:
             raise OptionError(f"keep_checkpoints={keep!r}: expected a non-negative integer")
+        if execution is not None:
+            self.state.passes = DecoderPasses(self.model, resolve(execution, self.model))
         if self._lock is None:
             self._lock = RunLock(self.out).acquire()
         try:
@@ -409,7 +415,7 @@ class Run:
         bar = Progress(batches, state.step, self.config.latent, enabled=progress, interval=log_interval)
         fast = None  # the DeviceStep, once it applies
         try:
-            with StopOnSignal() as signalled, numpy.errstate(all="ignore"):
+            with StopOnSignal() as signalled, numpy.errstate(all="ignore"), blas_limit(state.passes.threads.blas):
                 while state.step < batches:  # Alg. 1 l. 2: foreach x_i in D
                     if signalled.signum is None and stop is not None and stop():
                         signalled.signum = signal.SIGTERM

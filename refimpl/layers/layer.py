@@ -16,6 +16,8 @@ statistics in BatchNorm and is ignored by other layers.
 
 from __future__ import annotations
 
+import copy
+
 from ..backend import array_module, to_device, to_host
 
 
@@ -86,6 +88,14 @@ class Layer:
                                  f"got {tuple(state[name].shape)}")
         for name, target in own.items():  # host or device values, onto this layer's backend
             target[...] = to_device(to_host(state[name]), array_module(target), target.dtype)
+
+    def twin(self) -> "Layer":
+        """A layer that shares this one's ``params``, ``grads`` and ``buffers`` (the same dicts and arrays)
+        with its own forward cache, scratch arrays and modes: a second forward may run on it at the same
+        time as one on this layer (refimpl/threads.py). Containers twin their children."""
+        twin = copy.copy(self)
+        twin._cache, twin._scratch = None, {}
+        return twin
 
     def zero_grad(self) -> None:
         for _, _, g in self.named_parameters():

@@ -29,6 +29,11 @@ class Sequential(Layer):
     def children(self):
         return list(self.named_layers)
 
+    def twin(self) -> "Sequential":
+        twin = super().twin()
+        twin.named_layers = [(name, layer.twin()) for name, layer in self.named_layers]
+        return twin
+
     def forward(self, x, cache=True):
         for _, layer in self.named_layers:
             x = layer.forward(x, cache=cache)

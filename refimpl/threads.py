@@ -1,0 +1,200 @@
+"""How the CPU step uses the machine's cores: BLAS threads, and l. 12 beside l. 13.
+
+Two execution settings (:class:`Execution`, ``refimpl train --blas-threads``,
+``--decoder-passes``), not part of a run, resolved once for a model (:func:`resolve`)
+and kept in :class:`refimpl.algorithm1.TrainState` as its :class:`DecoderPasses`:
+
+- ``blas_threads``: the threads OpenBLAS (NumPy's GEMMs) may use in the step. ``auto``:
+  one for a model whose GEMMs are small (the 16x16 and 28x28 models), half the cores for
+  larger ones (one on 2 cores), the other half going to the second decoder pass; the
+  library's own count when ``$OPENBLAS_NUM_THREADS`` or ``$OMP_NUM_THREADS`` is set (a
+  sweep's workers set them). More BLAS threads than free cores is what a busy machine
+  punishes most: a GEMM split over 2 threads waits for the one that shares its core
+  (bench/NOTES.md, 2026-12-06: the 16x16 step 17 -> 650 ms).
+- ``decoder_passes``: ``parallel`` runs the E1 decoder pass (l. 12, never
+  differentiated) in a second thread beside the E2 pass (l. 13); NumPy releases the GIL
+  inside its loops and GEMMs. ``sequential`` is the reference: l. 12, then l. 13, as
+  written. The E1 pass runs on a twin of the decoder (:meth:`refimpl.layers.layer.Layer.twin`:
+  the same parameters, its own caches and scratch arrays). Only where the two passes are
+  independent: the NumPy backend, and E1 with its own batch statistics
+  (``e1_batchnorm="batch"``); ``batch_update`` writes and ``running`` reads the running
+  statistics the E2 pass updates, so those run in order.
+
+Each decoder pass runs its GEMMs on half the step's BLAS threads (at least one), in order
+and side by side alike: OpenBLAS's float32 GEMMs round differently with 1 and 2 threads
+(float64 too for some shapes), so the same thread count in both ways is what makes them
+equal bit for bit (``tests/test_threads.py``). A run's numbers depend on its BLAS thread
+count, so a resumed run continues bit for bit with the same ``--blas-threads`` (``auto``
+gives the same count on the same machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import contextvars
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .optionspec import OptionError, option
+
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+# auto: more than one BLAS thread from this many GEMM multiply-adds per image of a decoder pass
+# on (bench/NOTES.md, 2026-12-06: the 16x16 model (2.6e6) gains 7% from a second thread on an idle
+# machine, the 32x32 one (7.5e6) 20%).
+BLAS_WORK_THRESHOLD = 5e6
+
+
+def _blas_threads(text: str) -> str:
+    """An argparse type: ``auto`` or a positive integer (kept as text)."""
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
+    return text
+
+
+@dataclass
+class Execution:
+    """How the step is executed (``refimpl train`` options), not part of the run. The decoder passes'
+    setting never changes a number; the BLAS thread count changes the last bits of OpenBLAS's GEMMs."""
+
+    blas_threads: str = option("auto", "BLAS threads for the step's GEMMs, each decoder pass using half of them: "
+                               "auto (1 for small models, half the cores for larger ones; $OPENBLAS_NUM_THREADS or "
+                               "$OMP_NUM_THREADS when set) or a number. Numbers depend on it (OpenBLAS's rounding)",
+                               parse=_blas_threads, metavar="auto|N")
+    decoder_passes: str = option("parallel", "l. 12-13: the E1 decoder pass in a second thread beside the E2 pass "
+                                 "(NumPy, --e1-batchnorm batch, 2 cores or more), or one after the other (the "
+                                 "reference); the same numbers either way",
+                                 choices=("parallel", "sequential"))
+
+    def __post_init__(self):
+        try:
+            _blas_threads(str(self.blas_threads))
+        except argparse.ArgumentTypeError as exc:
+            raise OptionError(f"blas_threads: {exc}") from None
+        if self.decoder_passes not in ("parallel", "sequential"):
+            raise OptionError(f"decoder_passes={self.decoder_passes!r}: expected parallel or sequential")
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def decoder_work(model) -> float:
+    """GEMM multiply-adds per image of one decoder pass (the measure ``auto`` compares with the threshold)."""
+    total, shape = 0.0, None
+    for _, layer in model.decoder.children():
+        weight = layer.params.get("weight")
+        kind = type(layer).__name__
+        if kind == "Linear":
+            total += weight.size
+        elif kind == "Reshape":
+            shape = layer.shape
+        elif kind in ("Conv2d", "UpsampleConv2d"):
+            c, h, w = shape
+            h, w = (2 * h, 2 * w) if kind == "UpsampleConv2d" else (h, w)
+            total += weight.size * h * w  # the upsampled map's every pixel, each tap
+            shape = (weight.shape[0], h, w)
+        elif kind == "Upsample":
+            shape = (shape[0], 2 * shape[1], 2 * shape[2])
+    return total
+
+
+def library_threads() -> int:
+    """The threads NumPy's BLAS uses now (threadpoolctl)."""
+    counts = [lib["num_threads"] for lib in _controller().info() if lib["user_api"] == "blas"]
+    return max(counts, default=1)
+
+
+def blas_thread_count(setting: str, model, environ=os.environ) -> int | None:
+    """The BLAS threads for ``model``'s step under ``setting``; None: leave the library's own."""
+    if setting != "auto":
+        return int(setting)
+    if model.xp.__name__ != "numpy" or any(environ.get(k) for k in BLAS_ENV):
+        return None
+    return 1 if decoder_work(model) < BLAS_WORK_THRESHOLD else max(1, cores() // 2)
+
+
+@dataclass(frozen=True)
+class Threads:
+    """An :class:`Execution` resolved for one model: BLAS threads of the step and of each decoder pass
+    (None: the library's), and whether the passes run side by side."""
+
+    blas: int | None = None
+    pass_blas: int | None = None
+    parallel_passes: bool = False
+
+
+SEQUENTIAL = Threads()
+
+
+def resolve(execution: Execution, model) -> Threads:
+    """The threading of ``model``'s step under ``execution``.
+
+    Each decoder pass gets half the step's BLAS threads (at least one), in order or side by side
+    alike: OpenBLAS's GEMMs round differently with 1 and 2 threads, so both ways must use the same
+    count to give the same numbers. Side by side only where the two halves fit the cores. CuPy
+    never threads.
+    """
+    if model.xp.__name__ != "numpy":
+        return SEQUENTIAL
+    blas = blas_thread_count(str(execution.blas_threads), model)
+    share = max(1, (blas if blas is not None else library_threads()) // 2)
+    return Threads(blas, share, execution.decoder_passes == "parallel" and 2 * share <= cores())
+
+
+@functools.cache
+def _controller():
+    """threadpoolctl's handle on the loaded thread pools (found once: ~1 ms; a limit then costs ~10 us)."""
+    from threadpoolctl import ThreadpoolController
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def blas_limit(threads: int | None):
+    """BLAS limited to ``threads`` inside the block (None: unchanged); restored after."""
+    if threads is None:
+        yield
+        return
+    with _controller().limit(limits=threads, user_api="blas"):
+        yield
+
+
+class DecoderPasses:
+    """l. 12 and l. 13 for one model: in order, or the E1 pass in a worker thread beside the E2 pass."""
+
+    def __init__(self, model, threads: Threads):
+        self.model, self.threads = model, threads
+        self._twin = None
+        self._pool = None
+
+    def __call__(self, z1, z2, mode: str, e1_pass):
+        """The decoder's outputs (x1, x2) for z1 = z * nu1 (l. 12, not cached) and z2 = z * nu2 (l. 13, cached).
+
+        z1, z2: (B, n); mode: ``Hyper.e1_batchnorm``; e1_pass(model, z1, mode): the reference l. 12.
+        Side by side only with ``mode == "batch"``, where the E1 pass reads and writes nothing the E2 pass does.
+        """
+        decoder = self.model.decoder
+        with blas_limit(self.threads.pass_blas):  # both ways the same GEMMs on the same threads
+            if not (self.threads.parallel_passes and mode == "batch"):
+                return e1_pass(self.model, z1, mode), decoder.forward(z2)  # l. 12, then l. 13
+            if self._twin is None:
+                self._twin = decoder.twin()
+                for _, layer in self._twin.children():
+                    if hasattr(layer, "update_running"):
+                        layer.update_running = False  # (h) "batch": E1 leaves the running statistics alone
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="refimpl-e1")
+            # the caller's context (NumPy's errstate lives in a context variable) travels with the task
+            x1 = self._pool.submit(contextvars.copy_context().run, self._twin.forward, z1, False)  # l. 12
+            try:
+                x2 = decoder.forward(z2)  # l. 13
+            finally:
+                x1 = x1.result()
+            return x1, x2
+
+
+if __name__ == "__main__":  # python -m refimpl.threads: the README's table of these options
+    from .options import markdown_table
+    print(markdown_table(Execution))
