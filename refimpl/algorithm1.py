@@ -12,7 +12,14 @@ Gradients are written by hand, in the order of the chain rule from L back to the
 parameters (l. 27), then the ARM term is added to gamma's gradient (l. 28-30) and
 Adam updates theta, phi, gamma and lambda (l. 31; with ``adam_steps="per_parameter"``
 gamma only on steps where it has a gradient, interpretation (n)). GECO's scalars (C,
-C_ma, lambda') are computed on the host in float64.
+C_ma, lambda', dL/dlambda, l. 23's weight: :func:`geco`) are computed on the host in
+float64, as Python floats with the math module's exp and log1p.
+
+:class:`refimpl.device_step.DeviceStep` runs the same step without host reads. It calls the
+pieces of :func:`train_step` written here (:func:`sample_gates`, :func:`reparameterise`,
+:func:`decoder_passes`, :func:`geco`, :func:`lagrangian`, :func:`backpropagate`,
+:func:`l0_gradient`, :func:`gate_estimator_gradient`, :func:`update_parameters`); the scalar
+ones take Python floats or 0-d float64 arrays of either backend (:func:`scalar_ops`).
 
 The gradient estimator of l. 29 (interpretation (o), ``Hyper.estimator``): L0-ARM as
 the paper writes it (Eq. 13), DisARM on the same antithetic pair of gate vectors, or
@@ -33,9 +40,9 @@ with ``estimator="reinforce_loo"``, then eps (B, n) for the reparameterisation (
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass, fields
-
-import numpy
+from typing import NamedTuple
 
 from .adam import Adam
 from .backend import array_module, to_host
@@ -146,12 +153,41 @@ class Hyper:
 OPTIONS = {f.name: f.metadata["choices"] for f in fields(Hyper) if f.metadata.get("choices")}
 
 
-def softplus(v: float) -> float:
-    return max(v, 0.0) + math.log1p(math.exp(-abs(v)))
+class _HostScalars:
+    """The few operations GECO's scalar math needs, on Python floats: the math module's exp and
+    log1p (the reference's rounding), Python's max, min, abs, not and if."""
+
+    exp, log1p = staticmethod(math.exp), staticmethod(math.log1p)
+    abs, maximum, minimum = staticmethod(abs), staticmethod(max), staticmethod(min)
+    logical_not = staticmethod(operator.not_)
+
+    @staticmethod
+    def where(cond, a, b):
+        return a if cond else b
 
 
-def logistic(v: float) -> float:
-    return 1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v))
+def is_host_scalar(v) -> bool:
+    """A Python float (or int), as the reference computes GECO's scalars; not a NumPy scalar or 0-d array."""
+    return type(v) in (int, float)
+
+
+def scalar_ops(v):
+    """Where GECO's scalar math (l. 14-24) finds exp, log1p, where, ...: the host's for a Python float
+    (the reference, float64), the array module for a 0-d array of either backend (no host read)."""
+    return _HostScalars if is_host_scalar(v) else array_module(v)
+
+
+def softplus(v):
+    """max(v, 0) + log1p(exp(-|v|)); v: a float or a 0-d float64 array (:func:`scalar_ops`)."""
+    ops = scalar_ops(v)
+    return ops.maximum(v, 0.0) + ops.log1p(ops.exp(-ops.abs(v)))
+
+
+def logistic(v):
+    """1 / (1 + e^-v), written as e / (1 + e) with e = exp(v) for v < 0; v: a float or a 0-d float64 array."""
+    ops = scalar_ops(v)
+    e = ops.exp(-ops.abs(v))  # exp(-v) for v >= 0, exp(v) for v < 0
+    return ops.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def initial_lambda_raw(hyper: Hyper) -> float:
@@ -161,16 +197,18 @@ def initial_lambda_raw(hyper: Hyper) -> float:
     return math.log(math.expm1(math.sqrt(hyper.lambda_init)))  # softplus(lambda)^2 = lambda_init
 
 
-def effective_lambda(lam: float, hyper: Hyper) -> float:
-    """l. 21: lambda' = max(min(softplus(lambda)^2, lambda_max), lambda_min)."""
-    return min(max(softplus(lam) ** 2, hyper.lambda_min), hyper.lambda_max)
+def effective_lambda(lam, hyper: Hyper):
+    """l. 21: lambda' = max(min(softplus(lambda)^2, lambda_max), lambda_min); lam: a float or a 0-d float64 array."""
+    ops = scalar_ops(lam)
+    return ops.minimum(ops.maximum(softplus(lam) ** 2, hyper.lambda_min), hyper.lambda_max)
 
 
-def lambda_gradient(lam: float, c_prime: float, hyper: Hyper) -> float:
-    """dL/dlambda = C' * d lambda'/d lambda, through the clamp of l. 21 (interpretation (c))."""
-    raw = softplus(lam) ** 2
-    grad = c_prime * 2.0 * softplus(lam) * logistic(lam)
-    return grad if clamp_keeps_gradient(numpy.float64(raw), numpy.float64(grad), hyper) else 0.0
+def lambda_gradient(lam, c_prime, hyper: Hyper):
+    """dL/dlambda = C' * d lambda'/d lambda, through the clamp of l. 21 (interpretation (c)).
+    lam, c_prime: floats or 0-d float64 arrays."""
+    sp = softplus(lam)
+    grad = c_prime * 2.0 * sp * logistic(lam)
+    return scalar_ops(lam).where(clamp_keeps_gradient(sp**2, grad, hyper), grad, 0.0)
 
 
 def clamp_keeps_gradient(raw, grad, hyper: Hyper):
@@ -178,14 +216,58 @@ def clamp_keeps_gradient(raw, grad, hyper: Hyper):
 
     Inside [lambda_min, lambda_max] always. Outside: never with ``lambda_clamp_grad="zero"``;
     with "outward" (Sonnet's GECO) unless the step would push lambda' further out. raw, grad:
-    NumPy float64 scalars or 0-d arrays of any backend; returns a bool of the same kind.
+    floats or 0-d arrays of either backend; returns a bool of the same kind.
     """
     inside = (hyper.lambda_min <= raw) & (raw <= hyper.lambda_max)
     if hyper.lambda_clamp_grad == "zero":
         return inside
+    ops = scalar_ops(raw)
     moves_up = grad > 0 if hyper.lambda_update == "ascent" else grad < 0
-    pushes_out = ((raw > hyper.lambda_max) & moves_up) | ((raw < hyper.lambda_min) & ~moves_up)
-    return inside | ~pushes_out
+    pushes_out = ((raw > hyper.lambda_max) & moves_up) | ((raw < hyper.lambda_min) & ops.logical_not(moves_up))
+    return inside | ops.logical_not(pushes_out)
+
+
+class GecoScalars(NamedTuple):
+    """GECO's scalars of one step (l. 14-21, 23): floats on the host, 0-d float64 arrays in DeviceStep."""
+
+    c: object  # l. 14: C = E2 - tau
+    c_ma: object  # l. 15-19: its moving average
+    c_prime: object  # l. 20: C' (the value of C_ma)
+    lam_eff: object  # l. 21: lambda'
+    lam_grad: object  # dL/dlambda through l. 21-22, (c)
+    l0_weight: object  # l. 23: the weight of l. 24's L0 term, (p)
+    l0_added: object  # l. 23: l0_weight > 0
+
+
+def geco(e2_mean, c_ma, lam, hit_fraction, hyper: Hyper) -> GecoScalars:
+    """l. 14-21 and l. 23 from the batch mean E2, the previous step's C_ma (None at i == 0), the raw
+    lambda and the fraction of images with e_b <= tau. All floats (the reference: float64 on the host)
+    or all 0-d float64 arrays of one backend (:class:`refimpl.device_step.DeviceStep`: no host read)."""
+    c = e2_mean - hyper.tau  # l. 14: the constraint of Eq. 9 (C <= 0: E2 within tolerance)
+    if c_ma is None:  # l. 15: i == 0
+        c_ma = c  # l. 16
+    else:  # l. 17
+        c_ma = hyper.alpha * c_ma + (1 - hyper.alpha) * c  # l. 18
+    # l. 19 (end); l. 20: C' = C + StopGradient(C_ma - C) has the value C_ma and dC'/dC = 1
+    c_prime = c_ma
+    lam_eff = effective_lambda(lam, hyper)  # l. 21
+    l0_weight = l0_term_weight(c, hit_fraction, hyper)  # l. 23: 1 if C <= 0 else 0, or per image (p)
+    return GecoScalars(c, c_ma, c_prime, lam_eff, lambda_gradient(lam, c_prime, hyper), l0_weight, l0_weight > 0)
+
+
+def l0_term_weight(c, hit_fraction, hyper: Hyper):
+    """l. 23 as the weight of l. 24's L0 term (interpretation (p)): 1.0 if C <= 0 else 0.0 (``constraint="batch"``),
+    or with ``"per_image"`` the fraction of the batch's images with C_b = e_b - tau <= 0 (``hit_fraction``).
+    c, hit_fraction: floats or 0-d float64 arrays."""
+    if hyper.constraint == "per_image":
+        return hit_fraction
+    return scalar_ops(c).where(c <= 0, 1.0, 0.0)
+
+
+def lagrangian(g: GecoScalars, kl_term, gates_l1):
+    """l. 22 and l. 24: L = lambda' C' + the KL term, plus l. 23's weight times the L0 term sum_j sigmoid(k gamma_j)
+    when it is added (Eq. 14). Floats or 0-d float64 arrays."""
+    return g.lam_eff * g.c_prime + kl_term + scalar_ops(g.lam_eff).where(g.l0_added, g.l0_weight * gates_l1, 0.0)
 
 
 def gate_masks(u, gamma, k: float, u1=None):
@@ -358,6 +440,73 @@ def init_state(model: GatedVAE, hyper: Hyper, execution: Execution | None = None
     return TrainState(model, hyper, lam, lam_grad, optimizer, passes=passes)
 
 
+def in_dtype(value, dtype):
+    """A float64 scalar as a factor of a ``dtype`` array: a float as it is (NumPy rounds it to dtype when it
+    multiplies), a 0-d float64 array rounded to dtype the same way (on the device, no host read)."""
+    return value if is_host_scalar(value) else value.astype(dtype)
+
+
+def sample_gates(rng, samples: int, gamma, hyper: Hyper):
+    """l. 4-6: u (S, n) from rng, u1 too with ``estimator="reinforce_loo"`` (o), else None; then nu1, nu2.
+    -> u, u1, nu1, nu2"""
+    xp, dtype, shape = array_module(gamma), gamma.dtype, (samples, gamma.shape[0])
+    u = uniform(rng, shape, xp, dtype)  # l. 4
+    # (o): a second, independent gate sample for the E1 pass
+    u1 = uniform(rng, shape, xp, dtype) if hyper.estimator == "reinforce_loo" else None
+    # l. 5-6 (Eq. 12's 1[u < sigma(k gamma)] and its antithetic twin)
+    return (u, u1, *gate_masks(u, gamma, hyper.k, u1))
+
+
+def reparameterise(model: GatedVAE, x, rng, encoder_output: str):
+    """l. 11: z = mu + sigma * eps (Eq. 6), eps (B, n) from rng; sigma per (e), (r).
+    -> mu, s, sigma, eps, z, each (B, n)"""
+    xp, n = model.xp, model.n_latent
+    encoded = model.encoder.forward(x)
+    mu, s = encoded[:, :n], encoded[:, n:]
+    eps = standard_normal(rng, (x.shape[0], n), xp, model.dtype)
+    sigma = xp.exp(0.5 * s) if encoder_output == "logvar" else xp.exp(s)
+    return mu, s, sigma, eps, mu + sigma * eps
+
+
+def decoder_passes(state: TrainState, x, z, nu1, nu2, run_e1: bool):
+    """l. 12-13: the decoder on z * nu1 (E1) and z * nu2 (E2), and the per-image errors. -> x1, x2, e1, e2
+
+    l. 12 is never differentiated, so it caches nothing (:func:`decoder_e1_pass`); l. 13 is cached for
+    backpropagation. state.passes runs them in this order, or side by side in two threads with the same
+    numbers (refimpl/threads.py). Without ``run_e1`` only l. 13 runs and E1 is E2 (nu1 = nu2)."""
+    model, hyper = state.model, state.hyper
+    if not run_e1:
+        x2 = model.decoder.forward(z * nu2)  # l. 13
+        e2 = per_image_error(x2, x, hyper.error)
+        return x2, x2, e2, e2
+    x1, x2 = state.passes(z * nu1, z * nu2, hyper.e1_batchnorm, decoder_e1_pass)  # l. 12, 13
+    return x1, x2, per_image_error(x1, x, hyper.error), per_image_error(x2, x, hyper.error)
+
+
+def backpropagate(model: GatedVAE, x, x2, e2, lam_eff, nu2, open_count, mu, sigma, eps, hyper: Hyper) -> None:
+    """l. 27 from L back to the decoder's and encoder's parameters (into ``model.grads``; gamma's gets
+    nothing here). lam_eff: lambda', a float or a 0-d float64 array; open_count: (S, 1) from :func:`gated_kl`."""
+    batch = x.shape[0]
+    # dL/dx2 = lambda' dE2/dx2
+    dx2 = in_dtype(lam_eff / batch, model.dtype) * per_image_error_grad(x2, x, e2, hyper.error)
+    dz = model.decoder.backward(dx2) * nu2  # dL/dz: the decoder saw z * nu2
+    dkl = nu2 / (open_count * batch)  # dL/dKL_elem
+    model.encoder.backward(encoder_output_gradient(dz, dkl, mu, sigma, eps, hyper.encoder_output))
+
+
+def l0_gradient(gamma, weight, k: float):
+    """d/dgamma of l. 24's term: weight * k sigmoid(k gamma)(1 - sigmoid(k gamma)), Eq. 13's last term, times
+    l. 23's weight (1 unless (p)); weight: a float or a 0-d float64 array. gamma: (n,) -> (n,)"""
+    gate_prob = sigmoid(k * gamma)
+    return in_dtype(weight, gamma.dtype) * (k * gate_prob * (1 - gate_prob))
+
+
+def gate_estimator_gradient(u, nu1, nu2, gamma, lam_eff, e1, e2, kl, kl_per_image2, hyper: Hyper):
+    """l. 29: Eq. 13's first term, times lambda' (in F) and k, or DisARM / REINFORCE-LOO per (o). -> (n,)"""
+    f1, f2 = estimator_objectives(in_dtype(lam_eff, e1.dtype), e1, e2, kl, nu1, kl_per_image2, hyper)
+    return estimator_term(hyper.estimator, u, nu1, nu2, gamma, f1, f2, hyper.k)
+
+
 def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     """One pass of Algorithm 1's loop body on images x: (B, C, H, W) in [0, 1].
 
@@ -375,99 +524,60 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
     sampling = state.hit if hyper.hit == "sticky" else state.last_constraint_met
 
     # l. 3-10: gate masks, (S, n) with S = 1 (one u per batch) or B
-    u1 = None
     if sampling:  # l. 3
-        u = uniform(rng, (samples, n), xp, dtype)  # l. 4
-        if hyper.estimator == "reinforce_loo":  # (o): a second, independent gate sample for the E1 pass
-            u1 = uniform(rng, (samples, n), xp, dtype)
-        nu1, nu2 = gate_masks(u, gamma, hyper.k, u1)  # l. 5-6 (Eq. 12's 1[u < sigma(k gamma)] and its antithetic twin)
+        u, u1, nu1, nu2 = sample_gates(rng, samples, gamma, hyper)  # l. 4-6
     else:
-        u = None
+        u = u1 = None
         nu1 = xp.ones((samples, n), dtype=dtype)  # l. 8
         nu2 = xp.ones((samples, n), dtype=dtype)  # l. 9
 
-    # l. 11: z = mu + sigma * eps (Eq. 6)
-    encoded = model.encoder.forward(x)
-    mu, s = encoded[:, :n], encoded[:, n:]
-    eps = standard_normal(rng, (batch, n), xp, dtype)
-    sigma = xp.exp(0.5 * s) if hyper.encoder_output == "logvar" else xp.exp(s)
-    z = mu + sigma * eps
-
-    # l. 12: E1 with nu1; never differentiated, so no caches. Without sampling nu1 = nu2, so
-    # E1 = E2 exactly and the pass is skipped (unless it must update BatchNorm's statistics).
-    # l. 13: E2 with nu2, cached for backpropagation. state.passes runs l. 12 and l. 13 in this
-    # order, or side by side in two threads with the same numbers (refimpl/threads.py).
-    run_e1 = sampling or hyper.e1_batchnorm == "batch_update"
-    if run_e1:
-        x1, x2 = state.passes(z * nu1, z * nu2, hyper.e1_batchnorm, _decoder_e1_pass)
-        e1 = per_image_error(x1, x, hyper.error)
-    else:
-        x2 = model.decoder.forward(z * nu2)
-    e2 = per_image_error(x2, x, hyper.error)
-    if not run_e1:
-        x1, e1 = x2, e2
+    mu, s, sigma, eps, z = reparameterise(model, x, rng, hyper.encoder_output)  # l. 11
+    # l. 12-13. Without sampling nu1 = nu2, so E1 = E2 exactly and l. 12 is skipped (unless it must
+    # update BatchNorm's statistics).
+    x1, x2, e1, e2 = decoder_passes(state, x, z, nu1, nu2, sampling or hyper.e1_batchnorm == "batch_update")
     E1, E2 = float(e1.mean()), float(e2.mean())
-
-    c = E2 - hyper.tau  # l. 14: the constraint of Eq. 9 (C <= 0: E2 within tolerance)
-    if state.c_ma is None:  # l. 15: i == 0
-        c_ma = c  # l. 16
-    else:  # l. 17
-        c_ma = hyper.alpha * state.c_ma + (1 - hyper.alpha) * c  # l. 18
-    # l. 19 (end); l. 20: C' = C + StopGradient(C_ma - C) has the value C_ma and dC'/dC = 1
-    c_prime = c_ma
-    lam = float(state.lam)
-    lam_eff = effective_lambda(lam, hyper)  # l. 21
 
     # l. 22: L = lambda' C' + (1/||nu2||_0) ||KL_elem * nu2||_1, batch mean (Eq. 14's Lagrangian,
     # with Eq. 8's lambda E[C] and the L0 term of Eq. 11 added at l. 24)
     kl = kl_elementwise(mu, s, hyper.encoder_output)  # (B, n), Eq. 15
     kl_per_image, open_count = gated_kl(kl, nu2, hyper.kl_normalizer)  # (B,), (S, 1)
     kl_term = float(kl_per_image.mean())
-    loss = lam_eff * c_prime + kl_term
     hit_fraction = float((e2 <= hyper.tau).mean())  # the fraction of images with C_b = e_b - tau <= 0
-    l0_weight = l0_term_weight(c, hit_fraction, hyper)  # l. 23: 1 if C <= 0 else 0, or per image (p)
-    l0_added = l0_weight > 0
+    g = geco(E2, state.c_ma, float(state.lam), hit_fraction, hyper)  # l. 14-21, 23 (float64 on the host)
     gates_l1 = float(sigmoid(hyper.k * gamma).sum())  # Eq. 12's L0 term sum_j sigma(k gamma_j)
-    if l0_added:
-        loss += l0_weight * gates_l1  # l. 24
+    loss = lagrangian(g, kl_term, gates_l1)  # l. 22, 24
+    if g.l0_added:  # l. 23
         state.hit = True  # l. 25
 
     # l. 27: backpropagation
-    dx2 = (lam_eff / batch) * per_image_error_grad(x2, x, e2, hyper.error)  # dL/dx2 = lambda' dE2/dx2
-    dz = model.decoder.backward(dx2) * nu2  # dL/dz: the decoder saw z * nu2
-    dkl = nu2 / (open_count * batch)  # dL/dKL_elem
-    model.encoder.backward(encoder_output_gradient(dz, dkl, mu, sigma, eps, hyper.encoder_output))
+    backpropagate(model, x, x2, e2, g.lam_eff, nu2, open_count, mu, sigma, eps, hyper)
     dgamma = model.grads["gamma"]
-    if l0_added:
-        gate_prob = sigmoid(hyper.k * gamma)
-        # d/dgamma sum_j sigmoid(k gamma_j), Eq. 13's last term, times l. 23's weight (1 unless (p))
-        dgamma += l0_weight * (hyper.k * gate_prob * (1 - gate_prob))
-    state.lam_grad[...] = lambda_gradient(lam, c_prime, hyper)  # dL/dlambda through l. 21-22
+    if g.l0_added:
+        dgamma += l0_gradient(gamma, g.l0_weight, hyper.k)  # l. 24's term
+    state.lam_grad[...] = g.lam_grad  # dL/dlambda through l. 21-22
 
     # l. 28-30: the ARM term (or the estimator of (o)). On the step where hit first becomes true
     # no u was drawn (l. 3 was false), nu1 = nu2 and E1 - E2 = 0, so the term is zero and skipped.
     arm = None
     if sampling:
-        f1, f2 = estimator_objectives(lam_eff, e1, e2, kl, nu1, kl_per_image, hyper)
-        # l. 29: Eq. 13's first term, times lambda' (in f) and k, or DisARM / REINFORCE-LOO per (o). (n,)
-        arm = estimator_term(hyper.estimator, u, nu1, nu2, gamma, f1, f2, hyper.k)
+        arm = gate_estimator_gradient(u, nu1, nu2, gamma, g.lam_eff, e1, e2, kl, kl_per_image, hyper)  # l. 29
         dgamma += arm
 
     # l. 31. (n): gamma is part of L only through the L0 term (l. 24) and the ARM term (l. 29); on a
     # step with neither it has no gradient, and with adam_steps="per_parameter" Adam leaves it alone.
-    gamma_has_gradient = l0_added or sampling
+    gamma_has_gradient = g.l0_added or sampling
     skip = ("gamma",) if hyper.adam_steps == "per_parameter" and not gamma_has_gradient else ()
     update_parameters(state, skip)  # l. 31
-    state.c_ma = c_ma
-    state.last_constraint_met = bool(l0_added)
+    state.c_ma = g.c_ma
+    state.last_constraint_met = bool(g.l0_added)
     state.step += 1
 
     hard_gates = model.inference_gates()
     log = {
-        "step": state.step, "E1": E1, "E2": E2, "C": c, "C_ma": c_ma, "lambda_eff": lam_eff,
+        "step": state.step, "E1": E1, "E2": E2, "C": g.c, "C_ma": g.c_ma, "lambda_eff": g.lam_eff,
         "lambda_raw": float(state.lam), "loss": loss, "kl": kl_term, "gates_l1": gates_l1,
         "open_gates": int(hard_gates.sum()), "hit_fraction": hit_fraction,
-        "hit": state.hit, "l0_added": bool(l0_added),
+        "hit": state.hit, "l0_added": bool(g.l0_added),
     }
     if record is not None:
         tensors = {"x": x, "u": u, "u1": u1, "nu1": nu1, "nu2": nu2, "eps": eps, "mu": mu, "s": s, "z": z, "x1": x1, "x2": x2,
@@ -476,14 +586,6 @@ def train_step(state: TrainState, x, rng, record: dict | None = None) -> dict:
         record["grads"] = {k: to_host(v).copy() for k, v in state.gradients().items()}
         record["scalars"] = dict(log)
     return log
-
-
-def l0_term_weight(c: float, hit_fraction: float, hyper: Hyper) -> float:
-    """l. 23 as the weight of l. 24's L0 term (interpretation (p)): 1.0 if C <= 0 else 0.0 (``constraint="batch"``),
-    or with ``"per_image"`` the fraction of the batch's images with C_b = e_b - tau <= 0 (``hit_fraction``)."""
-    if hyper.constraint == "per_image":
-        return hit_fraction
-    return 1.0 if c <= 0 else 0.0
 
 
 def update_parameters(state: TrainState, skip=()) -> None:
@@ -499,7 +601,7 @@ def update_parameters(state: TrainState, skip=()) -> None:
     state.optimizer.step(state.gradients(), skip=skip)
 
 
-def _decoder_e1_pass(model: GatedVAE, z_gated, mode: str):
+def decoder_e1_pass(model: GatedVAE, z_gated, mode: str):
     """The l. 12 decoder pass under interpretation (h); restores the model's modes afterwards."""
     if mode == "running":
         model.decoder.eval()

@@ -6,24 +6,27 @@ and l. 23 (add the L0 term?). On a GPU every such read waits for the device to f
 five times a step, so the host can never queue the next kernels ahead; and a step
 that reads the host cannot be captured as one CUDA graph (issue 13).
 
-:class:`DeviceStep` computes the same step with every scalar a 0-d device array:
+:class:`DeviceStep` computes the same step with the same functions of
+:mod:`refimpl.algorithm1` (l. 4-6, 11, 12-13, 14-21 and 23 in :func:`~refimpl.algorithm1.geco`,
+22 and 24, 27, 28-30, 31), with every scalar a 0-d device array. It differs from
+:func:`train_step` only where that reads the host:
 
-- E1, E2, C, C_ma, lambda', the KL term and the loss are 0-d float64 arrays, computed
-  with the same operations in the same order as the host's Python floats (a float32
-  mean, cast to float64, then float64 arithmetic); where the host multiplies a float32
-  array by a Python float, NumPy first rounds the float to float32, and so does this
-  module (``_as``);
-- l. 21's softplus and clamp, and the gradient of lambda through them
-  (interpretation (c)), are written with ``xp.where`` instead of ``if``;
-- l. 23's branch is a 0/1 mask: the L0 term and its gradient are added times the mask
+- E1, E2, the KL term, the L0 term and the fraction of images within tau are 0-d float64
+  arrays (a float32 mean cast to float64, as the host's ``float(...)``), and so are GECO's
+  scalars computed from them; where the host multiplies a float32 array by a Python float,
+  NumPy first rounds the float to float32, and :func:`~refimpl.algorithm1.in_dtype` does the same;
+- l. 21's softplus, logistic and clamp take ``xp.exp``, ``xp.log1p`` and ``xp.where``
+  where the host takes ``math.exp``, ``math.log1p`` and ``if`` (:func:`~refimpl.algorithm1.scalar_ops`);
+- l. 23's branch is a 0/1 mask: the L0 term's gradient is added times the weight every step
   (adding 0.0 changes nothing, multiplying by 1.0 neither); with ``constraint="per_image"``
-  (interpretation (p)) the mask is the fraction of images with e_b <= tau, as the host's;
-- l. 31 is :func:`refimpl.algorithm1.update_parameters`, the host's, which reads nothing back
-  (lambda's own rate and plain gradient ascent, interpretation (q), included);
+  (interpretation (p)) the weight is the fraction of images with e_b <= tau, as the host's;
 - l. 3 is not a branch: the fast path applies only where l. 3 is certainly true,
   i.e. with ``hit="sticky"`` (interpretation (g), the default) once hit is set
-  (:func:`applies`); every later step samples gates. Before the first hit, and with
-  ``hit="per_step"``, the caller runs :func:`train_step`.
+  (:func:`applies`); every later step samples gates, runs l. 12 and gives gamma a gradient
+  (no Adam skip of (n)). Before the first hit, and with ``hit="per_step"``, the caller runs
+  :func:`train_step`;
+- l. 25 (hit) is already set, and C_ma and the constraint's state come back to the
+  :class:`TrainState` in :meth:`DeviceStep.host_log`.
 
 What still differs from :func:`train_step`: the device's exp and log1p in l. 21 (NumPy's
 or CUDA's instead of the C library's) may round the last bit of lambda' differently.
@@ -41,12 +44,10 @@ The logged scalars come back as one small host transfer per step
 
 from __future__ import annotations
 
-from .algorithm1 import (TrainState, _decoder_e1_pass, clamp_keeps_gradient, encoder_output_gradient,
-                         estimator_objectives, estimator_term, gate_masks, gated_kl, kl_elementwise, per_image_error,
-                         per_image_error_grad, update_parameters)
-from .backend import array_module, to_host
+from .algorithm1 import (TrainState, backpropagate, decoder_passes, gate_estimator_gradient, gated_kl, geco,
+                         kl_elementwise, l0_gradient, lagrangian, reparameterise, sample_gates, update_parameters)
+from .backend import to_host
 from .layers.activations import sigmoid
-from .rng import standard_normal, uniform
 
 # The logged scalars, in the order of :func:`train_step`'s log (step and hit are the host's).
 LOG_KEYS = ("E1", "E2", "C", "C_ma", "lambda_eff", "lambda_raw", "loss", "kl", "gates_l1", "open_gates",
@@ -56,37 +57,6 @@ LOG_KEYS = ("E1", "E2", "C", "C_ma", "lambda_eff", "lambda_raw", "loss", "kl", "
 def applies(state: TrainState) -> bool:
     """True when every step from now on samples gates (l. 3 true): hit is sticky and set."""
     return state.hyper.hit == "sticky" and state.hit and state.c_ma is not None
-
-
-def _as(value, dtype):
-    """A float64 0-d array rounded to ``dtype``, as NumPy rounds a Python float that multiplies an array of it."""
-    return value.astype(dtype)
-
-
-def softplus(v):
-    """softplus of a 0-d float64 array: max(v, 0) + log1p(exp(-|v|)), as :func:`refimpl.algorithm1.softplus`."""
-    xp = array_module(v)
-    return xp.maximum(v, 0.0) + xp.log1p(xp.exp(-xp.abs(v)))
-
-
-def logistic(v):
-    """The logistic function of a 0-d float64 array, in the two branches :func:`refimpl.algorithm1.logistic` uses."""
-    xp = array_module(v)
-    e = xp.exp(-xp.abs(v))  # exp(-v) for v >= 0, exp(v) for v < 0
-    return xp.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-def effective_lambda(lam, hyper):
-    """l. 21: lambda' = max(min(softplus(lambda)^2, lambda_max), lambda_min), on a 0-d float64 array."""
-    xp = array_module(lam)
-    return xp.minimum(xp.maximum(softplus(lam) ** 2, hyper.lambda_min), hyper.lambda_max)
-
-
-def lambda_gradient(lam, c_prime, hyper):
-    """dL/dlambda through l. 21's clamp (interpretation (c)), as :func:`refimpl.algorithm1.lambda_gradient`."""
-    sp = softplus(lam)
-    grad = c_prime * 2.0 * sp * logistic(lam)
-    return array_module(lam).where(clamp_keeps_gradient(sp**2, grad, hyper), grad, 0.0)
 
 
 class DeviceStep:
@@ -108,69 +78,39 @@ class DeviceStep:
 
     def __call__(self, x, rng) -> dict:
         state = self.state
-        model, hyper, xp = state.model, state.hyper, self.xp
-        dtype, n, f64 = model.dtype, model.n_latent, "float64"
+        model, hyper, f64 = state.model, state.hyper, "float64"
         model.check_images(x)  # shapes only: no read of x
-        batch = x.shape[0]
         gamma = model.params["gamma"]
         model.zero_grad()
-        samples = 1 if hyper.gate_samples == "batch" else batch
+        samples = 1 if hyper.gate_samples == "batch" else x.shape[0]
 
-        # l. 3-6: gates are always sampled here (applies(state))
-        u = uniform(rng, (samples, n), xp, dtype)  # l. 4
-        u1 = uniform(rng, (samples, n), xp, dtype) if hyper.estimator == "reinforce_loo" else None
-        nu1, nu2 = gate_masks(u, gamma, hyper.k, u1)  # l. 5-6
-
-        # l. 11
-        encoded = model.encoder.forward(x)
-        mu, s = encoded[:, :n], encoded[:, n:]
-        eps = standard_normal(rng, (batch, n), xp, dtype)
-        sigma = xp.exp(0.5 * s) if hyper.encoder_output == "logvar" else xp.exp(s)
-        z = mu + sigma * eps
-
-        # l. 12-13, in order or side by side (refimpl/threads.py)
-        x1, x2 = state.passes(z * nu1, z * nu2, hyper.e1_batchnorm, _decoder_e1_pass)
-        e1 = per_image_error(x1, x, hyper.error)
-        e2 = per_image_error(x2, x, hyper.error)
+        u, u1, nu1, nu2 = sample_gates(rng, samples, gamma, hyper)  # l. 3-6: l. 3 is true here (applies(state))
+        mu, s, sigma, eps, z = reparameterise(model, x, rng, hyper.encoder_output)  # l. 11
+        x1, x2, e1, e2 = decoder_passes(state, x, z, nu1, nu2, run_e1=True)  # l. 12-13
         E1, E2 = e1.mean().astype(f64), e2.mean().astype(f64)
 
-        c = E2 - hyper.tau  # l. 14
-        c_ma = hyper.alpha * self.c_ma + (1 - hyper.alpha) * c  # l. 17-18 (i > 0: applies() needs a C_ma)
-        c_prime = c_ma  # l. 20
-        lam = state.lam.astype(f64)
-        lam_eff = effective_lambda(lam, hyper)  # l. 21
-
-        # l. 22-25: the L0 term times the mask of l. 23
+        # l. 14-24 on 0-d float64 device arrays; l. 23's branch a mask (l0_weight 0 or, with (p), a fraction)
         kl = kl_elementwise(mu, s, hyper.encoder_output)
         kl_per_image, open_count = gated_kl(kl, nu2, hyper.kl_normalizer)
         kl_term = kl_per_image.mean().astype(f64)
         hit_fraction = (e2 <= hyper.tau).mean().astype(f64)
-        l0_weight = hit_fraction if hyper.constraint == "per_image" else (c <= 0).astype(f64)  # l. 23, (p)
-        l0_added = l0_weight > 0
-        gate_prob = sigmoid(hyper.k * gamma)
-        gates_l1 = gate_prob.sum().astype(f64)
-        loss = lam_eff * c_prime + kl_term + xp.where(l0_added, l0_weight * gates_l1, 0.0)  # l. 22, 24
+        g = geco(E2, self.c_ma, state.lam.astype(f64), hit_fraction, hyper)  # l. 14-21, 23
+        gates_l1 = sigmoid(hyper.k * gamma).sum().astype(f64)
+        loss = lagrangian(g, kl_term, gates_l1)  # l. 22, 24
 
-        # l. 27
-        dx2 = _as(lam_eff / batch, dtype) * per_image_error_grad(x2, x, e2, hyper.error)
-        dz = model.decoder.backward(dx2) * nu2
-        dkl = nu2 / (open_count * batch)
-        model.encoder.backward(encoder_output_gradient(dz, dkl, mu, sigma, eps, hyper.encoder_output))
+        backpropagate(model, x, x2, e2, g.lam_eff, nu2, open_count, mu, sigma, eps, hyper)  # l. 27
         dgamma = model.grads["gamma"]
-        dgamma += _as(l0_weight, dtype) * (hyper.k * gate_prob * (1 - gate_prob))  # l. 24's gradient, masked
-        state.lam_grad[...] = lambda_gradient(lam, c_prime, hyper)
-
-        # l. 28-30
-        f1, f2 = estimator_objectives(_as(lam_eff, dtype), e1, e2, kl, nu1, kl_per_image, hyper)
-        dgamma += estimator_term(hyper.estimator, u, nu1, nu2, gamma, f1, f2, hyper.k)
+        dgamma += l0_gradient(gamma, g.l0_weight, hyper.k)  # l. 24's gradient, masked (times 0.0 when not added)
+        state.lam_grad[...] = g.lam_grad
+        dgamma += gate_estimator_gradient(u, nu1, nu2, gamma, g.lam_eff, e1, e2, kl, kl_per_image, hyper)  # l. 28-30
 
         update_parameters(state)  # l. 31: gamma has a gradient on every sampling step
-        self.c_ma = c_ma
+        self.c_ma = g.c_ma
         state.step += 1
-        return {"E1": E1, "E2": E2, "C": c, "C_ma": c_ma, "lambda_eff": lam_eff,
+        return {"E1": E1, "E2": E2, "C": g.c, "C_ma": g.c_ma, "lambda_eff": g.lam_eff,
                 "lambda_raw": state.lam.astype(f64), "loss": loss, "kl": kl_term, "gates_l1": gates_l1,
                 "open_gates": model.inference_gates().sum().astype(f64),
-                "hit_fraction": hit_fraction, "l0_added": l0_added.astype(f64)}
+                "hit_fraction": hit_fraction, "l0_added": g.l0_added.astype(f64)}
 
     def host_log(self, log: dict) -> dict:
         """The reference's log dict from :meth:`__call__`'s device scalars (one transfer), and C_ma and

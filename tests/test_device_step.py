@@ -5,10 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from refimpl.algorithm1 import OPTIONS, Hyper, effective_lambda as host_lambda_eff, init_state, train_step
-from refimpl.algorithm1 import lambda_gradient as host_lambda_grad
+from refimpl.algorithm1 import OPTIONS, Hyper, effective_lambda, init_state, lambda_gradient, train_step
 from refimpl.backend import get_xp, to_host
-from refimpl.device_step import LOG_KEYS, DeviceStep, applies, effective_lambda, lambda_gradient
+from refimpl.device_step import LOG_KEYS, DeviceStep, applies
 from refimpl.model import Architecture, ConvSpec, GatedVAE
 from refimpl.rng import generator
 
@@ -103,18 +102,40 @@ def test_a_run_can_go_back_to_train_step_after_device_steps():
 
 
 def test_geco_scalars_equal_the_host_formulas():
-    """l. 21 and the clamp's gradient, on 0-d float64 arrays, against the host's math-module versions."""
+    """l. 21 and the clamp's gradient on 0-d float64 arrays (NumPy's exp and log1p, as on the device) against the
+    same functions on floats (the math module's, the reference's)."""
     lams = [-40.0, -3.0, -0.5, 0.0, 1e-9, 0.3, 1.0, 2.5, 40.0]
     for hyper_kw in ({}, {"lambda_max": 0.5}, {"lambda_min": 2.0, "lambda_max": 3.0},
                      {"lambda_max": 0.5, "lambda_clamp_grad": "zero"}, {"lambda_update": "descent"}):
         hyper = Hyper(tau=1.0, **hyper_kw)
         for lam in lams:
-            assert float(effective_lambda(np.asarray(lam), hyper)) == pytest.approx(host_lambda_eff(lam, hyper),
+            assert float(effective_lambda(np.asarray(lam), hyper)) == pytest.approx(effective_lambda(lam, hyper),
                                                                                    rel=1e-15, abs=1e-300)
             for c_prime in (-2.0, 0.0, 3.0):
                 got = float(lambda_gradient(np.asarray(lam), np.asarray(c_prime), hyper))
-                assert got == pytest.approx(host_lambda_grad(lam, c_prime, hyper), rel=1e-15, abs=1e-300), (
+                assert got == pytest.approx(lambda_gradient(lam, c_prime, hyper), rel=1e-15, abs=1e-300), (
                     hyper_kw, lam, c_prime)
+
+
+def test_one_geco_for_both_paths():
+    """Issue 24: DeviceStep calls train_step's own functions of refimpl/algorithm1.py (public ones), and defines none
+    of them again; GECO's scalars stay Python floats on the host (the reference) and 0-d arrays on arrays."""
+    import inspect
+
+    from refimpl import algorithm1, device_step
+    from refimpl.algorithm1 import geco
+
+    own = {name for name, f in vars(device_step).items()
+           if inspect.isfunction(f) and f.__module__ == device_step.__name__}
+    assert own and not own & set(vars(algorithm1))
+    imported = {name for name, f in vars(device_step).items() if getattr(f, "__module__", None) == algorithm1.__name__}
+    assert {"geco", "lagrangian", "backpropagate"} <= imported and not [n for n in imported if n.startswith("_")]
+    hyper = Hyper(tau=5.0, lambda_max=0.5)
+    host = geco(4.0, 1.5, 1.0, 0.4, hyper)
+    assert all(type(v) is float for v in host[:-1]) and host.l0_added is True and host.lam_grad == 0.0  # clamped
+    device = geco(*(np.asarray(v) for v in (4.0, 1.5, 1.0, 0.4)), hyper)
+    assert all(isinstance(v, (np.ndarray, np.generic)) for v in device)
+    assert [float(v) for v in device] == pytest.approx([float(v) for v in host], rel=1e-15)
 
 
 def test_device_step_refuses_states_where_l3_can_be_false():
