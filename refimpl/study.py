@@ -30,7 +30,7 @@ from .atomic import atomic_write
 from .config import RunConfig
 from .milestones import WINDOW, milestones
 from .runread import load_history
-from .runfolder import CONFIG_FILE, LOG_FILE, LOG_GZ_FILE, SUMMARY_FILE
+from .runfolder import CONFIG_FILE, LOG_FILE, LOG_GZ_FILE, PARENT_KEY, SUMMARY_FILE
 
 STUDY_FILE = "study.md"
 IGNORED = ("seed", "split_seed", "data")  # fields that never define an arm
@@ -78,14 +78,25 @@ def started(folder: Path) -> bool:
     return (folder / LOG_FILE).is_file() or (folder / LOG_GZ_FILE).is_file()
 
 
+def branch_step(folder: Path) -> int | None:
+    """The step a branch started from (config.json's parent record), None for a run of its own."""
+    parent = json.loads((folder / CONFIG_FILE).read_text()).get(PARENT_KEY)
+    return None if parent is None else int(parent["step"])
+
+
 def run_row(folder: Path, window: int = WINDOW) -> dict:
-    """One run's row: its configuration and what its log shows."""
+    """One run's row: its configuration and what its log shows. A branch's constraint window covers at most its
+    own rows, so an arm is judged on the batches it trained under its reading."""
     log = load_history(folder)
+    start = branch_step(folder)
+    if start is not None:
+        window = max(1, min(window, int(log["step"][-1]) - start))
     m = milestones(log, window=window)
     summary = folder / SUMMARY_FILE
     finished = summary.is_file() and json.loads(summary.read_text()).get("step") == m["batches"]
     closings = [step for (step, count), (_, before) in zip(m["staircase"][1:], m["staircase"]) if count < before]
-    return {"run": str(folder), "config": flat_config(folder), "batches": m["batches"], "finished": finished,
+    return {"run": str(folder), "config": flat_config(folder), "batches": m["batches"], "branched_at": start,
+            "finished": finished,
             "open_gates": m["tail"]["open_gates_last"], "closings": closings, "reopenings": m["reopenings"],
             "first_dive": m["c_ma_below_zero_from"], "constraint": m["constraint"]}
 
@@ -127,12 +138,14 @@ def to_markdown(s: dict, window: int) -> str:
                      else "") + f" ({done} finished) | {', '.join(map(str, g['open_gates']))} | "
                      f"{g['range'][0]}-{g['range'][1]} |")
     lines += ["", f"| run | seed | batches | open gates | closings at batch | reopenings | C_ma < 0 first at | "
-                  f"last {window:,} batches: C_ma > 0 | mean E2 / tau |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"C_ma > 0 in the last batches (at most {window:,}; a branch's own) | mean E2 / tau there |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for label, g in s["groups"].items():
         for r in g["rows"]:
             c = r["constraint"]
+            since = "" if r["branched_at"] is None else f", branched at {r['branched_at']:,}"
             lines.append(f"| {Path(r['run']).name} | {r['config'].get('seed')} | {r['batches']:,}"
-                         f"{'' if r['finished'] else ' (running)'} | {r['open_gates']} | "
+                         f"{'' if r['finished'] else ' (running)'}{since} | {r['open_gates']} | "
                          f"{', '.join(f'{b:,}' for b in r['closings']) or '-'} | {r['reopenings']} | "
                          + ("never" if r["first_dive"] is None else f"{r['first_dive']:,}")
                          + f" | {100 * c['c_ma_positive_fraction']:.1f}% of {c['batches']:,} | "

@@ -89,3 +89,15 @@ def test_runs_without_a_batch_are_listed_as_not_started(sweep, tmp_path, capsys)
     assert cli_main(["study", str(sweep), str(idle), "--out", str(tmp_path / "t.md")]) == 0
     text = capsys.readouterr().out
     assert text.rstrip().endswith("Not started yet: idle.") and "| tau=1 | 2 (0, 1) |" in text
+
+
+def test_a_branch_is_judged_on_its_own_rows(tmp_path):
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    assert cli_main(["train", "--tau", "1", "--batches", "4", "--out", str(parent), "--image-size", "16", "--latent",
+                     "3", "--holdout", "100", "--quiet"]) == 0
+    assert cli_main(["train", "--from", str(parent), "--hit", "per_step", "--batches", "7", "--out", str(child),
+                     "--quiet"]) == 0
+    row = st.run_row(child, window=100)
+    assert (row["batches"], row["branched_at"], row["constraint"]["batches"], row["constraint"]["from"]) == (7, 4, 3, 5)
+    assert st.run_row(parent, window=100)["branched_at"] is None
+    assert "| child | 0 | 7, branched at 4 |" in st.to_markdown(st.study([row]), 100)
