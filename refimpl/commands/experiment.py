@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+PROG = "refimpl experiment"
 NAMES = ("figure1", "figure2", "figure3", "table1")
 
 
@@ -19,4 +20,5 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    return importlib.import_module(f"refimpl.experiments.{args.name}").main(args.args)
+    """The experiment's own ``main``: its parser, messages (named ``refimpl experiment NAME``) and exit statuses."""
+    return importlib.import_module(f"refimpl.experiments.{args.name}").main(args.args, prog=f"{PROG} {args.name}")
