@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..training import open_run
+    from ..runopen import open_run
 
     if args.resume and args.overwrite:
         raise OptionError("--resume and --overwrite exclude each other")
