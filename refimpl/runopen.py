@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .branch import Source, parent_folder
-from .config import Schedule, config_differences, new_config
+from .config import RunConfig, Schedule, config_differences, new_config
 from .errors import RunConflictError
 from .optionspec import OptionError
 from .runfolder import CHECKPOINT_FILE, NoRun, RunLock
@@ -19,7 +19,8 @@ from .training import Run
 
 
 def open_run(out, given: dict, *, backend: str | None = None, resume: bool | None = False, overwrite: bool = False,
-             schedule: Schedule | None = None, repair_log: bool = False, parent=None, at: int | None = None) -> Run:
+             schedule: Schedule | None = None, repair_log: bool = False, parent=None, at: int | None = None,
+             config: RunConfig | None = None) -> Run:
     """The run in folder ``out``, continued or new, open for training (holding the folder's lock
     until it has trained or is closed): the one place train, the experiments and sweeps open runs.
 
@@ -29,7 +30,8 @@ def open_run(out, given: dict, *, backend: str | None = None, resume: bool | Non
     holds a run, else start one. ``repair_log``: see :func:`refimpl.runlog.verify_log`.
     ``parent`` (a run folder or a :class:`refimpl.branch.Source`), ``at``: the new run is a
     branch (:meth:`Run.branch`; ``schedule`` default the parent's); a run continued with
-    resume=None must then be a branch of that folder.
+    resume=None must then be a branch of that folder. ``config``: ``new_config(given)``, where
+    the caller has made it already (a new run's settings are resolved once).
     """
     out = Path(out)
     exists = (out / CHECKPOINT_FILE).is_file()
@@ -39,7 +41,8 @@ def open_run(out, given: dict, *, backend: str | None = None, resume: bool | Non
     if parent is not None and not resume:
         return Run.branch(parent, out, given, at=at, backend=backend, overwrite=overwrite, schedule=schedule)
     if not resume:
-        return Run.create(new_config(given), out, backend=backend, overwrite=overwrite, schedule=schedule)
+        config = config if config is not None else new_config(given)
+        return Run.create(config, out, backend=backend, overwrite=overwrite, schedule=schedule)
     if not exists:
         raise NoRun(f"nothing to resume: {out} holds no {CHECKPOINT_FILE}")
     given = dict(given)

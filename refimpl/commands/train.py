@@ -53,9 +53,11 @@ def run(args) -> int:
         schedule = branch.branch_schedule(source, options.given(args, Schedule))
     else:
         schedule = options.schedule(args)
-    out = Path(args.out) if args.out is not None else default_out(new_config(given))
+    # the options given as a RunConfig, once: a new run's settings, or where a resumed run is by default
+    config = None if source is not None or args.resume and args.out is not None else new_config(given)
+    out = Path(args.out) if args.out is not None else default_out(config)
     run_ = open_run(out, given, backend=args.backend, resume=args.resume, overwrite=args.overwrite,
-                    schedule=schedule, repair_log=args.repair_log, parent=source)
+                    schedule=schedule, repair_log=args.repair_log, parent=source, config=config)
     if run_.repaired_lines:
         lines = ", ".join(map(str, run_.repaired_lines))
         print(f"repaired {out}/log.csv: dropped line(s) {lines}; it holds rows {run_.first_step + 1}-{run_.state.step}",
