@@ -32,11 +32,11 @@ from .algorithm1 import init_state
 from .atomic import remove_stale_temporaries, write_json
 from .branch import Source, branch_config, lineage, open_source, read_history, relative_parent
 from .backend import backend_name, get_dtype, get_xp, to_device, to_host
-from .loop import run_loop
 from .config import RunConfig, Schedule
 from .data import BatchIterator, DatasetError, dataset_info, open_dataset, split_indices
 from .data.base import downsample
 from .errors import NonFiniteLoss, RunExistsError, TrainingInterrupted
+from .loop import run_loop
 from .model import Architecture, GatedVAE, build_architecture, default_fused
 from .optionspec import OptionError
 from .rng import generator
@@ -85,7 +85,7 @@ class Run:
         self._split = None
         self._batch_order = None
         self._batch_state = None  # a loaded run's batch-stream state, until the stream is made
-        self.csv_log = None
+        self.csv_log = None  # log.csv (a CsvLog) while the loop runs (refimpl/loop.py)
         self._lock = None  # the folder's RunLock while the run is open for training
         self.repaired_lines = []  # log.csv lines --repair-log dropped when the run was opened
 
