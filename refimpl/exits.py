@@ -40,7 +40,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     An unknown ``--option`` is named at once, with the closest known one (argparse would
     otherwise hand its value to a positional and blame that); an error after the command's
-    name carries the command's prefix (``refimpl train: error: ...``).
+    name carries the command's prefix (``refimpl train: error: ...``). A command that hands
+    the rest of its line on (``nargs=argparse.REMAINDER``: ``refimpl experiment NAME ...``)
+    leaves its options to the parser it hands them to.
     """
 
     def error(self, message):
@@ -48,7 +50,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def _parse_optional(self, arg_string):
         parsed = super()._parse_optional(arg_string)
-        if parsed is not None and parsed[0] is None and self._subparsers is None:  # a command's unknown --option
+        if (parsed is not None and parsed[0] is None and self._subparsers is None  # a command's unknown --option,
+                and not any(a.nargs == argparse.REMAINDER for a in self._actions)):  # unless it hands them on
             self.error(unknown_option(arg_string.split("=", 1)[0], self._option_string_actions))
         return parsed
 

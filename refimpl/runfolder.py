@@ -15,6 +15,17 @@
   lock (only a ``.lock`` file that the next holder reuses). Read-only commands
   (evaluate, export, reconstruct, plot, factors) take no lock: they read the last
   complete checkpoint, which is always replaced atomically.
+
+A run folder (``refimpl train --out DIR``, :class:`refimpl.training.Run`) holds:
+
+- ``config.json``: the run's configuration (:class:`refimpl.config.RunConfig`) and architecture;
+- ``log.csv``: one row per step (:mod:`refimpl.runlog`; a branch's holds only its own rows,
+  :mod:`refimpl.branch`), or ``log.csv.gz`` (``refimpl pack-log``) read in its place;
+- ``checkpoint.npz``: the latest good checkpoint (:mod:`refimpl.checkpoint`), written at
+  step 0, every ``checkpoint_every`` steps, at the end and on Ctrl-C / SIGTERM;
+- ``checkpoints/step-XXXXXXXX.npz``: with ``keep_checkpoints`` N, a copy of the checkpoint of
+  every N-th step, kept (a later run can branch there);
+- ``summary.json``: written when the run reaches its target: final gates, errors, time.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ summary. Where the tasks run:
   (``dask worker ... --resources GPU=1``).
 
 Nothing runs twice and nothing is lost: a finished run is reused, an unfinished one
-resumes from its checkpoint (:func:`refimpl.training.open_run`), and a run folder is
+resumes from its checkpoint (:func:`refimpl.runopen.open_run`), and a run folder is
 locked while it trains. When a worker dies mid-run, Dask gives the task to another
 worker, which resumes from the run's last checkpoint. Ctrl-C, SIGTERM or SIGHUP to the
 client writes ``OUT/.stop``; every run in progress sees it between two steps, saves its
@@ -37,7 +37,7 @@ from .errors import RunFolderNotVisible, SchedulerError, SweepInterrupted, Sweep
 from .optionspec import OptionError
 from .runfolder import LOG_FILE
 from .sweepwatch import LogRows, StatusBoard, SweepWatch
-from .training import open_run
+from .runopen import open_run
 
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 STOP_FILE = ".stop"

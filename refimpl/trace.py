@@ -402,6 +402,7 @@ def run(args) -> int:
     from .training import Run
 
     config = new_config(given_run_options(args))
+    check_memory(config, args.steps)
     run_ = Run.build(config, backend=args.backend)
     if args.force_hit:
         run_.state.hit = True
@@ -416,3 +417,15 @@ def run(args) -> int:
           f"{len(manifest['keys'])} tensors; gates sampled at steps {sampled or 'none'}, "
           f"ARM term non-zero at steps {nonzero or 'none'}")
     return 0
+
+
+def check_memory(config, steps: int) -> None:
+    """Refuse (OptionError) a trace of ``steps`` steps that cannot fit in memory: every tensor of every step."""
+    from . import memory
+    from .model import build_architecture
+
+    arch = build_architecture(config.image_shape(), config.channels, config.hidden)
+    itemsize = numpy.dtype(config.dtype).itemsize
+    memory.check(memory.trace_bytes(arch, config.latent, config.batch_size, itemsize, steps),
+                 f"a trace of {steps} steps (every tensor of every step; batches of {config.batch_size}, "
+                 f"n={config.latent}, {config.dtype})", "trace fewer --steps")

@@ -1,19 +1,11 @@
-"""The training run: Algorithm 1's loop (l. 2) over batches, with a log, checkpoints and resume.
+"""A training run: its model, Algorithm 1's state, data stream and folder; made, branched, resumed.
 
-A run lives in one folder (``refimpl train --out DIR``):
-
-- ``config.json``: the run's configuration (:class:`refimpl.config.RunConfig`) and architecture;
-- ``log.csv``: one row per step (:mod:`refimpl.runlog`; a branch's holds only its own rows,
-  :mod:`refimpl.branch`), or ``log.csv.gz`` (``refimpl pack-log``) read in its place;
-- ``checkpoint.npz``: the latest good checkpoint (:mod:`refimpl.checkpoint`), written at
-  step 0, every ``checkpoint_every`` steps, at the end and on Ctrl-C / SIGTERM;
-- ``checkpoints/step-XXXXXXXX.npz``: with ``keep_checkpoints`` N, a copy of the checkpoint of
-  every N-th step, kept (a later run can branch there);
-- ``summary.json``: written when the run reaches its target: final gates, errors, time.
-
-The folder's rules (where a run may start, what refimpl deletes, the lock that keeps a
-second process out while one trains) are in :mod:`refimpl.runfolder`; a Run opened for
-training holds the folder's lock until :meth:`Run.train` ends or :meth:`Run.close`.
+A run lives in one folder (``refimpl train --out DIR``); its files and rules (where a run
+may start, what refimpl deletes, the lock that keeps a second process out while one
+trains) are in :mod:`refimpl.runfolder`. A Run opened for training holds the folder's
+lock until :meth:`Run.train` ends or :meth:`Run.close`. The loop itself is in
+:mod:`refimpl.loop`, what a checkpoint holds in :mod:`refimpl.runcheckpoint`, and
+:func:`refimpl.runopen.open_run` is how commands open a run, new or continued.
 
 :meth:`Run.build` makes the run a configuration defines, in memory and at step 0;
 :meth:`Run.create` (a new run folder), :meth:`Run.branch` (a new run folder from another
@@ -26,44 +18,35 @@ Random streams: four generators derived from the one seed (:func:`stream`): ``in
 (Algorithm 1's u and eps). The last two are saved in every checkpoint, so a resumed
 run draws exactly what an uninterrupted one would: on the NumPy backend its
 parameters, Adam state, GECO state and random streams are bit-identical.
-
-A non-finite loss stops the run (:class:`NonFiniteLoss`) without writing a checkpoint,
-so the last good one stays on disk.
 """
 
 from __future__ import annotations
 
-import math
-import signal
-import time
 from pathlib import Path
 
 import numpy
 
 from . import checkpoint as ckpt
-from . import memory
-from .algorithm1 import init_state, train_step
+from . import memory, runcheckpoint
+from .algorithm1 import init_state
 from .atomic import remove_stale_temporaries, write_json
-from .branch import Source, branch_config, lineage, open_source, parent_folder, read_history, relative_parent
+from .branch import Source, branch_config, lineage, open_source, read_history, relative_parent
 from .backend import backend_name, get_dtype, get_xp, to_device, to_host
-from .config import RunConfig, Schedule, config_differences, new_config, saved_schedule
-from .console import Progress, StopOnSignal
+from .config import RunConfig, Schedule
 from .data import BatchIterator, DatasetError, dataset_info, open_dataset, split_indices
 from .data.base import downsample
-from .device_step import DeviceStep, applies
-from .errors import NonFiniteLoss, RunConflictError, RunExistsError, TrainingInterrupted
+from .errors import NonFiniteLoss, RunExistsError, TrainingInterrupted
+from .loop import run_loop
 from .model import Architecture, GatedVAE, build_architecture, default_fused
 from .optionspec import OptionError
-from .rng import generator, get_state, set_state
+from .rng import generator
 from .runfolder import (CHECKPOINT_FILE, CONFIG_FILE, KEPT_DIR, LOG_FILE, LOG_GZ_FILE, PARENT_KEY, RUN_FILES,
-                        SUMMARY_FILE, NoRun, RunLock, check_new_run_folder, kept_checkpoint, kept_names,
+                        SUMMARY_FILE, RunLock, check_new_run_folder, kept_checkpoint, kept_names,
                         remove_run_files)
-from .runlog import CsvLog, moving_average, verify_log
-from .threads import DecoderPasses, Execution, blas_limit, resolve
+from .runlog import moving_average, verify_log
+from .threads import DecoderPasses, Execution, resolve
 
 STREAMS = ("init", "split", "batches", "train", "factors")  # new names go last: the index seeds the stream
-META_KEYS = ("step", "adam_t", "hit", "c_ma", "last_constraint_met", "train_rng", "batch_iterator", "config",
-             "architecture")
 
 
 def stream(seed: int, name: str) -> numpy.random.Generator:
@@ -102,7 +85,7 @@ class Run:
         self._split = None
         self._batch_order = None
         self._batch_state = None  # a loaded run's batch-stream state, until the stream is made
-        self._log = None
+        self.csv_log = None  # log.csv (a CsvLog) while the loop runs (refimpl/loop.py)
         self._lock = None  # the folder's RunLock while the run is open for training
         self.repaired_lines = []  # log.csv lines --repair-log dropped when the run was opened
 
@@ -166,10 +149,10 @@ class Run:
                               "needs a folder of its own")
         _holds_old_run(out, overwrite)
         run = cls.build(config, backend, arch=source.arch, out=out)
-        run._restore(source.arrays, source.meta, source.path)
+        runcheckpoint.restore(run, source.arrays, source.meta, source.path)
         if "seed" in changed:  # the new seed's u, eps and batch order (a new epoch) from here on
             run.train_rng = stream(config.seed, "train")
-            run._batch_state = None
+            run.batch_state = None
         run.parent = {"run": relative_parent(source.folder, out), "step": source.step, "changed": changed}
         run.elapsed = 0.0
         run.schedule = schedule
@@ -222,14 +205,14 @@ class Run:
     @classmethod
     def _from_checkpoint(cls, file: Path, backend) -> "Run":
         arrays, meta = ckpt.load(file)
-        ckpt.check_contents(file, arrays, meta, {}, META_KEYS)
+        ckpt.check_contents(file, arrays, meta, {}, runcheckpoint.META_KEYS)
         try:
             config = RunConfig.from_dict(meta["config"])
             arch = Architecture.from_dict(meta["architecture"])
         except (ValueError, TypeError, KeyError) as exc:
             raise ckpt.CheckpointError(f"checkpoint {file}: its configuration does not load ({exc})") from None
         run = cls.build(config, backend, arch=arch, out=file.parent)
-        run._restore(arrays, meta, file)
+        runcheckpoint.restore(run, arrays, meta, file)
         return run
 
     def open_for_training(self, lock: RunLock, repair_log: bool = False) -> None:
@@ -297,6 +280,15 @@ class Run:
             self._batch_order = order
         return self._batch_order
 
+    @property
+    def batch_state(self):
+        """Where the batch order stands (a checkpoint's ``batch_iterator``); None: at its start."""
+        return self._batch_order.state_dict() if self._batch_order is not None else self._batch_state
+
+    @batch_state.setter
+    def batch_state(self, saved) -> None:
+        self._batch_state, self._batch_order = saved, None
+
     def images(self, indices):
         """Images x: (B, C, S, S) on the backend, in the run's dtype, pooled to ``image_size``."""
         x = to_device(self.dataset.get(indices, self.dtype), self.xp, self.dtype)
@@ -314,57 +306,19 @@ class Run:
     def save_checkpoint(self) -> Path:
         """Write the current state to ``out/checkpoint.npz`` atomically (log synced first), and keep a
         copy in ``out/checkpoints/`` at a step the schedule's ``keep_checkpoints`` names."""
-        if self._log is not None:
-            self._log.sync()
-        state = self.state
-        arrays = {f"model/{k}": to_host(v).copy() for k, v in self.model.state_dict().items()}
-        arrays["lambda"] = to_host(state.lam).copy()
-        adam = state.optimizer.state_dict()
-        arrays.update({f"adam/m/{k}": v for k, v in adam["m"].items()})
-        arrays.update({f"adam/v/{k}": v for k, v in adam["v"].items()})
-        meta = {
-            "step": state.step, "adam_t": adam["t"], "adam_steps": adam["steps"],
-            "hit": state.hit, "c_ma": state.c_ma, "last_constraint_met": state.last_constraint_met,
-            "train_rng": get_state(self.train_rng),
-            "batch_iterator": self._batch_order.state_dict() if self._batch_order is not None else self._batch_state,
-            "target_batches": self.schedule.batches, "checkpoint_every": self.schedule.checkpoint_every,
-            "keep_checkpoints": self.schedule.keep_checkpoints, "parent": self.parent,
-            "config": self.config.to_dict(), "architecture": self.arch.to_dict(),
-            "timing": {"elapsed_s": self.elapsed, "backend": self.backend},
-        }
+        if self.csv_log is not None:
+            self.csv_log.sync()
+        arrays, meta = runcheckpoint.contents(self)
         ckpt.save(self.checkpoint_path(), arrays, meta)
-        if self._keeps(state.step):
-            ckpt.save(kept_checkpoint(self.out, state.step), arrays, meta)
-        self.checkpoint_step = state.step
+        if self.keeps(self.state.step):
+            ckpt.save(kept_checkpoint(self.out, self.state.step), arrays, meta)
+        self.checkpoint_step = self.state.step
         return self.checkpoint_path()
 
-    def _keeps(self, step: int) -> bool:
+    def keeps(self, step: int) -> bool:
         """Whether ``step``'s checkpoint is kept: a multiple of ``keep_checkpoints`` the run computed."""
         keep = self.schedule.keep_checkpoints
         return bool(keep) and step % keep == 0 and step > self.first_step
-
-    def _restore(self, arrays: dict, meta: dict, path) -> None:
-        state, xp = self.state, self.xp
-        shapes = {f"model/{k}": v.shape for k, v in self.model.state_dict().items()}
-        shapes.update({f"adam/{m}/{k}": p.shape for m in "mv" for k, p in state.optimizer.params.items()})
-        ckpt.check_contents(path, arrays, meta, {**shapes, "lambda": ()}, META_KEYS)
-        self.model.load_state_dict({k: to_device(v, xp, self.dtype)
-                                    for k, v in ckpt.prefixed(arrays, "model/").items()})
-        state.lam[...] = to_device(arrays["lambda"], xp, self.dtype)
-        try:
-            state.optimizer.load_state_dict({"t": meta["adam_t"], "steps": meta.get("adam_steps"),
-                                             "m": ckpt.prefixed(arrays, "adam/m/"),
-                                             "v": ckpt.prefixed(arrays, "adam/v/")})
-        except (ValueError, TypeError) as exc:
-            raise ckpt.CheckpointError(f"checkpoint {path}: {exc}") from None
-        state.step, state.hit, state.c_ma = int(meta["step"]), bool(meta["hit"]), meta["c_ma"]
-        state.last_constraint_met = bool(meta["last_constraint_met"])
-        set_state(self.train_rng, meta["train_rng"])
-        self.elapsed = float(meta.get("timing", {}).get("elapsed_s", 0.0))
-        self.schedule = saved_schedule(meta)
-        self.parent = meta.get("parent")
-        self._batch_state = meta["batch_iterator"]
-        self.checkpoint_step = state.step
 
     # -- training
 
@@ -401,59 +355,11 @@ class Run:
         if self._lock is None:
             self._lock = RunLock(self.out).acquire()
         try:
-            return self._train(Schedule(int(batches), int(checkpoint_every), int(keep)), progress, log_interval, stop,
-                               device_step)
+            self.schedule = Schedule(int(batches), int(checkpoint_every), int(keep))
+            run_loop(self, progress, log_interval, stop, device_step)
+            return self.write_summary()
         finally:
             self.close()
-
-    def _train(self, schedule: Schedule, progress: bool, log_interval, stop, device_step: bool = False) -> dict:
-        self.schedule = schedule
-        batches, checkpoint_every = schedule.batches, schedule.checkpoint_every
-        self.batch_order  # opens the dataset before the log
-        state, tau = self.state, self.hyper.tau
-        self._log = CsvLog(self.out / LOG_FILE)
-        bar = Progress(batches, state.step, self.config.latent, enabled=progress, interval=log_interval)
-        fast = None  # the DeviceStep, once it applies
-        try:
-            with StopOnSignal() as signalled, numpy.errstate(all="ignore"), blas_limit(state.passes.threads.blas):
-                while state.step < batches:  # Alg. 1 l. 2: foreach x_i in D
-                    if signalled.signum is None and stop is not None and stop():
-                        signalled.signum = signal.SIGTERM
-                    if signalled.signum is not None:
-                        break
-                    t0 = time.perf_counter()
-                    if device_step and fast is None and applies(state):
-                        fast = DeviceStep(state)
-                    x = self.next_batch()
-                    if fast is None:
-                        log = train_step(state, x, self.train_rng)  # l. 3-31
-                    else:
-                        log = fast.host_log(fast(x, self.train_rng))  # the same, without host reads mid-step
-                    seconds = time.perf_counter() - t0
-                    self.elapsed += seconds
-                    gamma = to_host(self.model.params["gamma"])  # after l. 31: the gates' state for the plot
-                    self._log.write({**log, "tau": tau, "seconds": seconds,
-                                     **{f"gamma_{j}": g for j, g in enumerate(gamma)}})
-                    if not all(math.isfinite(log[k]) for k in ("loss", "E2", "lambda_raw", "gates_l1")):
-                        self._log.sync()
-                        kept = (f"the last good checkpoint (step {self.checkpoint_step}) is kept at "
-                                f"{self.checkpoint_path()}")
-                        raise NonFiniteLoss(f"non-finite loss at step {state.step} (loss={log['loss']}, "
-                                            f"E2={log['E2']}, lambda={log['lambda_raw']}); stopped; {kept}")
-                    bar.update(log, tau)
-                    if state.step % checkpoint_every == 0 or self._keeps(state.step):
-                        self.save_checkpoint()
-                if signalled.signum is not None:
-                    if self.checkpoint_step != state.step:
-                        self.save_checkpoint()
-                    raise TrainingInterrupted(state.step, signalled.signum, self.checkpoint_path())
-            if self.checkpoint_step != state.step:
-                self.save_checkpoint()
-        finally:
-            bar.close()
-            self._log.close()
-            self._log = None
-        return self.write_summary()
 
     def summary(self) -> dict:
         """Final gates and errors of the run so far (from the model and log.csv)."""
@@ -481,51 +387,6 @@ class Run:
         return summary
 
 
-def open_run(out, given: dict, *, backend: str | None = None, resume: bool | None = False, overwrite: bool = False,
-             schedule: Schedule | None = None, repair_log: bool = False, parent=None, at: int | None = None) -> Run:
-    """The run in folder ``out``, continued or new, open for training (holding the folder's lock
-    until it has trained or is closed): the one place train, the experiments and sweeps open runs.
-
-    given: the run options given (RunConfig fields, ``hyper`` a dict). resume=True: continue
-    the run in ``out`` (it must exist, and ``given`` must agree with it); False: a new run
-    from ``given`` (``overwrite`` replaces one already there); None: continue if ``out``
-    holds a run, else start one. ``repair_log``: see :func:`refimpl.runlog.verify_log`.
-    ``parent`` (a run folder or a :class:`refimpl.branch.Source`), ``at``: the new run is a
-    branch (:meth:`Run.branch`; ``schedule`` default the parent's); a run continued with
-    resume=None must then be a branch of that folder.
-    """
-    out = Path(out)
-    exists = (out / CHECKPOINT_FILE).is_file()
-    automatic, resume = resume is None, exists if resume is None else resume
-    if parent is not None and resume and not automatic:
-        raise OptionError("--from starts a new run (a branch): continue a branch with --resume alone")
-    if parent is not None and not resume:
-        return Run.branch(parent, out, given, at=at, backend=backend, overwrite=overwrite, schedule=schedule)
-    if not resume:
-        return Run.create(new_config(given), out, backend=backend, overwrite=overwrite, schedule=schedule)
-    if not exists:
-        raise NoRun(f"nothing to resume: {out} holds no {CHECKPOINT_FILE}")
-    given = dict(given)
-    if given.get("data") is not None:
-        given["data"] = str(Path(given["data"]).resolve())
-    lock = RunLock(out).acquire()
-    try:
-        run = Run.load(out, backend=backend, for_training=False)
-        differences = config_differences(run.config, given)
-        if parent is not None:
-            differences += _other_parent(run, parent, at)
-        if differences and automatic:
-            raise RunConflictError(f"{out} holds a run with other settings ({'; '.join(differences)}); delete it or "
-                                   "choose another --out")
-        if differences:
-            raise OptionError(f"options differ from the run in {out}: {'; '.join(differences)}; drop them to resume")
-        run.open_for_training(lock, repair_log)
-    except BaseException:
-        lock.release()
-        raise
-    return run
-
-
 def _holds_old_run(out: Path, overwrite: bool) -> bool:
     """Whether ``out`` holds a run a new one replaces (with ``overwrite``; RunExistsError without)."""
     held = check_new_run_folder(out, overwrite)
@@ -535,18 +396,5 @@ def _holds_old_run(out: Path, overwrite: bool) -> bool:
     return held
 
 
-def _other_parent(run: Run, parent, at: int | None) -> list[str]:
-    """How ``run`` differs from a branch of ``parent`` (at step ``at``, if given), as :func:`config_differences`
-    words it."""
-    folder = parent.folder if isinstance(parent, Source) else Path(parent)
-    if run.parent is None:
-        return [f"a branch of {folder} (the run is not a branch)"]
-    theirs = parent_folder(run.out, run.parent)
-    if theirs.resolve() != folder.resolve() or at is not None and at != run.parent["step"]:
-        return [f"a branch of {folder}{'' if at is None else f' at step {at}'} (the run branches {theirs} at step "
-                f"{run.parent['step']})"]
-    return []
-
-
-__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "LOG_FILE", "NonFiniteLoss", "Run", "RunConflictError", "RunExistsError", "STREAMS", "SUMMARY_FILE",
-           "TrainingInterrupted", "open_run", "stream"]
+__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "LOG_FILE", "NonFiniteLoss", "Run", "RunExistsError", "STREAMS", "SUMMARY_FILE",
+           "TrainingInterrupted", "stream"]

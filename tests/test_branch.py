@@ -18,7 +18,8 @@ from refimpl.config import Schedule
 from refimpl.factors import sample_indices
 from refimpl.runfolder import kept_checkpoints
 from refimpl.runlog import LogError, moving_average, pack_log, read_log, verify_log
-from refimpl.training import Run, open_run, stream
+from refimpl.runopen import open_run
+from refimpl.training import Run, stream
 from test_training import TINY, TINY_ARGS, checkpoint_state, log_without_time, tiny_config
 
 QUIET = [*TINY_ARGS, "--quiet"]

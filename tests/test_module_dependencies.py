@@ -6,7 +6,8 @@ import sys
 import pytest
 
 COMMANDS = ("refimpl.training", "refimpl.sweep", "refimpl.trace", "refimpl.plot", "refimpl.evaluate",
-            "refimpl.factors", "refimpl.milestones", "refimpl.study", "refimpl.cli")
+            "refimpl.factors", "refimpl.milestones", "refimpl.study", "refimpl.cli",
+            "refimpl.commands.train", "refimpl.commands.evaluate", "refimpl.commands.experiment")
 
 
 def imported_by(module: str) -> set:

@@ -22,7 +22,8 @@ from refimpl.cli import main
 from refimpl.config import RunConfig
 from refimpl.runfolder import RUN_FILES, RunLock, RunLocked
 from refimpl.runlog import LogError, read_log
-from refimpl.training import Run, open_run
+from refimpl.runopen import open_run
+from refimpl.training import Run
 
 TINY = dict(image_size=8, channels=(2,), batch_size=8, latent=4, holdout=16)
 TINY_ARGS = ["--image-size", "8", "--channels", "2", "--batch-size", "8", "--latent", "4", "--holdout", "16",

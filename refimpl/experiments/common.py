@@ -101,9 +101,10 @@ def report(name: str, written: list) -> list:
 
 
 def main_wrapper(run, argv=None, prog: str = "experiment") -> int:
-    """An experiment's ``run(argv)`` as a command: the exit statuses of :mod:`refimpl.exits`."""
+    """An experiment's ``run(argv, prog)`` as a command, named ``prog`` in its messages (``python -m
+    refimpl.experiments.NAME`` or ``refimpl experiment NAME``): the exit statuses of :mod:`refimpl.exits`."""
     start = time.monotonic()
-    code = run_command(lambda: run(argv) and 0, prog)
+    code = run_command(lambda: run(argv, prog) and 0, prog)
     if code == 0:
         print(f"{prog}: finished in {time.monotonic() - start:.0f} s", file=sys.stderr)
     return code

@@ -40,15 +40,15 @@ COLUMNS = ("step", "E2", "tau", "gates_l1", "lambda_eff", "hit_fraction", "open_
 PROG = "python -m refimpl.experiments.figure1"
 
 
-def build_parser():
-    p = common.parser(PROG, __doc__)
+def build_parser(prog: str = PROG):
+    p = common.parser(prog, __doc__)
     p.add_argument("--tau", type=float, default=None, help="GECO tolerance (default: 2.5 small, 25 full)")
     return p
 
 
-def run(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    s = common.settings(args, SMALL, FULL, PROG)
+def run(argv=None, prog: str = PROG) -> dict:
+    args = build_parser(prog).parse_args(argv)
+    s = common.settings(args, SMALL, FULL, prog)
     tau = args.tau if args.tau is not None else s["tau"] * s["tau_scale"]
     out = Path(args.out or "experiments/figure1")
     with Sweep(out, Cluster.from_args(args), backend=args.backend) as sweep:
@@ -66,8 +66,8 @@ def run(argv=None) -> dict:
     return {"files": written, "summary": summary}
 
 
-def main(argv=None) -> int:
-    return common.main_wrapper(run, argv, prog=PROG)
+def main(argv=None, prog: str = PROG) -> int:
+    return common.main_wrapper(run, argv, prog=prog)
 
 
 if __name__ == "__main__":

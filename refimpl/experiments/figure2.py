@@ -45,8 +45,8 @@ FULL = {"dataset": "mnist", "data": None, "batches": None, "batch_size": 64, "im
         "latent": 32, "taus": (3.0, 4.0, 6.0, 8.0, 10.0, 14.0, 18.0, 22.0, 26.0, 30.0), "epochs": 2000, "jobs": 1}
 
 
-def build_parser():
-    p = common.parser(PROG, __doc__, eval_images=500)
+def build_parser(prog: str = PROG):
+    p = common.parser(prog, __doc__, eval_images=500)
     p.add_argument("--taus", type=comma_list(float, 0.0, "numbers"), default=None, metavar="T1,T2,...",
                    help="the GECO tolerances to sweep")
     p.add_argument("--image-index", type=int, default=None,
@@ -55,9 +55,9 @@ def build_parser():
     return p
 
 
-def run(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    s = common.settings(args, SMALL, FULL, PROG)
+def run(argv=None, prog: str = PROG) -> dict:
+    args = build_parser(prog).parse_args(argv)
+    s = common.settings(args, SMALL, FULL, prog)
     latent = s["latent"]
     taus = args.taus or tuple(tau * s["tau_scale"] for tau in s["taus"])
     out = Path(args.out or "experiments/figure2")
@@ -130,8 +130,8 @@ def plot(rows, original, recons, path):
     return figures.save_figure(fig, path)
 
 
-def main(argv=None) -> int:
-    return common.main_wrapper(run, argv, prog=PROG)
+def main(argv=None, prog: str = PROG) -> int:
+    return common.main_wrapper(run, argv, prog=prog)
 
 
 if __name__ == "__main__":

@@ -35,17 +35,17 @@ FULL = {"dataset": "dsprites", "data": None, "batches": 50000, "batch_size": 64,
         "channels": None, "latent": 10, "taus": (25.0, 35.0), "jobs": 1}
 
 
-def build_parser():
-    p = common.parser(PROG, __doc__, eval_images=500)
+def build_parser(prog: str = PROG):
+    p = common.parser(prog, __doc__, eval_images=500)
     p.add_argument("--low-tau", type=float, default=None, help="the low tolerance (default: 0.5 small, 25 full)")
     p.add_argument("--high-tau", type=float, default=None, help="the high tolerance (default: 4 small, 35 full)")
     p.add_argument("--count", type=int, default=8, help="images shown (default 8)")
     return p
 
 
-def run(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    s = common.settings(args, SMALL, FULL, PROG)
+def run(argv=None, prog: str = PROG) -> dict:
+    args = build_parser(prog).parse_args(argv)
+    s = common.settings(args, SMALL, FULL, prog)
     latent = s["latent"]
     taus = (args.low_tau if args.low_tau is not None else s["taus"][0] * s["tau_scale"],
             args.high_tau if args.high_tau is not None else s["taus"][1] * s["tau_scale"])
@@ -73,8 +73,8 @@ def run(argv=None) -> dict:
     return {"files": [csv_path, png], "rows": rows}
 
 
-def main(argv=None) -> int:
-    return common.main_wrapper(run, argv, prog=PROG)
+def main(argv=None, prog: str = PROG) -> int:
+    return common.main_wrapper(run, argv, prog=prog)
 
 
 if __name__ == "__main__":

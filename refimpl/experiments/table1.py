@@ -37,8 +37,8 @@ FULL = {"dataset": "dsprites", "data": None, "batches": 200000, "batch_size": 64
         "channels": None, "latents": (5, 10, 30), "jobs": 1}
 
 
-def build_parser():
-    p = common.parser(PROG, __doc__, own=("latent", "tau"))
+def build_parser(prog: str = PROG):
+    p = common.parser(prog, __doc__, own=("latent", "tau"))
     p.add_argument("--latents", type=int_list, default=None, metavar="N1,N2,...",
                    help="baseline dimensions n (default: 3,5 small; 5,10,30 full)")
     return p
@@ -57,9 +57,9 @@ def baseline_tau(summary: dict) -> float:
     return moving_average(read_log(Path(summary["out"]) / LOG_FILE)["E2"], 0.95)
 
 
-def run(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    s = common.settings(args, SMALL, FULL, PROG)
+def run(argv=None, prog: str = PROG) -> dict:
+    args = build_parser(prog).parse_args(argv)
+    s = common.settings(args, SMALL, FULL, prog)
     latents = args.latents or s["latents"]
     budget = s["batches"]
     out = Path(args.out or "experiments/table1")
@@ -116,8 +116,8 @@ def plot(latents, logs, marks, path):
     return figures.save_figure(fig, path)
 
 
-def main(argv=None) -> int:
-    return common.main_wrapper(run, argv, prog=PROG)
+def main(argv=None, prog: str = PROG) -> int:
+    return common.main_wrapper(run, argv, prog=prog)
 
 
 if __name__ == "__main__":
