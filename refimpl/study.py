@@ -169,7 +169,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """``refimpl study``: print the table and write it."""
     folders = run_folders(args.dirs)
-    s = study([run_row(f, args.window) for f in folders if started(f)], [f.name for f in folders if not started(f)])
+    begun = {f: started(f) for f in folders}
+    s = study([run_row(f, args.window) for f in folders if begun[f]], [f.name for f in folders if not begun[f]])
     text = json.dumps(s, indent=1, default=list) + "\n" if args.json else to_markdown(s, args.window)
     out = Path(args.out) if args.out else Path(args.dirs[0]) / STUDY_FILE
     atomic_write(out, lambda f: f.write(text.encode()))

@@ -6,7 +6,6 @@ milestones and the summary; log.csv.gz read in place of log.csv, resume from it;
 import gzip
 import json
 import os
-from pathlib import Path
 
 import numpy
 import pytest
@@ -20,7 +19,7 @@ from refimpl.runfolder import kept_checkpoints
 from refimpl.runlog import LogError, moving_average, pack_log, read_log, verify_log
 from refimpl.runopen import open_run
 from refimpl.training import Run, stream
-from test_training import TINY, TINY_ARGS, checkpoint_state, log_without_time, tiny_config
+from test_training import TINY_ARGS, checkpoint_state, log_without_time, tiny_config
 
 QUIET = [*TINY_ARGS, "--quiet"]
 

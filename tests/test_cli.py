@@ -179,7 +179,7 @@ def test_reconstruct_writes_a_titled_labelled_grid(trained, tmp_path, capsys):
     assert ink(pixels[:top])  # the title
     for row in range(2):  # "original" beside the first row, "reconstruction" beside the second
         assert ink(pixels[top + 3 * (2 + row * 10):top + 3 * (10 + row * 10), :left])
-    assert capsys.readouterr().out.startswith(f"5 originals over their reconstructions with 4/4 gates open, step 20: ")
+    assert capsys.readouterr().out.startswith("5 originals over their reconstructions with 4/4 gates open, step 20: ")
     run = Run.load(trained, for_training=False)
     held, trained_on = [int(i) for i in run.split[1][:2]], [int(i) for i in run.split[0][:3]]
     capsys.readouterr()
