@@ -78,6 +78,9 @@ def test_readme_is_a_front_page():
 
 @pytest.mark.parametrize("doc", sorted(p.name for p in (ROOT / "docs").glob("*.md")))
 def test_each_doc_says_what_it_is_for_at_the_top(doc):
-    """A title, then a one-line purpose, so a reader knows from the top whether this is the file they want."""
-    title, blank, purpose = (ROOT / "docs" / doc).read_text().splitlines()[:3]
-    assert title.startswith("# ") and not blank and purpose.strip(), f"docs/{doc}: '# Title', a blank line, a purpose"
+    """A title, then what the file is for in prose, so a reader knows from the top whether it is the one they want."""
+    title, blank, *rest = (ROOT / "docs" / doc).read_text().splitlines()
+    purpose = rest[:rest.index("")] if "" in rest else rest
+    assert title.startswith("# ") and not blank, f"docs/{doc}: starts '# Title' and a blank line"
+    assert purpose and not re.match(r"[#|`!<>*-]", purpose[0]) and purpose[-1].endswith("."), (
+        f"docs/{doc}: after the title, a paragraph of prose saying what the file is for, not {purpose[:1]}")
