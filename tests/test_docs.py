@@ -64,9 +64,10 @@ def test_the_link_checker_sees_files_anchors_and_skips_code(tmp_path):
     (tmp_path / "a.md").write_text("# Top\n\n## The `x` option (y)\n\n## Top\n")
     (tmp_path / "b.md").write_text(
         "[ok](a.md) [ok](a.md#the-x-option-y) [ok](a.md#top-1) ![ok](a.md) [ok](#b) [ok](https://x.org/none)\n"
-        "[bad](nope.md) [bad](a.md#nope) [bad](#nope)\n`[not a link](nope.md)`\n```\n[not a link](nope.md)\n```\n# B\n")
-    assert broken_links(tmp_path / "b.md", root=tmp_path) == ["nope.md (no file nope.md)", "a.md#nope (no heading #nope in a.md)",
-                      "#nope (no heading #nope in b.md)"]
+        "[bad](nope.md) [`bad`](a.md#nope) [bad](#nope)\n`[not a link](nope.md)`\n```\n[not a link](nope.md)\n```\n"
+        "# B\n")
+    assert broken_links(tmp_path / "b.md", root=tmp_path) == [
+        "nope.md (no file nope.md)", "a.md#nope (no heading #nope in a.md)", "#nope (no heading #nope in b.md)"]
 
 
 def test_readme_is_a_front_page():
