@@ -40,7 +40,7 @@ Agreement with refimpl in float64 (``tests/test_crosscheck.py``): every
 intermediate, gradient (the ARM term too), parameter and BatchNorm statistic to ~1e-13
 relative on the test models, under every interpretation switch. On Section 4's 64x64
 model parameters can differ more where a gradient is ~0 (Adam amplifies rounding noise
-by up to lr / eps, see README "Tolerances"): ``refimpl compare --param-rtol 1e-5``.
+by up to lr / eps, see docs/porting.md, "Tolerances"): ``refimpl compare --param-rtol 1e-5``.
 
 Layouts: NCHW activations and OIHW kernels (``jax.lax.conv_general_dilated`` with
 ``dimension_numbers=("NCHW", "OIHW", "NCHW")``), linear weights (out, in), so the

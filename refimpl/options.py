@@ -95,7 +95,7 @@ def schedule(args, **defaults) -> Schedule:
 
 
 def markdown_table(*classes) -> str:
-    """The options of ``classes`` as a Markdown table (README's is this text; a test keeps them equal)."""
+    """The options of ``classes`` as a Markdown table (docs/cli.md's is this text; a test keeps them equal)."""
     rows = ["| option | default | |", "|---|---|---|"]
     for cls in classes:
         for f in dataclasses.fields(cls):
@@ -147,5 +147,5 @@ def parser_of(name: str):
     return meta["parse"] or type(f.default)
 
 
-if __name__ == "__main__":  # python -m refimpl.options: the README's table of run options
+if __name__ == "__main__":  # python -m refimpl.options: docs/cli.md's table of run options
     print(markdown_table(RunConfig, Schedule, Hyper))

@@ -162,7 +162,7 @@ def likely_causes(tensor: str, estimator: str | None = None) -> list:
 
 
 def render_markdown() -> str:
-    """The catalogue as a Markdown table: README's copy sits between ``<!-- porting-bugs:begin -->``
+    """The catalogue as a Markdown table: docs/porting.md's copy sits between ``<!-- porting-bugs:begin -->``
     and ``<!-- porting-bugs:end -->`` (``python -m refimpl.porting_bugs`` prints it)."""
     lines = ["| porting bug (`--plant`) | what the port does | first tensor `refimpl compare` flags | "
              "Algorithm 1 line | shows when |",

@@ -195,6 +195,6 @@ class DecoderPasses:
             return x1, x2
 
 
-if __name__ == "__main__":  # python -m refimpl.threads: the README's table of these options
+if __name__ == "__main__":  # python -m refimpl.threads: docs/cli.md's table of these options
     from .options import markdown_table
     print(markdown_table(Execution))

@@ -410,15 +410,15 @@ def test_baseline_and_float64_runs(tmp_path):
     assert set(cols["tau"]) == {0.0} and set(cols["hit"]) == {0} and set(cols["open_gates"]) == {4}
 
 
-def test_readme_option_table_is_generated_from_the_fields():
-    """One home for each option: the README's table is `python -m refimpl.options` of the dataclasses."""
+def test_docs_option_table_is_generated_from_the_fields():
+    """One home for each option: docs/cli.md's table is `python -m refimpl.options` of the dataclasses."""
     from pathlib import Path
 
     from refimpl.config import RunConfig, Schedule
     from refimpl.options import markdown_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("<!-- options:begin -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
+    cli = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    block = cli.split("<!-- options:begin -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
     assert block == markdown_table(RunConfig, Schedule, Hyper)
     parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]

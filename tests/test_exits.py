@@ -1,4 +1,4 @@
-"""Every exit path of every command against the rule of refimpl/exits.py and the README:
+"""Every exit path of every command against the rule of refimpl/exits.py and docs/cli.md:
 2 when the command line itself is wrong, 1 when what it points at (a run folder, a file,
 a dataset, the backend) is; always one line ``refimpl COMMAND: error: ...``."""
 
@@ -157,12 +157,12 @@ def test_every_exit_path_follows_the_rule(command, argv, code, fragment, places,
     assert {p: p.read_bytes() for p in places["RUN"].iterdir()} == before  # nor changed in the run
 
 
-def test_the_readme_states_the_rule():
+def test_the_docs_state_the_rule():
     from pathlib import Path
 
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    assert "exits 2 when the command line itself is wrong" in readme
-    assert "and 1 when what it points at is wrong" in readme
+    cli = " ".join((Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text().split())
+    assert "exits 2 when the command line itself is wrong" in cli
+    assert "and 1 when what it points at is wrong" in cli
 
 
 @pytest.mark.parametrize("script,argv,code,fragment", EXPERIMENT_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)

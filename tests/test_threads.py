@@ -112,14 +112,14 @@ def test_execution_rejects_bad_values(kw):
         Execution(**kw)
 
 
-def test_readme_execution_table_is_generated_from_the_fields():
-    """One home for each option: the README's table is `python -m refimpl.threads`."""
+def test_docs_execution_table_is_generated_from_the_fields():
+    """One home for each option: docs/cli.md's table is `python -m refimpl.threads`."""
     from pathlib import Path
 
     from refimpl.options import markdown_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("<!-- execution-options:begin -->\n", 1)[1].split("\n<!-- execution-options:end -->", 1)[0]
+    cli = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    block = cli.split("<!-- execution-options:begin -->\n", 1)[1].split("\n<!-- execution-options:end -->", 1)[0]
     assert block == markdown_table(Execution)
 
 
