@@ -21,26 +21,44 @@ from .console import hms
 
 
 class LogRows:
-    """The number of rows of a growing CSV log (lines after the header), read incrementally."""
+    """The batches a growing CSV log has recorded, read incrementally: its rows after the header, counted
+    from the step before its first row (0 for a run from scratch; a branch's log starts after its
+    parent's step, so it counts from there to its target like any run)."""
 
     def __init__(self, path):
         self.path = Path(path)
+        self._reset()
+
+    def _reset(self):
         self._offset = self._lines = 0
+        self._start = None  # the step before the first row, read once that row is complete
 
     def __call__(self) -> int:
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
-            self._offset = self._lines = 0
+            self._reset()
             return 0
         if size < self._offset:  # cut back on resume, or rewritten: count afresh
-            self._offset = self._lines = 0
+            self._reset()
         with open(self.path, "rb") as f:
             f.seek(self._offset)
             chunk = f.read(size - self._offset)
-        self._offset += len(chunk)
-        self._lines += chunk.count(b"\n")
-        return max(0, self._lines - 1)
+            self._offset += len(chunk)
+            self._lines += chunk.count(b"\n")
+            if self._start is None and self._lines >= 2:
+                f.seek(0)
+                self._start = _first_step(f.read(65536)) - 1
+        rows = max(0, self._lines - 1)
+        return self._start + rows if rows else 0
+
+
+def _first_step(head: bytes) -> int:
+    """The step of a log's first row (its first column; 1 where it cannot be read). head: the log's start."""
+    try:
+        return int(head.split(b"\n")[1].split(b",", 1)[0])
+    except (IndexError, ValueError):
+        return 1
 
 
 @dataclass

@@ -31,6 +31,20 @@ def test_log_rows_counts_what_was_added_and_starts_over_when_cut(tmp_path):
     assert rows() == 1
 
 
+def test_log_rows_of_a_branch_count_from_its_parents_step(tmp_path):
+    """A branch's log holds only its own rows, from the parent's step + 1: the count is the batches done."""
+    path = tmp_path / "log.csv"
+    rows = LogRows(path)
+    path.write_text("step,E2\n500")  # the first row (5001), still being written
+    assert rows() == 0
+    with open(path, "a") as f:
+        f.write("1,0.5\n5002,0.4\n")
+    assert rows() == 5002
+    with open(path, "a") as f:
+        f.write("5003,0.3\n")
+    assert rows() == 5003
+
+
 def fake_runs(clock, targets, start=None):
     """A watch over runs whose row counts are set by hand: (watch, counts)."""
     watch, counts = SweepWatch(clock=clock), {}
