@@ -19,6 +19,9 @@ with one command:
   (a closed gate reopening);
 - each gate's closings and reopenings: the batches where gamma_j changes sign (from the
   log's ``gamma_j`` columns; logs written before gamma logging have none);
+- the upswings of ||sigmoid(k gamma)||_1, the curve Figure 1 plots (its "oscillatory
+  behavior of the gates"): every rise of at least ``UPSWING`` (half a gate) above the
+  curve's lowest value since the previous upswing, whether or not a gamma_j changes sign;
 - the last ``tail`` batches: mean E2 against tau, mean hit fraction, ||sigmoid(k gamma)||_1;
 - lambda' from batch ``after`` on (Figure 1's "drops to a small value"): its range, and
   the batches of its smallest and largest values;
@@ -26,7 +29,8 @@ with one command:
   its value where the stretch began), so "two visible bumps" is a computed ranking;
 - the constraint over the last ``window`` batches (the abstract's "without violating
   the GECO constraints"): the fraction of batches with C_ma > 0 and with C > 0, mean E2,
-  and E2's moving average at the end (factor 0.95, Table 1's) against tau.
+  and E2's moving average at the end (factor 0.95, Table 1's) against tau, and the largest
+  rise of ||sigmoid(k gamma)||_1 above its running low there (a gate's partial reopening).
 
 Command line: ``refimpl milestones RUN [--tail N] [--min-stretch N] [--after N] [--window N] [--json]
 [--out FILE]``
@@ -53,6 +57,7 @@ MAX_LISTED = 8  # stretches listed in the Markdown report (the longest)
 AFTER = 12_000  # lambda' range is reported from this batch on (the claims ledger's "from 12K")
 WINDOW = 10_000  # batches at the end over which the constraint's violations are counted
 BUMPS = 3  # largest rises of lambda' listed in the Markdown report
+UPSWING = 0.5  # a rise of ||sigmoid(k gamma)||_1 by this much (half a gate) counts as a gate reopening in Figure 1
 
 
 def _int(x) -> int:
@@ -70,6 +75,20 @@ def sign_changes(steps, gamma) -> list[tuple[int, str]]:
     open_ = gamma > 0
     flips = numpy.flatnonzero(open_[1:] != open_[:-1]) + 1
     return [(_int(steps[i]), "opened" if open_[i] else "closed") for i in flips]
+
+
+def upswings(steps, gates_l1, rise: float = UPSWING) -> list[dict]:
+    """Rises of ||sigmoid(k gamma)||_1 by >= ``rise`` above its lowest value since the previous upswing: the
+    batch and value of that low, and the batch where the curve first stood ``rise`` above it. (T,) arrays."""
+    out, low = [], 0
+    for i in range(1, len(gates_l1)):
+        if gates_l1[i] < gates_l1[low]:
+            low = i
+        elif gates_l1[i] - gates_l1[low] >= rise:
+            out.append({"low_batch": _int(steps[low]), "low": float(gates_l1[low]), "batch": _int(steps[i]),
+                        "value": float(gates_l1[i])})
+            low = i
+    return out
 
 
 def violated_stretches(steps, c_ma, lam, start: int, min_len: int) -> list[dict]:
@@ -101,7 +120,9 @@ def constraint_window(log: dict, window: int) -> dict:
     """The constraint over the last ``window`` rows (fewer if the run is shorter): fractions of batches with
     C_ma > 0 and with C > 0, mean E2, and E2's moving average (factor 0.95) at the end against tau."""
     last = slice(max(0, len(log["step"]) - window), None)
+    l1 = log["gates_l1"][last]
     return {"batches": len(log["step"][last]), "from": _int(log["step"][last][0]),
+            "gates_l1_largest_rise": float((l1 - numpy.minimum.accumulate(l1)).max()),
             "c_ma_positive_fraction": float((log["C_ma"][last] > 0).mean()),
             "c_positive_fraction": float((log["C"][last] > 0).mean()), "E2_mean": float(log["E2"][last].mean()),
             "E2_ma95_end": moving_average(log["E2"], 0.95), "tau": float(log["tau"][-1])}
@@ -133,6 +154,7 @@ def milestones(log: dict, tail: int = TAIL, min_stretch: int = MIN_STRETCH, afte
         "staircase": stairs,
         "reopenings": sum(1 for (_, a), (_, b) in zip(stairs, stairs[1:]) if b > a),
         "gates": {name[6:]: sign_changes(steps, log[name]) for name in gammas},
+        "upswings": upswings(steps, log["gates_l1"]),
         "tail": {"batches": len(steps[last]), "E2_mean": float(log["E2"][last].mean()),
                  "hit_fraction_mean": float(log["hit_fraction"][last].mean()),
                  "gates_l1_last": float(log["gates_l1"][-1]), "open_gates_last": _int(log["open_gates"][-1])},
@@ -170,13 +192,19 @@ def to_markdown(m: dict, title: str) -> str:
         for j, events in m["gates"].items():
             text = ", ".join(f"{what} at {step:,}" for step, what in events) or "no change"
             lines.append(f"  - gate {j}: {text}")
+    ups = m["upswings"]
+    lines.append(f"- upswings of ||sigmoid(k gamma)||_1 (Figure 1's gate curve) by {UPSWING:g} or more: {len(ups)}"
+                 + "".join(f"\n  - from {u['low']:.3f} (batch {u['low_batch']:,}) to {u['value']:.3f} (batch "
+                           f"{u['batch']:,})" for u in ups[:MAX_LISTED])
+                 + (f"\n  - ... ({len(ups) - MAX_LISTED} more in --json)" if len(ups) > MAX_LISTED else ""))
     lines.append(f"- last {t['batches']:,} batches: mean E2 {t['E2_mean']:.4g} against tau {m['tau']:g}, mean hit "
                  f"fraction {t['hit_fraction_mean']:.3f}; at the end ||sigmoid(k gamma)||_1 = {t['gates_l1_last']:.3f}, "
                  f"{t['open_gates_last']} gate(s) open")
     c = m["constraint"]
     lines.append(f"- last {c['batches']:,} batches (from {c['from']:,}): C_ma > 0 in {100 * c['c_ma_positive_fraction']:.1f}% "
                  f"of them, C > 0 (batch E2 over tau) in {100 * c['c_positive_fraction']:.1f}%; mean E2 {c['E2_mean']:.4g}, "
-                 f"E2's moving average (0.95) at the end {c['E2_ma95_end']:.4g}, against tau {c['tau']:g}")
+                 f"E2's moving average (0.95) at the end {c['E2_ma95_end']:.4g}, against tau {c['tau']:g}; "
+                 f"||sigmoid(k gamma)||_1 rose at most {c['gates_l1_largest_rise']:.3f} above its running low there")
     return "\n".join(lines) + "\n"
 
 

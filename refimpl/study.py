@@ -8,7 +8,8 @@ finished run's checkpoint need not be kept. For each run this reads the log
 (:func:`refimpl.milestones.milestones`) and reports: how far it trained and whether it is
 finished (``summary.json`` at the log's last step), the open gates at the end, the
 staircase of closings, reopenings, the first batch with C_ma < 0, and the constraint over
-the last ``window`` batches. Runs are grouped by every configuration field that varies
+the last ``window`` batches, with the largest rise of ||sigmoid(k gamma)||_1 there (Figure
+1's gate curve: a gate reopening partway shows there before its gamma_j changes sign). Runs are grouped by every configuration field that varies
 across the given runs except the seed (the *arm*: tau, a reading, the latent size), and
 each group lists its seeds' open gates and their range, so the spread is shown and not
 just a mean.
@@ -138,8 +139,9 @@ def to_markdown(s: dict, window: int) -> str:
                      else "") + f" ({done} finished) | {', '.join(map(str, g['open_gates']))} | "
                      f"{g['range'][0]}-{g['range'][1]} |")
     lines += ["", f"| run | seed | batches | open gates | closings at batch | reopenings | C_ma < 0 first at | "
-                  f"C_ma > 0 in the last batches (at most {window:,}; a branch's own) | mean E2 / tau there |",
-              "|---|---|---|---|---|---|---|---|---|"]
+                  f"C_ma > 0 in the last batches (at most {window:,}; a branch's own) | mean E2 / tau there | "
+                  f"largest rise of the gate curve there |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for label, g in s["groups"].items():
         for r in g["rows"]:
             c = r["constraint"]
@@ -149,7 +151,7 @@ def to_markdown(s: dict, window: int) -> str:
                          f"{', '.join(f'{b:,}' for b in r['closings']) or '-'} | {r['reopenings']} | "
                          + ("never" if r["first_dive"] is None else f"{r['first_dive']:,}")
                          + f" | {100 * c['c_ma_positive_fraction']:.1f}% of {c['batches']:,} | "
-                         f"{c['E2_mean']:.4g} / {c['tau']:g} |")
+                         f"{c['E2_mean']:.4g} / {c['tau']:g} | {c['gates_l1_largest_rise']:.3f} |")
     if s["waiting"]:
         lines += ["", f"Not started yet: {', '.join(s['waiting'])}."]
     return "\n".join(lines) + "\n"

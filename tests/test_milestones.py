@@ -84,6 +84,25 @@ def test_lambda_after_bumps_and_the_constraint_window():
     assert "last 50 batches (from 151): C_ma > 0 in 18.0% of them, C > 0 (batch E2 over tau) in 0.0%" in text
 
 
+def test_upswings_of_the_gate_curve_and_its_largest_rise_in_the_window():
+    """Figure 1's gate curve ||sigmoid(k gamma)||_1: falls 5 -> 3, rises 0.6 (an upswing) and 0.3 (not one),
+    falls to 2, rises 0.5 exactly (an upswing, counted from the new low)."""
+    log = constructed_log()
+    g = numpy.concatenate([numpy.linspace(5, 3, 50), numpy.linspace(3, 3.6, 30), numpy.linspace(3.6, 3.3, 20),
+                           numpy.linspace(3.3, 3.6, 20), numpy.linspace(3.6, 2, 40), numpy.linspace(2, 2.5, 40)])
+    log["gates_l1"] = g
+    m = ms.milestones(log, window=80)
+    ups = m["upswings"]
+    assert [(u["low_batch"], u["batch"]) for u in ups] == [(50, 1 + 50 + int(numpy.argmax(g[50:] - 3 >= 0.5))), (160, 200)]
+    assert ups[0]["low"] == pytest.approx(3.0) and ups[1]["value"] - ups[1]["low"] == pytest.approx(0.5)
+    assert m["constraint"]["gates_l1_largest_rise"] == pytest.approx(0.5)  # batches 121-200: the last rise
+    assert ms.milestones(log, window=200)["constraint"]["gates_l1_largest_rise"] == pytest.approx(0.6)
+    text = ms.to_markdown(m, "x")
+    assert "upswings of ||sigmoid(k gamma)||_1 (Figure 1's gate curve) by 0.5 or more: 2" in text
+    assert "from 3.000 (batch 50) to" in text and "rose at most 0.500 above its running low there" in text
+    assert ms.upswings(numpy.arange(5.0), numpy.linspace(3, 1, 5)) == []  # a falling curve has none
+
+
 def test_a_constraint_never_met_and_a_log_without_gamma_columns():
     log = {k: v for k, v in constructed_log().items() if not k.startswith("gamma_")}
     log["C_ma"] = numpy.ones(200)

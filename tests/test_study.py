@@ -46,7 +46,10 @@ def test_rows_groups_and_ranges(sweep):
     log = numpy.genfromtxt(sweep / "runs" / "tau500-seed0" / "log.csv", delimiter=",", names=True)
     assert r["constraint"]["E2_mean"] == pytest.approx(log["E2"][-3:].mean(), rel=1e-12)
     assert r["open_gates"] == int(log["open_gates"][-1])
+    l1 = log["gates_l1"][-3:]
+    assert r["constraint"]["gates_l1_largest_rise"] == pytest.approx((l1 - numpy.minimum.accumulate(l1)).max())
     text = st.to_markdown(s, 3)
+    assert text.count(f"| {r['constraint']['gates_l1_largest_rise']:.3f} |") >= 1
     assert "| tau=1 | 2 (0, 1) | 4 (2 finished) |" in text and "| tau=500 | 2 (0, 1) | 4 (1 finished) |" in text
     assert "| tau500-seed1 | 1 | 4 (running) |" in text and "| tau500-seed0 | 0 | 4 | " in text
 
