@@ -41,6 +41,7 @@ def run(args) -> int:
         raise OptionError("--repair-log repairs the log of a run being resumed: add --resume")
     branch.check_arguments(args)
     given = options.given_run_options(args)
+    execution = Execution(**options.given(args, Execution))  # how this process runs it, not part of the run
     source = None
     if args.parent is not None:
         if args.resume or args.out is None:
@@ -55,7 +56,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out is not None else default_out(config)
     run_ = open_run(out, given, backend=args.backend, resume=args.resume, overwrite=args.overwrite,
                     schedule=schedule, repair_log=args.repair_log, parent=source, config=config,
-                    execution=Execution(**options.given(args, Execution)))
+                    execution=execution)
     if run_.repaired_lines:
         lines = ", ".join(map(str, run_.repaired_lines))
         print(f"repaired {out}/log.csv: dropped line(s) {lines}; it holds rows {run_.first_step + 1}-{run_.state.step}",
@@ -81,5 +82,5 @@ def run(args) -> int:
         print(f"  E2 (moving average 0.95): {summary['E2_ma95']:.4g} against tau {summary['tau']:g}; "
               f"lambda' {summary['lambda_eff']:.3g}")
     if figures.pyplot() is not None:  # Figure 1 of the run, gate by gate (extra 'plots')
-        print(f"  plot: {plot.plot_run(out, backend=args.backend)}")
+        print(f"  plot: {plot.plot_run(out, backend=args.backend, execution=execution)}")
     return 0

@@ -94,7 +94,7 @@ class UpsampleConv2d(Layer):
     def __init__(self, in_channels, out_channels, *, rng, xp=numpy, dtype=numpy.float32, init="torch",
                  method=None, paths=None):
         super().__init__()
-        paths = paths or default_paths(xp)
+        self.paths = paths = paths or default_paths(xp)
         method = paths.upsample_method if method is None else method
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"UpsampleConv2d(in_channels={in_channels}, out_channels={out_channels}): "
