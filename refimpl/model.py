@@ -193,8 +193,8 @@ def build_decoder(arch: Architecture, n_latent: int, *, rng, xp, dtype, paths) -
     ]
     in_ch, last = feature[0], len(arch.decoder_convs)
     for i, spec in enumerate(arch.decoder_convs, start=1):
-        layers.append((f"bn{i}", BatchNorm(in_ch, arch.bn_momentum, arch.bn_eps, arch.bn_running_var, xp=xp, dtype=dtype,
-                                           paths=paths)))
+        layers.append((f"bn{i}", BatchNorm(in_ch, arch.bn_momentum, arch.bn_eps, arch.bn_running_var, xp=xp,
+                                           dtype=dtype, paths=paths)))
         if paths.fused and (spec.kernel, spec.stride, spec.padding) == (3, 1, 1):
             layers.append((f"conv{i}", UpsampleConv2d(in_ch, spec.channels, rng=rng, xp=xp, dtype=dtype, init=arch.init,
                                                       paths=paths)))

@@ -53,7 +53,8 @@ EXECUTION_EXCLUDED = ("blas_threads",)
 
 
 def run_spec(out, given: dict, schedule: Schedule, backend: str | None = None, eval_images: int | None = None,
-             parent=None, at: int | None = None, config: RunConfig | None = None, execution: dict | None = None) -> dict:
+             parent=None, at: int | None = None, config: RunConfig | None = None,
+             execution: dict | None = None) -> dict:
     """A picklable task input: run folder ``out``, the run options ``given`` (RunConfig fields,
     ``hyper`` a dict), the schedule, the backend; ``eval_images``: held-out images to evaluate after;
     ``parent``, ``at``: the run is a branch of run folder ``parent`` (at its checkpoint of step ``at``);
@@ -68,7 +69,8 @@ def run_spec(out, given: dict, schedule: Schedule, backend: str | None = None, e
 def with_tau(spec: dict, tau) -> dict:
     """``spec`` with its run's tau set to ``tau`` (Table 1: the baseline's error, known only after it ran)."""
     config = spec.get("config") and {**spec["config"], "hyper": {**spec["config"]["hyper"], "tau": float(tau)}}
-    return {**spec, "given": {**spec["given"], "hyper": {**spec["given"]["hyper"], "tau": float(tau)}}, "config": config}
+    given = {**spec["given"], "hyper": {**spec["given"]["hyper"], "tau": float(tau)}}
+    return {**spec, "given": given, "config": config}
 
 
 def train_one(spec: dict, progress: bool = False, stop=None) -> dict:

@@ -170,7 +170,8 @@ def test_each_layer_holds_the_setting_it_was_built_with():
     assert run.paths == dataclasses.replace(Execution().resolve("numpy"), fast_batchnorm=False)
     assert all(layer.paths is run.paths for layer in layers.values() if isinstance(layer, (BatchNorm, Conv2d,
                                                                                           UpsampleConv2d)))
-    assert isinstance(layers["decoder.conv1"], UpsampleConv2d) and layers["decoder.conv1"].shift is shift_module.shift_flat
+    assert isinstance(layers["decoder.conv1"], UpsampleConv2d)
+    assert layers["decoder.conv1"].shift is shift_module.shift_flat
     assert run.state.optimizer.update == run.state.optimizer._update  # NumPy: Adam's plain lines
 
 

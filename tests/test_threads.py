@@ -100,7 +100,8 @@ def test_resolve_and_blas_thread_count():
     model = model_of(np.float32)
     assert resolve(IN_ORDER.resolve("numpy"), model) == Threads(1, 1, False)
     assert resolve(PARALLEL.resolve("numpy"), model) == Threads(1, 1, cores() >= 2)
-    assert resolve(Execution(blas_threads="4").resolve("numpy"), model) == Threads(4, 2, cores() >= 4)  # each pass half, if both fit the cores
+    four = Execution(blas_threads="4").resolve("numpy")
+    assert resolve(four, model) == Threads(4, 2, cores() >= 4)  # each pass half, if both fit the cores
     assert blas_thread_count("auto", model, environ={"OMP_NUM_THREADS": "2"}) is None  # the user's setting stands
     assert blas_thread_count("auto", model, environ={}) == 1  # the 16x16 model's GEMMs are small
     big = GatedVAE(build_architecture((1, 64, 64)), 10, rng=generator(0))

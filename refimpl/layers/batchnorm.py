@@ -132,7 +132,8 @@ class BatchNorm(Layer):
         """m, the values per channel (training needs two)."""
         count = x.size // self.num_features
         if count < 2:
-            raise ValueError(f"BatchNorm in training mode needs >= 2 values per channel, got x of shape {tuple(x.shape)}")
+            raise ValueError(f"BatchNorm in training mode needs >= 2 values per channel, got x of shape "
+                             f"{tuple(x.shape)}")
         return count
 
     def _record(self, mean, var, count: int) -> None:
