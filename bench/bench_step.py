@@ -50,6 +50,7 @@ import numpy  # noqa: E402
 import timing  # noqa: E402
 from refimpl.algorithm1 import Hyper, init_state, train_step  # noqa: E402
 from refimpl.device_step import DeviceStep  # noqa: E402
+from refimpl.execution import Execution  # noqa: E402
 from refimpl.atomic import atomic_write  # noqa: E402
 from refimpl.backend import get_xp, to_device  # noqa: E402
 from refimpl.model import GatedVAE, paper_architecture  # noqa: E402
@@ -64,14 +65,15 @@ except ImportError as exc:
     TORCH_MISSING = f"PyTorch is not importable ({exc}); timing refimpl only"
 
 
-def refimpl_step(dtype, gated, n_latent, x_host, xp, seed=0, fused=None, device_step=False):
+def refimpl_step(dtype, gated, n_latent, x_host, xp, seed=0, execution=None, device_step=False):
     """(model, closure running one refimpl training step on x) on backend ``xp``.
 
+    ``execution``: the fast paths (refimpl/execution.py; default: the default setting's).
     ``device_step``: time :class:`refimpl.device_step.DeviceStep` (no host reads mid-step; its
     one transfer of the logged scalars included) instead of ``train_step``; gated steps only.
     """
     model = GatedVAE(paper_architecture(x_host.shape[1:]), n_latent, rng=generator(seed), xp=xp, dtype=dtype,
-                     fused=fused)
+                     paths=(execution or Execution()).resolve(xp))
     state = init_state(model, Hyper(tau=1e9 if gated else 0.0))
     state.hit = gated
     rng, x = generator(seed + 1), to_device(x_host, xp, dtype)

@@ -96,7 +96,7 @@ def load_state(path: Path):
     arch = Architecture.from_dict(meta["architecture"])
     hyper = Hyper(**{k: tuple(v) if k == "betas" else v for k, v in meta["hyper"].items()})
     n = meta["config"]["latent"]
-    model = GatedVAE(arch, n, rng=generator(0), dtype=numpy.float64, fused=meta["config"].get("fused") is not False)
+    model = GatedVAE(arch, n, rng=generator(0), dtype=numpy.float64)
     model.load_state_dict({k[len("model/"):]: z[k].astype(numpy.float64) for k in z.files if k.startswith("model/")})
     lam_eff = effective_lambda(float(z["lambda"]), hyper)
     return model, hyper, lam_eff, z["x"].astype(numpy.float64), z["eps"], meta

@@ -12,6 +12,10 @@ as bench_step.py builds it, on ``--backend numpy`` or ``cupy``. Prints:
    means the step is bound by launching kernels from Python, not by the GPU.
 
     python bench/profile_step.py --backend cupy --steps 20
+    python bench/profile_step.py --backend cupy --no-cuda-kernels     # the plain array code on the GPU
+
+The execution options of ``refimpl train`` choose the fast paths (``--reference``, ``--no-fused``,
+``--no-cuda-kernels``, ...; refimpl/execution.py).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import bench_step  # noqa: E402 (also applies side_by_side's thread settings)
 
 import numpy  # noqa: E402
 
-from refimpl import kernels  # noqa: E402
+from refimpl import options  # noqa: E402
 from refimpl.backend import get_xp  # noqa: E402
+from refimpl.execution import Execution  # noqa: E402
 from refimpl.rng import generator  # noqa: E402
 
 
@@ -74,17 +79,14 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="fused upsample+conv decoder blocks (default: the backend's default)")
     p.add_argument("--plain", action="store_true", help="the plain step (one decoder pass) instead of the gated one")
-    p.add_argument("--no-kernels", action="store_true",
-                   help="CuPy: run the plain array code instead of refimpl/kernels.py's fused kernels")
     p.add_argument("--top", type=int, default=25)
+    options.add_options(p, Execution, exclude=("device_step",), title="execution (refimpl/execution.py)")
     args = p.parse_args(argv)
     xp = get_xp(args.backend)
-    kernels.ENABLED = not args.no_kernels
     x = (generator(7).uniform(size=(64, 3, 64, 64)) > 0.7).astype(numpy.float64)
-    model, step = bench_step.refimpl_step(numpy.dtype(args.dtype).type, not args.plain, 10, x, xp, fused=args.fused)
+    model, step = bench_step.refimpl_step(numpy.dtype(args.dtype).type, not args.plain, 10, x, xp,
+                                          execution=Execution(**options.given(args, Execution)))
     sync = xp.cuda.Device().synchronize if args.backend == "cupy" else bench_step.nothing
     for _ in range(args.warmup):
         step()
@@ -94,9 +96,9 @@ def main(argv=None):
         step()
     sync()
     wall = (time.perf_counter() - t0) / args.steps
-    print(f"{args.backend} {args.dtype} {'plain' if args.plain else 'gated'} step, decoder "
-          f"{'fused' if model.fused else 'pair'}{', kernels ' + ('on' if kernels.ENABLED else 'off') if args.backend == 'cupy' else ''}: "
-          f"{1e3 * wall:.2f} ms per step (mean of {args.steps})")
+    fast = [name for name, on in model.paths.to_dict().items() if on is True]
+    print(f"{args.backend} {args.dtype} {'plain' if args.plain else 'gated'} step, fast paths "
+          f"{', '.join(fast) or 'none'}: {1e3 * wall:.2f} ms per step (mean of {args.steps})")
 
     profiler = cProfile.Profile()
     profiler.enable()

@@ -54,5 +54,5 @@ step bench_step_separate $PY bench/separate_processes.py --backend cupy --steps 
 step bench_layers $PY bench/bench_layers.py --backend cupy --repeats 100 --warmup 10 --out "$OUT/layers_gpu.md"
 for round in 1 2; do
     step "profile_kernels_on_$round" $PY bench/profile_step.py --backend cupy --steps 40 --top 40
-    step "profile_kernels_off_$round" $PY bench/profile_step.py --backend cupy --steps 40 --top 40 --no-kernels
+    step "profile_kernels_off_$round" $PY bench/profile_step.py --backend cupy --steps 40 --top 40 --no-cuda-kernels
 done

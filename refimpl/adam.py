@@ -22,6 +22,11 @@ names parameters that are moved up their gradient instead of down (GECO's lambda
 ``lrs`` gives parameters a learning rate of their own (name -> lr, the rest use ``lr``;
 lambda's, interpretation (q)). Learning rates are settings, not state: ``state_dict``
 holds none, so a checkpoint resumes under any rates.
+
+``cuda_kernels`` (the run's resolved setting, :class:`refimpl.execution.FastPaths`; CuPy
+only): each parameter's update as one CUDA kernel (refimpl/kernels.py, the same formulas;
+equal to a few units in the last place, tests/test_kernels.py) instead of the plain lines
+of :meth:`Adam._update`.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from __future__ import annotations
 import math
 
 from .backend import array_module, to_device, to_host
-from .kernels import adam_update, enabled_for
+from .kernels import adam_update
 
 
 class Adam:
-    def __init__(self, params: dict, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=(), lrs=None):
+    def __init__(self, params: dict, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=(), lrs=None,
+                 cuda_kernels: bool = False):
         lrs = dict(lrs or {})
         for name, rate in [("lr", lr), *((f"lrs[{k!r}]", v) for k, v in lrs.items())]:
             if not rate > 0:  # also rejects NaN
@@ -50,6 +56,7 @@ class Adam:
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
         self.lrs = {name: lrs.get(name, lr) for name in params}  # each parameter's learning rate
         self.maximize = frozenset(maximize)
+        self.update = self._update_cuda if cuda_kernels else self._update  # the twin, chosen once
         self.t = 0  # calls of step(): the global count
         self.steps = {name: 0 for name in params}  # updates each parameter has had: its own count
         self.m = {name: array_module(p).zeros_like(p) for name, p in params.items()}
@@ -70,26 +77,30 @@ class Adam:
         if missing:
             raise ValueError(f"Adam.step: no gradient for {missing}")
         self.t += 1
+        for name in self.params:
+            if name not in skip:
+                self.steps[name] += 1
+                self.update(name, grads[name])
+
+    def _update(self, name: str, grad) -> None:
+        """The update of parameter ``name`` at its own count t (module docstring), in place."""
         b1, b2 = self.betas
-        for name, p in self.params.items():
-            if name in skip:
-                continue
-            self.steps[name] += 1
-            t = self.steps[name]
-            correction1 = 1 - b1**t
-            correction2 = 1 - b2**t
-            m, v = self.m[name], self.v[name]
-            if enabled_for(p):  # the same formulas as below, as one CUDA kernel (refimpl/kernels.py)
-                adam_update(p, grads[name], m, v, sign=-1.0 if name in self.maximize else 1.0, b1=b1, b2=b2,
-                            sqrt_c2=math.sqrt(correction2), eps=self.eps, step_size=self.lrs[name] / correction1)
-                continue
-            g = -grads[name] if name in self.maximize else grads[name]
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * (g * g)
-            denom = array_module(p).sqrt(v) / math.sqrt(correction2) + self.eps
-            p -= (self.lrs[name] / correction1) * (m / denom)
+        t = self.steps[name]
+        p, m, v = self.params[name], self.m[name], self.v[name]
+        g = -grad if name in self.maximize else grad
+        m *= b1
+        m += (1 - b1) * g  # m <- b1 m + (1 - b1) g
+        v *= b2
+        v += (1 - b2) * (g * g)  # v <- b2 v + (1 - b2) g^2
+        denom = array_module(p).sqrt(v) / math.sqrt(1 - b2**t) + self.eps
+        p -= (self.lrs[name] / (1 - b1**t)) * (m / denom)  # p <- p - lr m_hat / (sqrt(v_hat) + eps)
+
+    def _update_cuda(self, name: str, grad) -> None:
+        """:meth:`_update` as one CUDA kernel (refimpl/kernels.py)."""
+        b1, b2 = self.betas
+        t = self.steps[name]
+        adam_update(self.params[name], grad, self.m[name], self.v[name], sign=-1.0 if name in self.maximize else 1.0,
+                    b1=b1, b2=b2, sqrt_c2=math.sqrt(1 - b2**t), eps=self.eps, step_size=self.lrs[name] / (1 - b1**t))
 
     def state_dict(self) -> dict:
         """Host copies of the step counts and moments (for checkpoints): ``t`` (global),

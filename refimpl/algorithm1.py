@@ -50,7 +50,7 @@ from .layers.activations import sigmoid
 from .model import GatedVAE
 from .optionspec import OptionError, float_pair, option
 from .rng import standard_normal, uniform
-from .threads import DecoderPasses, Execution, resolve
+from .threads import DecoderPasses, resolve
 
 
 # l. 29's gradient estimators for gamma (interpretation (o)); the first is the paper's.
@@ -421,10 +421,11 @@ class TrainState:
         return {**self.model.gradients(), "lambda": self.lam_grad}
 
 
-def init_state(model: GatedVAE, hyper: Hyper, execution: Execution | None = None) -> TrainState:
+def init_state(model: GatedVAE, hyper: Hyper) -> TrainState:
     """Section 4 initialisation: gamma = gamma_init everywhere, lambda per (d), Adam on every parameter.
 
-    execution: how the step runs on this machine (refimpl/threads.py; default ``Execution()``).
+    How the step executes (Adam's twin, the decoder passes' threads) follows the model's resolved
+    setting, ``model.paths`` (refimpl/execution.py).
     """
     if not model.gated:
         raise ValueError("Algorithm 1 needs a gated model (GatedVAE(..., gated=True))")
@@ -435,8 +436,8 @@ def init_state(model: GatedVAE, hyper: Hyper, execution: Execution | None = None
     params = {**model.parameters(), "lambda": lam}
     maximize = ("lambda",) if hyper.lambda_update == "ascent" else ()
     optimizer = Adam(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.adam_eps, maximize=maximize,
-                     lrs={"lambda": hyper.lambda_rate})  # (q)
-    passes = DecoderPasses(model, resolve(execution or Execution(), model))
+                     lrs={"lambda": hyper.lambda_rate}, cuda_kernels=model.paths.cuda_kernels)  # (q)
+    passes = DecoderPasses(model, resolve(model.paths, model))
     return TrainState(model, hyper, lam, lam_grad, optimizer, passes=passes)
 
 

@@ -27,8 +27,8 @@ class RunConfig:
 
     ``baseline``: Table 1's step one, a plain VAE: the gated model with tau = 0, so C =
     E2 > 0 on every step, l. 23 never holds, no gate is ever sampled and gamma never
-    moves (all n dimensions stay open). ``fused``: None picks by backend
-    (``model.default_fused``) and the resolved value is stored.
+    moves (all n dimensions stay open). How the run executes (the fast paths, threads) is not
+    part of it: :class:`refimpl.execution.Execution`.
     """
 
     dataset: str = option(DEFAULT_DATASET, f"one of {', '.join(DATASET_NAMES)}", choices=DATASET_NAMES,
@@ -51,9 +51,6 @@ class RunConfig:
                           parse=positive_int, metavar="N")
     baseline: bool = option(False, "a plain VAE (Table 1 step one): tau = 0, so gates are never sampled and all "
                                    "n stay open", parse=bool)
-    fused: bool | None = option(None, "decoder blocks as one fused upsample+conv layer, or as upsample then conv "
-                                      "(same numbers; default: fused on numpy, the pair on cupy, the faster on "
-                                      "each)", parse=bool)
     hyper: dict = option(help="Algorithm 1's Hyper fields", flag=False, default_factory=dict)
     split_seed: int | None = option(None, "the seed of the held-out split (and of factors' sample) when not "
                                           "``seed``: a branch with another --seed keeps its parent's", flag=False)
@@ -109,6 +106,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        # Keys no field reads are ignored: runs made before the fast paths left the run's identity carry
+        # "fused" (now refimpl/execution.py's --fused), which changes no number beyond rounding.
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

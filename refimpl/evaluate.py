@@ -221,7 +221,7 @@ def load_export(path, backend: str | None = None) -> tuple[GatedVAE, dict]:
         raise ckpt.CheckpointError(f"{js}: format {meta.get('format')!r}, expected {EXPORT_FORMAT}")
     xp, dtype = get_xp(backend_name(backend)), get_dtype(meta["dtype"])
     model = GatedVAE(Architecture.from_dict(meta["architecture"]), meta["n_latent"], rng=generator(0), xp=xp, dtype=dtype,
-                     gated=False, fused=bool(meta["config"].get("fused")))
+                     gated=False)
     with numpy.load(npz, allow_pickle=False) as z:
         model.load_state_dict({k: to_device(z[k], xp, dtype) for k in z.files})
     model.eval()

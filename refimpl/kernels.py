@@ -12,11 +12,11 @@ function here replaces one such chain with a single ``cupy.ElementwiseKernel``:
   statistics and 1/sqrt(var + eps), the normalisation with the affine map, and the
   training-mode input gradient; its reductions stay CuPy's.
 
-The plain array code stays the reference and runs on NumPy; callers use these only when
-:func:`enabled_for` says their arrays are CuPy's and :data:`ENABLED` is true (the environment
-variable ``REFIMPL_CUDA_KERNELS=0`` sets it false at import, so that the reference code
-runs on the GPU too; bench/profile_step.py flips it to time both). tests/test_kernels.py
-checks each kernel against the reference (skipped without CUDA). Kernels are compiled on first
+The plain array code stays the reference and runs on NumPy and, with the kernels switched
+off, on CuPy too: a caller takes a kernel only where the run's resolved setting says
+``cuda_kernels`` (:class:`refimpl.execution.FastPaths`: on with CuPy unless ``--reference``
+or ``--no-cuda-kernels``), never by looking at the arrays. tests/test_kernels.py checks each
+kernel against the reference (skipped without CUDA). Kernels are compiled on first
 use (CuPy caches them on disk) with ``--fmad=false``, so that no multiply-add is
 contracted into an FMA that the NumPy reference does not do.
 """
@@ -24,22 +24,15 @@ contracted into an FMA that the NumPy reference does not do.
 from __future__ import annotations
 
 import functools
-import os
 
 from .backend import array_module
 
-ENABLED = os.environ.get("REFIMPL_CUDA_KERNELS", "1") != "0"
 _OPTIONS = ("--fmad=false",)
-
-
-def enabled_for(*arrays) -> bool:
-    """Whether the fused kernels apply to ``arrays``: they are CuPy arrays and :data:`ENABLED` is true."""
-    return ENABLED and array_module(*arrays).__name__ == "cupy"
 
 
 @functools.cache
 def _kernel(name: str):
-    import cupy  # only reached with CuPy arrays in hand (see enabled_for)
+    import cupy  # only reached with CuPy arrays in hand (FastPaths.cuda_kernels is true on cupy only)
 
     params, outputs, body = _SOURCES[name]
     return cupy.ElementwiseKernel(params, outputs, body, f"refimpl_{name}", options=_OPTIONS)

@@ -21,11 +21,12 @@ from .runlog import CsvLog
 from .threads import blas_limit
 
 
-def run_loop(run, progress: bool, log_interval, stop, device_step: bool = False) -> None:
+def run_loop(run, progress: bool, log_interval, stop) -> None:
     """Alg. 1 l. 2-31 on ``run`` (a :class:`refimpl.training.Run` open for training) up to its schedule's
     target: a row of log.csv per step, a checkpoint every ``checkpoint_every`` steps, at a kept step, at
     the end and when stopped (``stop()`` says True, or SIGINT/SIGTERM: :class:`TrainingInterrupted`).
-    A non-finite loss raises :class:`NonFiniteLoss` without a checkpoint. The rest as :meth:`Run.train`."""
+    A non-finite loss raises :class:`NonFiniteLoss` without a checkpoint. The rest as :meth:`Run.train`.
+    With the run's ``paths.device_step``, from the first hit on the step is :class:`DeviceStep`."""
     batches, checkpoint_every = run.schedule.batches, run.schedule.checkpoint_every
     run.batch_order  # opens the dataset before the log
     state, tau = run.state, run.hyper.tau
@@ -40,7 +41,7 @@ def run_loop(run, progress: bool, log_interval, stop, device_step: bool = False)
                 if signalled.signum is not None:
                     break
                 t0 = time.perf_counter()
-                if device_step and fast is None and applies(state):
+                if run.paths.device_step and fast is None and applies(state):
                     fast = DeviceStep(state)
                 x = run.next_batch()
                 if fast is None:

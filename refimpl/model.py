@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
+from .execution import default_paths
 from .layers import BatchNorm, Conv2d, Flatten, Layer, LeakyReLU, Linear, Reshape, Sequential, Sigmoid, Upsample
 from .layers.im2col import conv_output_size
 from .layers.upsample_conv2d import UpsampleConv2d
@@ -149,18 +150,20 @@ def paper_architecture(image_shape) -> Architecture:
     return build_architecture(image_shape)
 
 
-def build_encoder(arch: Architecture, n_latent: int, *, rng, xp, dtype) -> Sequential:
+def build_encoder(arch: Architecture, n_latent: int, *, rng, xp, dtype, paths) -> Sequential:
     """x: (N, C, H, W) -> (N, 2n): columns [:n] are mu, [n:] the log-scale output s.
 
     Its backward returns None: the first convolution computes no gradient for the image.
+    ``paths``: the layers' twins (:class:`refimpl.execution.FastPaths`).
     """
     layers, in_ch = [], arch.image_shape[0]
     for i, spec in enumerate(arch.encoder_convs, start=1):
         layers += [
             (f"conv{i}", Conv2d(in_ch, spec.channels, spec.kernel, spec.stride, spec.padding, rng=rng, xp=xp,
-                                dtype=dtype, init=arch.init, input_grad=i > 1)),  # no gradient for the image
+                                dtype=dtype, init=arch.init, input_grad=i > 1, paths=paths)),  # no dx for the image
             (f"act{i}", LeakyReLU(arch.leaky_slope)),
-            (f"bn{i}", BatchNorm(spec.channels, arch.bn_momentum, arch.bn_eps, arch.bn_running_var, xp=xp, dtype=dtype)),
+            (f"bn{i}", BatchNorm(spec.channels, arch.bn_momentum, arch.bn_eps, arch.bn_running_var, xp=xp, dtype=dtype,
+                                 paths=paths)),
         ]
         in_ch = spec.channels
     flat = math.prod(arch.encoder_feature_shape())
@@ -173,12 +176,12 @@ def build_encoder(arch: Architecture, n_latent: int, *, rng, xp, dtype) -> Seque
     return Sequential(*layers)
 
 
-def build_decoder(arch: Architecture, n_latent: int, *, rng, xp, dtype, fused: bool = True) -> Sequential:
+def build_decoder(arch: Architecture, n_latent: int, *, rng, xp, dtype, paths) -> Sequential:
     """z: (N, n) -> x': (N, C, H, W) in (0, 1).
 
-    ``fused`` computes each "x2 nearest upsample, 3x3/1 pad 1 conv" pair as one
-    :class:`UpsampleConv2d` on the low-resolution input (same parameters and names,
-    tested equal to the plain pair); other kernels always use the plain pair.
+    ``paths.fused`` computes each "x2 nearest upsample, 3x3/1 pad 1 conv" pair as one
+    :class:`UpsampleConv2d` on the low-resolution input, the pair's fast twin (same parameters
+    and names, tested equal to the plain pair to rounding); other kernels always use the plain pair.
     """
     feature = arch.encoder_feature_shape()
     layers = [
@@ -190,26 +193,18 @@ def build_decoder(arch: Architecture, n_latent: int, *, rng, xp, dtype, fused: b
     ]
     in_ch, last = feature[0], len(arch.decoder_convs)
     for i, spec in enumerate(arch.decoder_convs, start=1):
-        layers.append((f"bn{i}", BatchNorm(in_ch, arch.bn_momentum, arch.bn_eps, arch.bn_running_var, xp=xp, dtype=dtype)))
-        if fused and (spec.kernel, spec.stride, spec.padding) == (3, 1, 1):
-            layers.append((f"conv{i}", UpsampleConv2d(in_ch, spec.channels, rng=rng, xp=xp, dtype=dtype, init=arch.init)))
+        layers.append((f"bn{i}", BatchNorm(in_ch, arch.bn_momentum, arch.bn_eps, arch.bn_running_var, xp=xp,
+                                           dtype=dtype, paths=paths)))
+        if paths.fused and (spec.kernel, spec.stride, spec.padding) == (3, 1, 1):
+            layers.append((f"conv{i}", UpsampleConv2d(in_ch, spec.channels, rng=rng, xp=xp, dtype=dtype, init=arch.init,
+                                                      paths=paths)))
         else:
             layers.append((f"up{i}", Upsample(2)))
             layers.append((f"conv{i}", Conv2d(in_ch, spec.channels, spec.kernel, spec.stride, spec.padding, rng=rng,
-                                              xp=xp, dtype=dtype, init=arch.init)))
+                                              xp=xp, dtype=dtype, init=arch.init, paths=paths)))
         layers.append((f"act{i}", Sigmoid() if i == last else LeakyReLU(arch.leaky_slope)))
         in_ch = spec.channels
     return Sequential(*layers)
-
-
-def default_fused(xp) -> bool:
-    """Whether decoder blocks use the fused ``UpsampleConv2d`` by default on backend ``xp``.
-
-    NumPy: yes (2-22x faster than the pair on the CPU). CuPy: no, the plain pair; at the
-    paper's sizes the GPU time is per-kernel overhead, and the fused layer's dozen small
-    shifted-slice kernels took twice the pair's time on an H100 (bench/NOTES.md).
-    """
-    return xp.__name__ == "numpy"
 
 
 class GatedVAE(Layer):
@@ -217,21 +212,22 @@ class GatedVAE(Layer):
 
     Parameter names: ``encoder.*``, ``decoder.*``, ``gamma``. A model without gates
     (``gated=False``) is a plain VAE: the baseline of Table 1 and the pruned export.
-    ``fused``: decoder blocks as one ``UpsampleConv2d`` (True) or ``Upsample`` then
-    ``Conv2d`` (False); same parameters and outputs. None: :func:`default_fused`.
+    ``paths``: the twins its layers take (:class:`refimpl.execution.FastPaths`, resolved once
+    for the run; ``paths.fused``: decoder blocks as one ``UpsampleConv2d`` or ``Upsample``
+    then ``Conv2d``, same parameters and outputs). None: the default setting's for ``xp``.
     """
 
     def __init__(self, arch: Architecture, n_latent: int, *, rng, xp=numpy, dtype=numpy.float32, gated=True,
-                 gamma_init=0.42, fused=None):
+                 gamma_init=0.42, paths=None):
         super().__init__()
         if int(n_latent) != n_latent or n_latent < 1:
             raise ValueError(f"n_latent={n_latent!r}: expected an integer >= 1")
         arch.validate()
-        fused = default_fused(xp) if fused is None else bool(fused)
-        self.arch, self.n_latent, self.gated, self.fused = arch, int(n_latent), gated, fused
+        self.paths = paths or default_paths(xp)
+        self.arch, self.n_latent, self.gated = arch, int(n_latent), gated
         self.xp, self.dtype = xp, numpy.dtype(dtype)
-        self.encoder = build_encoder(arch, self.n_latent, rng=rng, xp=xp, dtype=dtype)
-        self.decoder = build_decoder(arch, self.n_latent, rng=rng, xp=xp, dtype=dtype, fused=fused)
+        self.encoder = build_encoder(arch, self.n_latent, rng=rng, xp=xp, dtype=dtype, paths=self.paths)
+        self.decoder = build_decoder(arch, self.n_latent, rng=rng, xp=xp, dtype=dtype, paths=self.paths)
         if gated:
             self.params["gamma"] = xp.full((self.n_latent,), gamma_init, dtype=dtype)
             self.grads["gamma"] = xp.zeros((self.n_latent,), dtype=dtype)
@@ -288,7 +284,7 @@ def prune(model: GatedVAE) -> GatedVAE:
     if n_open == 0:
         raise ValueError("prune: every gate is closed (gamma <= 0 everywhere); nothing is left to export")
     # Built with throwaway weights (seed 0), all overwritten below.
-    pruned = GatedVAE(model.arch, n_open, rng=generator(0), xp=xp, dtype=model.dtype, gated=False, fused=model.fused)
+    pruned = GatedVAE(model.arch, n_open, rng=generator(0), xp=xp, dtype=model.dtype, gated=False, paths=model.paths)
     state = {name: value.copy() for name, value in model.state_dict().items() if name != "gamma"}
     n = model.n_latent
     rows = xp.concatenate([keep, keep + n])

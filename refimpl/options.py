@@ -75,9 +75,11 @@ def add_backend_option(parser) -> None:
                         help="array backend (default: $REFIMPL_BACKEND or numpy)")
 
 
-def given(args, cls) -> dict:
-    """The fields of dataclass ``cls`` given on the command line (a positional left out reads None)."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+def given(args, cls, exclude=()) -> dict:
+    """The fields of dataclass ``cls`` (not in ``exclude``) given on the command line (a positional left out
+    reads None)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.name not in exclude and getattr(args, f.name, None) is not None}
 
 
 def given_run_options(args) -> dict:

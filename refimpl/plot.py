@@ -130,13 +130,15 @@ def branch_lines(ax, branches) -> None:
         ax.axvline(step, color="0.4", ls=":", lw=1.0)
 
 
-def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list | None = None) -> Path:
+def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list | None = None,
+             execution=None) -> Path:
     """Draw Figure 1 (plus per-gate lines and held-out reconstructions) of run folder ``run_dir``.
 
     Writes ``out`` (default ``RUN/plot.png``) atomically and returns its path.
     ``recon_count``: held-out images shown (0: no reconstruction row). ``backend``: for
     the model that reconstructs (default $REFIMPL_BACKEND or numpy). Notes on parts that
     could not be drawn (one line each) go to ``notes`` when it is a list, else to stderr.
+    ``execution``: the fast paths of that model (refimpl/execution.py; default: the default setting's).
 
     Raises RunReadError (not a run folder; empty or unreadable log), FileNotFoundError (no
     log.csv), PlottingUnavailable (no matplotlib) and, from :meth:`Run.load`, CheckpointError
@@ -151,7 +153,7 @@ def plot_run(run_dir, out=None, recon_count: int = 8, backend=None, notes: list 
     branches = [(step, parent.name) for parent, step in lineage(folder)[:-1]]
     plt = require_pyplot()
 
-    run = Run.load(folder, backend=backend, for_training=False)  # the checkpoint: settings and model
+    run = Run.load(folder, backend=backend, for_training=False, execution=execution)  # settings and model
     k, tau, n = run.hyper.k, run.hyper.tau, run.config.latent  # a baseline's hyper has tau = 0
     shape = "x".join(str(s) for s in run.arch.image_shape)
     step = log["step"]

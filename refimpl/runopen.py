@@ -13,6 +13,7 @@ from pathlib import Path
 from .branch import Source, parent_folder
 from .config import RunConfig, Schedule, config_differences, new_config
 from .errors import RunConflictError
+from .execution import Execution
 from .optionspec import OptionError
 from .runfolder import CHECKPOINT_FILE, NoRun, RunLock
 from .training import Run
@@ -20,7 +21,7 @@ from .training import Run
 
 def open_run(out, given: dict, *, backend: str | None = None, resume: bool | None = False, overwrite: bool = False,
              schedule: Schedule | None = None, repair_log: bool = False, parent=None, at: int | None = None,
-             config: RunConfig | None = None) -> Run:
+             config: RunConfig | None = None, execution: Execution | None = None) -> Run:
     """The run in folder ``out``, continued or new, open for training (holding the folder's lock
     until it has trained or is closed): the one place train, the experiments and sweeps open runs.
 
@@ -31,7 +32,8 @@ def open_run(out, given: dict, *, backend: str | None = None, resume: bool | Non
     ``parent`` (a run folder or a :class:`refimpl.branch.Source`), ``at``: the new run is a
     branch (:meth:`Run.branch`; ``schedule`` default the parent's); a run continued with
     resume=None must then be a branch of that folder. ``config``: ``new_config(given)``, where
-    the caller has made it already (a new run's settings are resolved once).
+    the caller has made it already (a new run's settings are resolved once). ``execution``: how the run
+    executes here (refimpl/execution.py), whatever setting made it.
     """
     out = Path(out)
     exists = (out / CHECKPOINT_FILE).is_file()
@@ -39,10 +41,11 @@ def open_run(out, given: dict, *, backend: str | None = None, resume: bool | Non
     if parent is not None and resume and not automatic:
         raise OptionError("--from starts a new run (a branch): continue a branch with --resume alone")
     if parent is not None and not resume:
-        return Run.branch(parent, out, given, at=at, backend=backend, overwrite=overwrite, schedule=schedule)
+        return Run.branch(parent, out, given, at=at, backend=backend, overwrite=overwrite, schedule=schedule,
+                          execution=execution)
     if not resume:
         config = config if config is not None else new_config(given)
-        return Run.create(config, out, backend=backend, overwrite=overwrite, schedule=schedule)
+        return Run.create(config, out, backend=backend, overwrite=overwrite, schedule=schedule, execution=execution)
     if not exists:
         raise NoRun(f"nothing to resume: {out} holds no {CHECKPOINT_FILE}")
     given = dict(given)
@@ -50,7 +53,7 @@ def open_run(out, given: dict, *, backend: str | None = None, resume: bool | Non
         given["data"] = str(Path(given["data"]).resolve())
     lock = RunLock(out).acquire()
     try:
-        run = Run.load(out, backend=backend, for_training=False)
+        run = Run.load(out, backend=backend, for_training=False, execution=execution)
         differences = config_differences(run.config, given)
         if parent is not None:
             differences += _other_parent(run, parent, at)

@@ -32,8 +32,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .atomic import write_json
-from .config import Schedule
+from .config import RunConfig, Schedule
 from .errors import RunFolderNotVisible, SchedulerError, SweepInterrupted, SweepSetupError, TrainingInterrupted
+from .execution import Execution
 from .optionspec import OptionError
 from .runfolder import LOG_FILE
 from .sweepwatch import LogRows, StatusBoard, SweepWatch
@@ -43,6 +44,8 @@ THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 STOP_FILE = ".stop"
 POLL_S = 0.5  # how often the client looks at its runs (their futures; their logs at the status board's pace)
 MARKER_FILE = "runs/.sweep.json"  # written by the client: a worker that cannot see it cannot see the runs
+# Execution's options a sweep passes on to its runs: not --blas-threads, which is the workers' (Cluster's)
+EXECUTION_EXCLUDED = ("blas_threads",)
 
 
 # ----------------------------------------------------------------------------------------
@@ -50,27 +53,34 @@ MARKER_FILE = "runs/.sweep.json"  # written by the client: a worker that cannot 
 
 
 def run_spec(out, given: dict, schedule: Schedule, backend: str | None = None, eval_images: int | None = None,
-             parent=None, at: int | None = None) -> dict:
+             parent=None, at: int | None = None, config: RunConfig | None = None,
+             execution: dict | None = None) -> dict:
     """A picklable task input: run folder ``out``, the run options ``given`` (RunConfig fields,
     ``hyper`` a dict), the schedule, the backend; ``eval_images``: held-out images to evaluate after;
-    ``parent``, ``at``: the run is a branch of run folder ``parent`` (at its checkpoint of step ``at``)."""
+    ``parent``, ``at``: the run is a branch of run folder ``parent`` (at its checkpoint of step ``at``);
+    ``config``: ``new_config(given)`` where the caller made it (a new run starts from it, not from a
+    second one); ``execution``: the :class:`~refimpl.execution.Execution` fields given."""
     return {"out": str(out), "given": given, "batches": int(schedule.batches),
             "checkpoint_every": int(schedule.checkpoint_every), "keep_checkpoints": int(schedule.keep_checkpoints),
             "backend": backend, "eval_images": eval_images, "parent": None if parent is None else str(parent),
-            "at": at}
+            "at": at, "config": None if config is None else config.to_dict(), "execution": dict(execution or {})}
 
 
 def with_tau(spec: dict, tau) -> dict:
     """``spec`` with its run's tau set to ``tau`` (Table 1: the baseline's error, known only after it ran)."""
-    return {**spec, "given": {**spec["given"], "hyper": {**spec["given"]["hyper"], "tau": float(tau)}}}
+    config = spec.get("config") and {**spec["config"], "hyper": {**spec["config"]["hyper"], "tau": float(tau)}}
+    given = {**spec["given"], "hyper": {**spec["given"]["hyper"], "tau": float(tau)}}
+    return {**spec, "given": given, "config": config}
 
 
 def train_one(spec: dict, progress: bool = False, stop=None) -> dict:
     """Create (or resume, or reuse) the run ``spec`` describes, train it to its target; its summary plus ``out``
     (and ``heldout_sse`` on ``spec["eval_images"]`` held-out images when that is set)."""
     schedule = Schedule(spec["batches"], spec["checkpoint_every"], spec.get("keep_checkpoints", 0))
+    config = spec.get("config") and RunConfig.from_dict(spec["config"])
     run = open_run(spec["out"], spec["given"], backend=spec["backend"], resume=None, schedule=schedule,
-                   parent=spec.get("parent"), at=spec.get("at"))
+                   parent=spec.get("parent"), at=spec.get("at"), config=config,
+                   execution=Execution(**spec.get("execution", {})))
     summary = {**run.train(schedule.batches, schedule.checkpoint_every, progress=progress, stop=stop,
                            keep_checkpoints=schedule.keep_checkpoints), "out": spec["out"]}
     if spec.get("eval_images"):
@@ -353,6 +363,7 @@ def add_arguments(parser) -> None:
     options.add_run_options(parser, positional=False)
     options.add_options(parser, Schedule, title="schedule (per run)")
     options.add_backend_option(parser)
+    options.add_options(parser, Execution, exclude=EXECUTION_EXCLUDED, title="execution of every run (not part of it)")
     Cluster.add_arguments(parser)
 
 
@@ -387,7 +398,9 @@ def run(args) -> int:
             config = branch.branch_config(source, given)[0]  # a branch: tau and the rest are the parent's
         eval_images = min(args.eval_images, config.holdout) if args.eval_images > 0 else None
         specs.append(run_spec(out / "runs" / run_name(point), given, schedule, args.backend, eval_images,
-                              None if source is None else source.folder, None if source is None else source.step))
+                              None if source is None else source.folder, None if source is None else source.step,
+                              config if source is None else None,
+                              options.given(args, Execution, exclude=EXECUTION_EXCLUDED)))
     start = time.monotonic()
     with Sweep(out, Cluster.from_args(args), backend=args.backend) as sweep:
         summaries = sweep.gather([sweep.submit(spec) for spec in specs])

@@ -1,8 +1,9 @@
 """How the CPU step uses the machine's cores: BLAS threads, and l. 12 beside l. 13.
 
-Two execution settings (:class:`Execution`, ``refimpl train --blas-threads``,
-``--decoder-passes``), not part of a run, resolved once for a model (:func:`resolve`)
-and kept in :class:`refimpl.algorithm1.TrainState` as its :class:`DecoderPasses`:
+Two switches of the execution setting (:class:`refimpl.execution.Execution`,
+``refimpl train --blas-threads``, ``--decoder-passes``), not part of a run, resolved once
+for a model (:func:`resolve`, from its :class:`~refimpl.execution.FastPaths`) and kept in
+:class:`refimpl.algorithm1.TrainState` as its :class:`DecoderPasses`:
 
 - ``blas_threads``: the threads OpenBLAS (NumPy's GEMMs) may use in the step. ``auto``:
   one for a model whose GEMMs are small (the 16x16 and 28x28 models), half the cores for
@@ -13,8 +14,8 @@ and kept in :class:`refimpl.algorithm1.TrainState` as its :class:`DecoderPasses`
   (bench/NOTES.md, 2026-12-06: the 16x16 step 17 -> 650 ms).
 - ``decoder_passes``: ``parallel`` runs the E1 decoder pass (l. 12, never
   differentiated) in a second thread beside the E2 pass (l. 13); NumPy releases the GIL
-  inside its loops and GEMMs. ``sequential`` is the reference: l. 12, then l. 13, as
-  written. The E1 pass runs on a twin of the decoder (:meth:`refimpl.layers.layer.Layer.twin`:
+  inside its loops and GEMMs. ``sequential`` is the reference (``--reference``): l. 12,
+  then l. 13, as written. The E1 pass runs on a twin of the decoder (:meth:`refimpl.layers.layer.Layer.twin`:
   the same parameters, its own caches and scratch arrays). Only where the two passes are
   independent: the NumPy backend, and E1 with its own batch statistics
   (``e1_batchnorm="batch"``); ``batch_update`` writes and ``running`` reads the running
@@ -30,7 +31,6 @@ gives the same count on the same machine).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import contextvars
 import functools
@@ -38,43 +38,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .optionspec import OptionError, option
+from .execution import FastPaths
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 # auto: more than one BLAS thread from this many GEMM multiply-adds per image of a decoder pass
 # on (bench/NOTES.md, 2026-12-06: the 16x16 model (2.6e6) gains 7% from a second thread on an idle
 # machine, the 32x32 one (7.5e6) 20%).
 BLAS_WORK_THRESHOLD = 5e6
-
-
-def _blas_threads(text: str) -> str:
-    """An argparse type: ``auto`` or a positive integer (kept as text)."""
-    if text != "auto" and not (text.isdigit() and int(text) >= 1):
-        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
-    return text
-
-
-@dataclass
-class Execution:
-    """How the step is executed (``refimpl train`` options), not part of the run. The decoder passes'
-    setting never changes a number; the BLAS thread count changes the last bits of OpenBLAS's GEMMs."""
-
-    blas_threads: str = option("auto", "BLAS threads for the step's GEMMs, each decoder pass using half of them: "
-                               "auto (1 for small models, half the cores for larger ones; $OPENBLAS_NUM_THREADS or "
-                               "$OMP_NUM_THREADS when set) or a number. Numbers depend on it (OpenBLAS's rounding)",
-                               parse=_blas_threads, metavar="auto|N")
-    decoder_passes: str = option("parallel", "l. 12-13: the E1 decoder pass in a second thread beside the E2 pass "
-                                 "(NumPy, --e1-batchnorm batch, 2 cores or more), or one after the other (the "
-                                 "reference); the same numbers either way",
-                                 choices=("parallel", "sequential"))
-
-    def __post_init__(self):
-        try:
-            _blas_threads(str(self.blas_threads))
-        except argparse.ArgumentTypeError as exc:
-            raise OptionError(f"blas_threads: {exc}") from None
-        if self.decoder_passes not in ("parallel", "sequential"):
-            raise OptionError(f"decoder_passes={self.decoder_passes!r}: expected parallel or sequential")
 
 
 def cores() -> int:
@@ -119,7 +89,7 @@ def blas_thread_count(setting: str, model, environ=os.environ) -> int | None:
 
 @dataclass(frozen=True)
 class Threads:
-    """An :class:`Execution` resolved for one model: BLAS threads of the step and of each decoder pass
+    """A :class:`~refimpl.execution.FastPaths` resolved for one model: BLAS threads of the step and of each decoder pass
     (None: the library's), and whether the passes run side by side."""
 
     blas: int | None = None
@@ -130,8 +100,8 @@ class Threads:
 SEQUENTIAL = Threads()
 
 
-def resolve(execution: Execution, model) -> Threads:
-    """The threading of ``model``'s step under ``execution``.
+def resolve(paths: FastPaths, model) -> Threads:
+    """The threading of ``model``'s step under ``paths``.
 
     Each decoder pass gets half the step's BLAS threads (at least one), in order or side by side
     alike: OpenBLAS's GEMMs round differently with 1 and 2 threads, so both ways must use the same
@@ -140,9 +110,9 @@ def resolve(execution: Execution, model) -> Threads:
     """
     if model.xp.__name__ != "numpy":
         return SEQUENTIAL
-    blas = blas_thread_count(str(execution.blas_threads), model)
+    blas = blas_thread_count(paths.blas_threads, model)
     share = max(1, (blas if blas is not None else library_threads()) // 2)
-    return Threads(blas, share, execution.decoder_passes == "parallel" and 2 * share <= cores())
+    return Threads(blas, share, paths.decoder_passes == "parallel" and 2 * share <= cores())
 
 
 @functools.cache
@@ -193,8 +163,3 @@ class DecoderPasses:
             finally:
                 x1 = x1.result()
             return x1, x2
-
-
-if __name__ == "__main__":  # python -m refimpl.threads: docs/cli.md's table of these options
-    from .options import markdown_table
-    print(markdown_table(Execution))

@@ -56,6 +56,7 @@ from .backend import to_host
 from .atomic import atomic_write
 from .checkpoint import read_npz
 from .errors import TraceError, TraceKeyError
+from .execution import Execution
 
 FORMAT = "refimpl-trace"
 VERSION = 1
@@ -278,7 +279,7 @@ def write_trace(path, state, batches, rng, steps: int, *, seed=None, extra: dict
         arrays, steps=steps, writer=f"refimpl {__version__}", architecture=asdict(model.arch),
         hyper=state.hyper.as_dict(), n_latent=model.n_latent, parameters=list(state.parameters()),
         buffers=list(buffers()), initial_state=initial, seed=seed,
-        extra={"backend": type(model.params["gamma"]).__module__.split(".")[0], "fused": bool(model.fused),
+        extra={"backend": type(model.params["gamma"]).__module__.split(".")[0], "execution": model.paths.to_dict(),
                **(extra or {})})
     save_trace(path, arrays, manifest)
     return manifest
@@ -388,6 +389,8 @@ def add_arguments(parser) -> None:
     options.add_run_options(parser)
     parser.set_defaults(dtype="float64")
     options.add_backend_option(parser)
+    options.add_options(parser, Execution, exclude=("device_step",),  # a trace records train_step's steps
+                        title="execution (not part of the run; refimpl/execution.py)")
     parser.add_argument("--steps", type=positive_int, default=3, metavar="K", help="training steps to trace (default: 3)")
     parser.add_argument("--out", default=DEFAULT_FILE, metavar="FILE", help=f"trace file (default: {DEFAULT_FILE})")
     parser.add_argument("--force-hit", action="store_true",
@@ -398,12 +401,12 @@ def run(args) -> int:
     """``refimpl trace``: build the run ``refimpl train`` would build from the same options (``Run.build``),
     and trace its first K steps, taking batches from ``Run.next_batch`` as training does."""
     from .config import new_config
-    from .options import given_run_options
+    from .options import given, given_run_options
     from .training import Run
 
     config = new_config(given_run_options(args))
     check_memory(config, args.steps)
-    run_ = Run.build(config, backend=args.backend)
+    run_ = Run.build(config, backend=args.backend, execution=Execution(**given(args, Execution)))
     if args.force_hit:
         run_.state.hit = True
     batches = (run_.next_batch() for _ in range(args.steps))

@@ -37,14 +37,14 @@ from .data import BatchIterator, DatasetError, dataset_info, open_dataset, split
 from .data.base import downsample
 from .errors import NonFiniteLoss, RunExistsError, TrainingInterrupted
 from .loop import run_loop
-from .model import Architecture, GatedVAE, build_architecture, default_fused
+from .model import Architecture, GatedVAE, build_architecture
 from .optionspec import OptionError
 from .rng import generator
 from .runfolder import (CHECKPOINT_FILE, CONFIG_FILE, KEPT_DIR, LOG_FILE, LOG_GZ_FILE, PARENT_KEY, RUN_FILES,
                         SUMMARY_FILE, RunLock, check_new_run_folder, kept_checkpoint, kept_names,
                         remove_run_files)
 from .runlog import moving_average, verify_log
-from .threads import DecoderPasses, Execution, resolve
+from .execution import Execution
 
 STREAMS = ("init", "split", "batches", "train", "factors")  # new names go last: the index seeds the stream
 
@@ -66,11 +66,12 @@ class Run:
     :meth:`load` (from ``out/checkpoint.npz``); then :meth:`train` to a total number of batches.
     """
 
-    def __init__(self, config: RunConfig, out=None, backend: str | None = None):
+    def __init__(self, config: RunConfig, out=None, backend: str | None = None, execution: Execution | None = None):
         self.config = config
         self.out = Path(out) if out is not None else None
         self.backend = backend_name(backend)
         self.xp = get_xp(self.backend)
+        self.paths = (execution or Execution()).resolve(self.backend)  # how it executes: not part of the run
         self.dtype = get_dtype(config.dtype)
         self.hyper = config.make_hyper()
         self.schedule = Schedule()
@@ -93,24 +94,23 @@ class Run:
 
     @classmethod
     def build(cls, config: RunConfig, backend: str | None = None, *, arch: Architecture | None = None,
-              out=None) -> "Run":
+              out=None, execution: Execution | None = None) -> "Run":
         """The run ``config`` defines, at step 0, in memory; touches no disk (the dataset opens on first use).
 
         ``arch``: the architecture (a loaded run's); default: the one ``config`` scales to.
+        ``execution``: the fast paths and threads (refimpl/execution.py), resolved here once.
         """
-        run = cls(config, out, backend)
-        if config.fused is None:
-            config.fused = default_fused(run.xp)
+        run = cls(config, out, backend, execution)
         run.arch = arch or build_architecture(config.image_shape(), config.channels, config.hidden)
         memory.check_training(run.arch, config, run.xp)
         run.model = GatedVAE(run.arch, config.latent, rng=stream(config.seed, "init"), xp=run.xp, dtype=run.dtype,
-                             gated=True, gamma_init=run.hyper.gamma_init, fused=config.fused)
+                             gated=True, gamma_init=run.hyper.gamma_init, paths=run.paths)
         run.state = init_state(run.model, run.hyper)
         return run
 
     @classmethod
     def create(cls, config: RunConfig, out, backend: str | None = None, overwrite: bool = False,
-               schedule: Schedule | None = None) -> "Run":
+               schedule: Schedule | None = None, execution: Execution | None = None) -> "Run":
         """A new run in folder ``out``, open for training (it holds the folder's lock); writes
         config.json and the step-0 checkpoint.
 
@@ -122,13 +122,13 @@ class Run:
         if "tau" not in config.hyper and not config.baseline:
             raise OptionError("config.hyper needs 'tau' (or baseline=True)")
         _holds_old_run(out, overwrite)
-        run = cls.build(config, backend, out=out)
+        run = cls.build(config, backend, out=out, execution=execution)
         run.schedule = schedule or Schedule()
         return run._start_folder(overwrite)
 
     @classmethod
     def branch(cls, parent, out, given: dict, *, at: int | None = None, backend: str | None = None,
-               overwrite: bool = False, schedule: Schedule | None = None) -> "Run":
+               overwrite: bool = False, schedule: Schedule | None = None, execution: Execution | None = None) -> "Run":
         """A new run in folder ``out`` that starts from run ``parent``'s checkpoint (a folder, or a
         :class:`refimpl.branch.Source`; ``at``: the step of a kept one) with the options ``given``
         changed (RunConfig fields, ``hyper`` a dict; :func:`refimpl.branch.branch_config` says which
@@ -148,7 +148,7 @@ class Run:
             raise OptionError(f"--out {out}: that is the folder of {source.folder} or of one of its parents; a branch "
                               "needs a folder of its own")
         _holds_old_run(out, overwrite)
-        run = cls.build(config, backend, arch=source.arch, out=out)
+        run = cls.build(config, backend, arch=source.arch, out=out, execution=execution)
         runcheckpoint.restore(run, source.arrays, source.meta, source.path)
         if "seed" in changed:  # the new seed's u, eps and batch order (a new epoch) from here on
             run.train_rng = stream(config.seed, "train")
@@ -179,11 +179,13 @@ class Run:
         return self
 
     @classmethod
-    def load(cls, path, backend: str | None = None, for_training: bool = True, repair_log: bool = False) -> "Run":
+    def load(cls, path, backend: str | None = None, for_training: bool = True, repair_log: bool = False,
+             execution: Execution | None = None) -> "Run":
         """The run saved at ``path`` (a run folder or a checkpoint file).
 
         ``for_training``: take the folder's lock and check ``log.csv`` against the checkpoint
         (:meth:`open_for_training`); otherwise the run is read-only (evaluate, export, ...).
+        ``execution``: how it runs here (:meth:`build`); any setting continues any run.
         """
         path = Path(path)
         file = path / CHECKPOINT_FILE if path.is_dir() else path
@@ -193,7 +195,7 @@ class Run:
             raise ckpt.CheckpointError(f"checkpoint not found: {file}")
         lock = RunLock(file.parent).acquire() if for_training else None
         try:
-            run = cls._from_checkpoint(file, backend)
+            run = cls._from_checkpoint(file, backend, execution)
             if for_training:
                 run.open_for_training(lock, repair_log)
         except BaseException:
@@ -203,7 +205,7 @@ class Run:
         return run
 
     @classmethod
-    def _from_checkpoint(cls, file: Path, backend) -> "Run":
+    def _from_checkpoint(cls, file: Path, backend, execution=None) -> "Run":
         arrays, meta = ckpt.load(file)
         ckpt.check_contents(file, arrays, meta, {}, runcheckpoint.META_KEYS)
         try:
@@ -211,7 +213,7 @@ class Run:
             arch = Architecture.from_dict(meta["architecture"])
         except (ValueError, TypeError, KeyError) as exc:
             raise ckpt.CheckpointError(f"checkpoint {file}: its configuration does not load ({exc})") from None
-        run = cls.build(config, backend, arch=arch, out=file.parent)
+        run = cls.build(config, backend, arch=arch, out=file.parent, execution=execution)
         runcheckpoint.restore(run, arrays, meta, file)
         return run
 
@@ -323,17 +325,12 @@ class Run:
     # -- training
 
     def train(self, batches: int | None = None, checkpoint_every: int | None = None, progress: bool = True,
-              log_interval=10.0, stop=None, device_step: bool = False, keep_checkpoints: int | None = None,
-              execution: Execution | None = None) -> dict:
+              log_interval=10.0, stop=None, keep_checkpoints: int | None = None) -> dict:
         """Run Algorithm 1 until ``batches`` steps in total (default: the run's target); returns the summary.
 
         ``checkpoint_every``, ``keep_checkpoints``: default the run's own. All three become the run's schedule.
         ``stop``: a callable asked before every step; when it says True the run stops as on
         SIGTERM (a sweep's workers, which receive no signals, stop this way).
-        ``device_step``: from the first hit on, run :class:`refimpl.device_step.DeviceStep` (the
-        step without host reads, for GPUs) instead of :func:`refimpl.algorithm1.train_step`.
-        ``execution``: BLAS threads and the decoder passes' threads (:mod:`refimpl.threads`;
-        default: those the run was built with); never changes a number for a given BLAS thread count.
         Raises :class:`NonFiniteLoss` (no checkpoint written) or :class:`TrainingInterrupted`
         (checkpoint written) instead of finishing. Holds the folder's lock throughout (taking
         it if the run does not hold it yet) and releases it at the end, however it ends.
@@ -350,13 +347,11 @@ class Run:
         keep = self.schedule.keep_checkpoints if keep_checkpoints is None else keep_checkpoints
         if not isinstance(keep, (int, numpy.integer)) or keep < 0:
             raise OptionError(f"keep_checkpoints={keep!r}: expected a non-negative integer")
-        if execution is not None:
-            self.state.passes = DecoderPasses(self.model, resolve(execution, self.model))
         if self._lock is None:
             self._lock = RunLock(self.out).acquire()
         try:
             self.schedule = Schedule(int(batches), int(checkpoint_every), int(keep))
-            run_loop(self, progress, log_interval, stop, device_step)
+            run_loop(self, progress, log_interval, stop)
             return self.write_summary()
         finally:
             self.close()

@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.algorithm1 import Hyper, init_state, kl_elementwise, lambda_gradient, train_step
+from refimpl.execution import Execution
 from refimpl.model import Architecture, ConvSpec, GatedVAE
 from refimpl.rng import generator
 
@@ -148,7 +149,7 @@ CONFIGS = {
 def test_train_step_gradients_match_finite_differences(config, seed):
     options, hit, tau, gamma, fused = CONFIGS[config]
     n, batch = 4, 3
-    model = GatedVAE(tiny_arch(), n, rng=generator(seed), dtype=F64, fused=fused)
+    model = GatedVAE(tiny_arch(), n, rng=generator(seed), dtype=F64, paths=Execution(fused=fused).resolve("numpy"))
     state = init_state(model, Hyper(tau=tau, **options))
     if gamma is not None:
         model.params["gamma"][...] = gamma
@@ -204,7 +205,7 @@ def test_gradients_two_steps_in_where_c_ma_differs_from_c(config, seed):
     the loss value check fails) and the gradient of C (not of C_ma, (1 - alpha) = 0.01 times smaller, nor 0)."""
     options, hit, tau, gamma, fused = CONFIGS[config]
     n, batch = 4, 3
-    model = GatedVAE(tiny_arch(), n, rng=generator(seed), dtype=F64, fused=fused)
+    model = GatedVAE(tiny_arch(), n, rng=generator(seed), dtype=F64, paths=Execution(fused=fused).resolve("numpy"))
     hyper = Hyper(tau=tau, **options)
     state = init_state(model, hyper)
     if gamma is not None:

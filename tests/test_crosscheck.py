@@ -34,6 +34,7 @@ import pytest
 import transcription_ports
 from refimpl.algorithm1 import ESTIMATORS, Hyper, init_state, train_step
 from refimpl.compare import compare_traces
+from refimpl.execution import Execution
 from refimpl.model import Architecture, GatedVAE
 from refimpl.rng import generator
 from refimpl.trace import read_trace, save_trace, write_trace
@@ -77,7 +78,7 @@ class Case:
 def make_trace(path, case: Case):
     """Three refimpl steps of ``case`` recorded to ``path``."""
     model = GatedVAE(case.arch, case.n, rng=generator(0), dtype=case.dtype, gamma_init=case.hyper.gamma_init,
-                     fused=case.fused)
+                     paths=Execution(fused=case.fused).resolve("numpy"))
     state = init_state(model, case.hyper)
     if case.force_hit:
         state.hit = True

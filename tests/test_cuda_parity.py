@@ -9,9 +9,9 @@ host, so they must be identical, and results must agree to 1e-12 relative (float
 import numpy as np
 import pytest
 
-from refimpl import kernels
 from refimpl.adam import Adam
 from refimpl.backend import array_module, get_xp, to_device, to_host
+from refimpl.execution import Execution
 from refimpl.layers import BatchNorm, Conv2d, Flatten, LeakyReLU, Linear, Reshape, Sequential, Sigmoid, Upsample
 from refimpl.rng import generator, standard_normal, uniform
 
@@ -41,9 +41,9 @@ def assert_parity(device, host, dtype, what):
     assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]}"
 
 
-def randomized_batchnorm(c, xp, dtype, training, seed):
+def randomized_batchnorm(c, xp, dtype, training, seed, paths=None):
     """BatchNorm with random affine parameters and running statistics, identical on both backends."""
-    layer = BatchNorm(c, xp=xp, dtype=dtype)
+    layer = BatchNorm(c, xp=xp, dtype=dtype, paths=paths)
     rng = np.random.default_rng(seed)
     values = {"weight": rng.uniform(-2, 2, c), "bias": rng.standard_normal(c),
               "running_mean": rng.standard_normal(c), "running_var": rng.uniform(0.5, 2.0, c)}
@@ -54,26 +54,29 @@ def randomized_batchnorm(c, xp, dtype, training, seed):
 
 # name -> (make(xp, dtype) -> layer, input shape)
 LAYERS = {
-    "conv_square": (lambda xp, d: Conv2d(3, 4, 3, stride=1, padding=1, rng=generator(0), xp=xp, dtype=d), (4, 3, 8, 8)),
-    "conv_strided": (lambda xp, d: Conv2d(2, 5, (5, 2), stride=(2, 3), padding=(2, 1), rng=generator(1), xp=xp,
-                                          dtype=d), (3, 2, 11, 9)),
-    "conv_1x1": (lambda xp, d: Conv2d(3, 2, 1, rng=generator(2), xp=xp, dtype=d), (2, 3, 4, 5)),
-    "conv_phases": (lambda xp, d: Conv2d(3, 4, 4, stride=2, padding=1, rng=generator(13), xp=xp, dtype=d),
+    "conv_square": (lambda xp, d, p: Conv2d(3, 4, 3, stride=1, padding=1, rng=generator(0), xp=xp, dtype=d, paths=p),
+                    (4, 3, 8, 8)),
+    "conv_strided": (lambda xp, d, p: Conv2d(2, 5, (5, 2), stride=(2, 3), padding=(2, 1), rng=generator(1), xp=xp,
+                                          dtype=d, paths=p), (3, 2, 11, 9)),
+    "conv_1x1": (lambda xp, d, p: Conv2d(3, 2, 1, rng=generator(2), xp=xp, dtype=d, paths=p), (2, 3, 4, 5)),
+    "conv_phases": (lambda xp, d, p: Conv2d(3, 4, 4, stride=2, padding=1, rng=generator(13), xp=xp, dtype=d,
+                                            paths=p),
                     (4, 3, 8, 8)),  # the stride-phase im2col/col2im path (with the CUDA kernels off)
-    "upsample": (lambda xp, d: Upsample(3), (2, 3, 4, 5)),
-    "batchnorm_train_2d": (lambda xp, d: randomized_batchnorm(5, xp, d, True, 3), (8, 5)),
-    "batchnorm_eval_2d": (lambda xp, d: randomized_batchnorm(5, xp, d, False, 4), (8, 5)),
-    "batchnorm_train_4d": (lambda xp, d: randomized_batchnorm(3, xp, d, True, 5), (4, 3, 5, 6)),
-    "batchnorm_eval_4d": (lambda xp, d: randomized_batchnorm(3, xp, d, False, 6), (4, 3, 5, 6)),
-    "leaky_relu": (lambda xp, d: LeakyReLU(0.02), (4, 3, 5, 6)),
-    "sigmoid": (lambda xp, d: Sigmoid(), (4, 3, 5, 6)),
-    "linear": (lambda xp, d: Linear(7, 5, rng=generator(7), xp=xp, dtype=d), (6, 7)),
-    "flatten": (lambda xp, d: Flatten(), (4, 3, 5, 6)),
-    "reshape": (lambda xp, d: Reshape((3, 2, 2)), (4, 12)),
-    "sequential": (lambda xp, d: Sequential(
-        Conv2d(2, 4, 3, stride=2, padding=1, rng=generator(8), xp=xp, dtype=d), LeakyReLU(0.02),
-        randomized_batchnorm(4, xp, d, True, 9), Flatten(), Linear(64, 12, rng=generator(10), xp=xp, dtype=d),
-        Reshape((3, 2, 2)), Upsample(2), Conv2d(3, 1, 3, padding=1, rng=generator(11), xp=xp, dtype=d), Sigmoid()),
+    "upsample": (lambda xp, d, p: Upsample(3), (2, 3, 4, 5)),
+    "batchnorm_train_2d": (lambda xp, d, p: randomized_batchnorm(5, xp, d, True, 3, p), (8, 5)),
+    "batchnorm_eval_2d": (lambda xp, d, p: randomized_batchnorm(5, xp, d, False, 4, p), (8, 5)),
+    "batchnorm_train_4d": (lambda xp, d, p: randomized_batchnorm(3, xp, d, True, 5, p), (4, 3, 5, 6)),
+    "batchnorm_eval_4d": (lambda xp, d, p: randomized_batchnorm(3, xp, d, False, 6, p), (4, 3, 5, 6)),
+    "leaky_relu": (lambda xp, d, p: LeakyReLU(0.02), (4, 3, 5, 6)),
+    "sigmoid": (lambda xp, d, p: Sigmoid(), (4, 3, 5, 6)),
+    "linear": (lambda xp, d, p: Linear(7, 5, rng=generator(7), xp=xp, dtype=d), (6, 7)),
+    "flatten": (lambda xp, d, p: Flatten(), (4, 3, 5, 6)),
+    "reshape": (lambda xp, d, p: Reshape((3, 2, 2)), (4, 12)),
+    "sequential": (lambda xp, d, p: Sequential(
+        Conv2d(2, 4, 3, stride=2, padding=1, rng=generator(8), xp=xp, dtype=d, paths=p), LeakyReLU(0.02),
+        randomized_batchnorm(4, xp, d, True, 9, p), Flatten(), Linear(64, 12, rng=generator(10), xp=xp, dtype=d),
+        Reshape((3, 2, 2)), Upsample(2), Conv2d(3, 1, 3, padding=1, rng=generator(11), xp=xp, dtype=d, paths=p),
+        Sigmoid()),
         (4, 2, 8, 8)),
 }
 
@@ -81,12 +84,11 @@ LAYERS = {
 @pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels", "array-code"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("name", LAYERS)
-def test_layer_parity(cp, name, dtype, kernels_on, monkeypatch):
+def test_layer_parity(cp, name, dtype, kernels_on):
     """Each layer on CuPy, with the CUDA kernels and with the array code NumPy runs (the stride-phase
     im2col, BatchNorm's fast path, the flat shifts), against NumPy."""
-    monkeypatch.setattr(kernels, "ENABLED", kernels_on)
     make, shape = LAYERS[name]
-    host, device = make(np, dtype), make(cp, dtype)
+    host, device = make(np, dtype, None), make(cp, dtype, Execution(cuda_kernels=kernels_on).resolve("cupy"))
     # same seed: bit-identical parameters and buffers, living on each backend
     host_state, device_state = host.state_dict(), device.state_dict()
     assert list(host_state) == list(device_state)
@@ -129,7 +131,7 @@ def test_adam_parity(cp, dtype):
     kwargs = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-6, "maximize": ("lam",)}
     host_params = {k: v.astype(dtype) for k, v in start.items()}
     device_params = {k: to_device(v, cp, dtype) for k, v in start.items()}
-    host_opt, device_opt = Adam(host_params, **kwargs), Adam(device_params, **kwargs)
+    host_opt, device_opt = Adam(host_params, **kwargs), Adam(device_params, **kwargs, cuda_kernels=True)
     grads = adam_grads(12)
     for step, g in enumerate(grads[:10]):
         host_opt.step({k: v.astype(dtype) for k, v in g.items()})

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from refimpl.execution import Execution
 from refimpl.gradcheck import check_layer_gradients, layer_loss, numerical_gradient
 from refimpl.layers import BatchNorm, Conv2d, Flatten, LeakyReLU, Linear, Reshape, Sequential, Sigmoid, Upsample
 from refimpl.layers.im2col import conv_output_size
@@ -182,9 +183,8 @@ def test_batchnorm_fast_path_equals_plain_formulas(dtype, tol, spatial, training
              "running_mean": rng.standard_normal(c).astype(dtype), "running_var": rng.uniform(0.5, 2, c).astype(dtype)}
     results = []
     for fast in (True, False):
-        layer = BatchNorm(c, dtype=dtype)
+        layer = BatchNorm(c, dtype=dtype, paths=Execution(fast_batchnorm=fast).resolve("numpy"))
         layer.load_state_dict(state)
-        layer.fast = fast
         layer.train(training)
         y = layer.forward(x)
         dx = layer.backward(dy)

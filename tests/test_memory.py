@@ -8,6 +8,7 @@ from refimpl import memory, threads
 from refimpl.algorithm1 import train_step
 from refimpl.cli import main
 from refimpl.config import RunConfig
+from refimpl.execution import Execution
 from refimpl.model import build_architecture
 from refimpl.training import Run
 
@@ -28,7 +29,7 @@ def test_parameter_count_is_exact(shape, channels, latent):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_the_training_estimate_covers_a_real_steps_peak(fused):
-    run = Run.build(RunConfig(image_size=16, fused=fused, hyper={"tau": 1.0}))
+    run = Run.build(RunConfig(image_size=16, hyper={"tau": 1.0}), execution=Execution(fused=fused))
     x = run.next_batch()
     run.state.hit = True  # gates sampled: both decoder passes
     tracemalloc.start()  # from the first step: the arrays layers keep between steps count too

@@ -8,7 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refimpl.layers import BatchNorm, Conv2d, LeakyReLU, Linear, Sigmoid, Upsample
-from refimpl.model import Architecture, ConvSpec, GatedVAE, default_fused, paper_architecture, prune
+from refimpl.execution import Execution
+from refimpl.layers.upsample_conv2d import UpsampleConv2d
+from refimpl.model import Architecture, ConvSpec, GatedVAE, paper_architecture, prune
 from refimpl.rng import generator
 
 F64 = np.float64
@@ -25,11 +27,17 @@ def layers_of(seq, kind):
     return [layer for _, layer in seq.children() if isinstance(layer, kind)]
 
 
+def decoder_blocks(fused: bool):
+    """The resolved setting with the fused decoder blocks on or off (the rest as by default)."""
+    return Execution(fused=fused).resolve("numpy")
+
+
 def test_default_decoder_blocks_follow_the_backend():
-    """fused=None: the fused layer on NumPy (faster on the CPU), the pair on CuPy (faster on a GPU)."""
-    assert default_fused(np) is True
-    assert GatedVAE(tiny_arch(), 2, rng=generator(0)).fused is True
-    assert GatedVAE(tiny_arch(), 2, rng=generator(0), fused=False).fused is False
+    """By default the fused layer on NumPy (faster on the CPU), the pair on CuPy (faster on a GPU)."""
+    assert Execution().resolve("numpy").fused and not Execution().resolve("cupy").fused
+    assert layers_of(GatedVAE(tiny_arch(), 2, rng=generator(0)).decoder, UpsampleConv2d)
+    assert not layers_of(GatedVAE(tiny_arch(), 2, rng=generator(0), paths=decoder_blocks(False)).decoder,
+                         UpsampleConv2d)
 
 
 @pytest.mark.cuda
@@ -37,9 +45,8 @@ def test_default_decoder_blocks_on_cupy():
     from refimpl.backend import get_xp
 
     cp = get_xp("cupy")
-    assert default_fused(cp) is False
     model = GatedVAE(tiny_arch(), 2, rng=generator(0), xp=cp)
-    assert model.fused is False and not any(type(layer).__name__ == "UpsampleConv2d"
+    assert model.paths.fused is False and not any(type(layer).__name__ == "UpsampleConv2d"
                                             for _, layer in model.decoder.children())
 
 
@@ -48,7 +55,7 @@ def test_default_decoder_blocks_on_cupy():
 def test_paper_architecture_shapes(shape, fused):
     """Encoder: (N, C, H, W) -> (N, 2n); decoder: (N, n) -> (N, C, H, W) with values in (0, 1)."""
     n, batch = 5, 2
-    model = GatedVAE(paper_architecture(shape), n, rng=generator(0), fused=fused)
+    model = GatedVAE(paper_architecture(shape), n, rng=generator(0), paths=decoder_blocks(fused))
     x = generator(1).uniform(0, 1, (batch, *shape)).astype(np.float32)
     encoded = model.encoder.forward(x, cache=False)
     assert encoded.shape == (batch, 2 * n)
@@ -74,7 +81,7 @@ def test_paper_architecture_follows_section_4(shape):
     assert arch.hidden == 128 and arch.leaky_slope == 0.02 and arch.bn_momentum == 0.8
 
     n = 4
-    model = GatedVAE(arch, n, rng=generator(0), fused=False)
+    model = GatedVAE(arch, n, rng=generator(0), paths=decoder_blocks(False))
     enc = [type(layer) for _, layer in model.encoder.children()]
     convs = len(arch.encoder_convs)
     assert enc[: 3 * convs] == [Conv2d, LeakyReLU, BatchNorm] * convs
@@ -105,8 +112,8 @@ def test_paper_architecture_follows_section_4(shape):
 def test_fused_and_plain_decoders_agree(shape):
     """fused=True computes the same decoder (same parameter names; equal output given equal parameters)."""
     arch = paper_architecture(shape)
-    plain = GatedVAE(arch, 3, rng=generator(0), dtype=F64, fused=False)
-    fused = GatedVAE(arch, 3, rng=generator(1), dtype=F64, fused=True)
+    plain = GatedVAE(arch, 3, rng=generator(0), dtype=F64, paths=decoder_blocks(False))
+    fused = GatedVAE(arch, 3, rng=generator(1), dtype=F64, paths=decoder_blocks(True))
     assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in fused.state_dict().items()}
     fused.load_state_dict(plain.state_dict())
     z = generator(2).standard_normal((2, 3))
@@ -134,7 +141,7 @@ def test_prune_equals_gated_model_in_eval_mode(arch_name, fused):
     arch = tiny_arch() if arch_name == "tiny" else paper_architecture((1, 28, 28))
     gamma = np.array([0.3, -0.2, 0.0, 1e-3, -1e-3, 0.7, -5.0])
     n = len(gamma)
-    model = trained_looking(GatedVAE(arch, n, rng=generator(4), dtype=F64, fused=fused), 5)
+    model = trained_looking(GatedVAE(arch, n, rng=generator(4), dtype=F64, paths=decoder_blocks(fused)), 5)
     model.params["gamma"][...] = gamma
     pruned = prune(model)
     keep = np.flatnonzero(gamma > 0)

@@ -234,3 +234,26 @@ def test_real_scheduler_survives_a_killed_worker_and_the_run_resumes_bit_for_bit
     finally:
         for p in procs:
             p.kill()
+
+
+def test_a_run_starts_from_the_config_the_client_made_and_with_its_execution(tmp_path, monkeypatch):
+    """The options of a sweep's or an experiment's run are made into a RunConfig once, by the client (issue 24):
+    the worker opens a new run from it; the execution options given travel with the spec."""
+    from refimpl import runopen
+    from refimpl.config import new_config
+    from refimpl.sweep import train_one, with_tau
+
+    given = {**TINY_CONFIG, "latent": 3, "hyper": {"tau": 40.0}}
+    spec = run_spec(tmp_path / "run", given, Schedule(2, 2), config=new_config(given), execution={"reference": True})
+    spec = with_tau(spec, 30.0)  # Table 1's baseline error, known only later, reaches the config too
+    assert spec["config"]["hyper"]["tau"] == spec["given"]["hyper"]["tau"] == 30.0
+
+    def again(given):
+        raise AssertionError("new_config ran a second time")
+
+    monkeypatch.setattr(runopen, "new_config", again)
+    assert train_one(spec)["step"] == 2
+    run = Run.load(tmp_path / "run", for_training=False)
+    assert run.config.latent == 3 and run.hyper.tau == 30.0
+    monkeypatch.setattr(Run, "train", lambda run, *a, **kw: {"paths": run.paths})
+    assert train_one(spec)["paths"].fused is False  # --reference: the plain decoder blocks

@@ -6,26 +6,28 @@ import pytest
 from refimpl.algorithm1 import Hyper, init_state, train_step
 from refimpl.backend import to_host
 from refimpl.device_step import DeviceStep
+from refimpl.execution import Execution
 from refimpl.model import GatedVAE, build_architecture
 from refimpl.optionspec import OptionError
 from refimpl.rng import generator
-from refimpl.threads import SEQUENTIAL, Execution, Threads, blas_thread_count, cores, decoder_work, resolve
+from refimpl.threads import SEQUENTIAL, Threads, blas_thread_count, cores, decoder_work, resolve
 from refimpl.training import Run
 from test_training import assert_same_checkpoint, log_without_time, tiny_config
 
 PARALLEL = Execution(blas_threads="1", decoder_passes="parallel")
-REFERENCE = Execution(blas_threads="1", decoder_passes="sequential")
+IN_ORDER = Execution(blas_threads="1", decoder_passes="sequential")
 needs_two_cores = pytest.mark.skipif(cores() < 2, reason="the passes run side by side only with 2 cores or more")
 
 
-def model_of(dtype, size=16, n=4):
-    return GatedVAE(build_architecture((1, size, size)), n, rng=generator(0), dtype=dtype)
+def model_of(dtype, size=16, n=4, execution=None):
+    paths = (execution or Execution()).resolve("numpy")
+    return GatedVAE(build_architecture((1, size, size)), n, rng=generator(0), dtype=dtype, paths=paths)
 
 
 def run(execution, dtype, hyper_kw, steps=4, batch=6, device_step=False):
     """Every parameter, buffer, Adam moment and logged scalar after ``steps`` steps (the first hits at once)."""
-    model = model_of(dtype)
-    state = init_state(model, Hyper(tau=1e3, **hyper_kw), execution)
+    model = model_of(dtype, execution=execution)
+    state = init_state(model, Hyper(tau=1e3, **hyper_kw))
     assert state.passes.threads.parallel_passes == (execution.decoder_passes == "parallel")
     rng, images = generator(1), generator(2)
     logs, fast = [], None
@@ -57,26 +59,27 @@ def assert_bit_equal(a, b):
                                       {"e1_batchnorm": "running"}, {"gate_samples": "per_example"}],
                          ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults")
 def test_parallel_passes_equal_sequential_bit_for_bit(dtype, hyper_kw):
-    assert_bit_equal(run(PARALLEL, dtype, hyper_kw), run(REFERENCE, dtype, hyper_kw))
+    assert_bit_equal(run(PARALLEL, dtype, hyper_kw), run(IN_ORDER, dtype, hyper_kw))
 
 
 @needs_two_cores
 def test_parallel_passes_equal_sequential_with_two_blas_threads():
     """2 BLAS threads for the step, 1 for each pass, in order or side by side: the same numbers."""
-    two = {k: Execution("2", v.decoder_passes) for k, v in (("par", PARALLEL), ("seq", REFERENCE))}
+    two = {k: Execution(blas_threads="2", decoder_passes=v.decoder_passes)
+           for k, v in (("par", PARALLEL), ("seq", IN_ORDER))}
     assert_bit_equal(run(two["par"], np.float32, {}), run(two["seq"], np.float32, {}))
 
 
 @needs_two_cores
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 def test_device_step_parallel_equals_sequential_bit_for_bit(dtype):
-    assert_bit_equal(run(PARALLEL, dtype, {}, device_step=True), run(REFERENCE, dtype, {}, device_step=True))
+    assert_bit_equal(run(PARALLEL, dtype, {}, device_step=True), run(IN_ORDER, dtype, {}, device_step=True))
 
 
 @needs_two_cores
 def test_parallel_passes_run_in_two_threads_and_leave_the_running_statistics_to_e2():
-    model = model_of(np.float64)
-    state = init_state(model, Hyper(tau=1e3), PARALLEL)
+    model = model_of(np.float64, execution=PARALLEL)
+    state = init_state(model, Hyper(tau=1e3))
     assert state.passes.threads.parallel_passes
     rng, images = generator(1), generator(2)
     for _ in range(2):
@@ -95,9 +98,10 @@ def test_parallel_passes_run_in_two_threads_and_leave_the_running_statistics_to_
 
 def test_resolve_and_blas_thread_count():
     model = model_of(np.float32)
-    assert resolve(REFERENCE, model) == Threads(1, 1, False)
-    assert resolve(PARALLEL, model) == Threads(1, 1, cores() >= 2)
-    assert resolve(Execution("4"), model) == Threads(4, 2, cores() >= 4)  # each pass half, if both fit the cores
+    assert resolve(IN_ORDER.resolve("numpy"), model) == Threads(1, 1, False)
+    assert resolve(PARALLEL.resolve("numpy"), model) == Threads(1, 1, cores() >= 2)
+    four = Execution(blas_threads="4").resolve("numpy")
+    assert resolve(four, model) == Threads(4, 2, cores() >= 4)  # each pass half, if both fit the cores
     assert blas_thread_count("auto", model, environ={"OMP_NUM_THREADS": "2"}) is None  # the user's setting stands
     assert blas_thread_count("auto", model, environ={}) == 1  # the 16x16 model's GEMMs are small
     big = GatedVAE(build_architecture((1, 64, 64)), 10, rng=generator(0))
@@ -113,7 +117,7 @@ def test_execution_rejects_bad_values(kw):
 
 
 def test_docs_execution_table_is_generated_from_the_fields():
-    """One home for each option: docs/cli.md's table is `python -m refimpl.threads`."""
+    """One home for each option: docs/cli.md's table is `python -m refimpl.execution`."""
     from pathlib import Path
 
     from refimpl.options import markdown_table
@@ -125,11 +129,11 @@ def test_docs_execution_table_is_generated_from_the_fields():
 
 @needs_two_cores
 def test_training_runs_with_either_setting_and_resume_give_the_same_run(tmp_path):
-    """Run.train's execution: in order, side by side, and side by side resumed half-way: one run, bit for bit."""
-    Run.create(tiny_config(), tmp_path / "seq").train(30, checkpoint_every=7, progress=False, execution=REFERENCE)
-    Run.create(tiny_config(), tmp_path / "par").train(13, checkpoint_every=7, progress=False, execution=PARALLEL)
-    resumed = Run.load(tmp_path / "par")
-    resumed.train(30, checkpoint_every=7, progress=False, execution=PARALLEL)
+    """A run's execution: in order, side by side, and side by side resumed half-way: one run, bit for bit."""
+    Run.create(tiny_config(), tmp_path / "seq", execution=IN_ORDER).train(30, checkpoint_every=7, progress=False)
+    Run.create(tiny_config(), tmp_path / "par", execution=PARALLEL).train(13, checkpoint_every=7, progress=False)
+    resumed = Run.load(tmp_path / "par", execution=PARALLEL)
+    resumed.train(30, checkpoint_every=7, progress=False)
     assert resumed.state.passes.threads == Threads(1, 1, True)
     assert_same_checkpoint(tmp_path / "seq" / "checkpoint.npz", tmp_path / "par" / "checkpoint.npz")
     assert log_without_time(tmp_path / "seq" / "log.csv") == log_without_time(tmp_path / "par" / "log.csv")

@@ -11,15 +11,15 @@ from pathlib import Path
 
 from .. import branch, figures, options, plot
 from ..config import OUT_PATTERN, Schedule, default_out, new_config
+from ..execution import Execution
 from ..optionspec import OptionError
-from ..threads import Execution
 
 
 def add_arguments(p) -> None:
     options.add_run_options(p)
     options.add_options(p, Schedule)
     options.add_backend_option(p)
-    options.add_options(p, Execution, title="execution on this machine (not part of the run; refimpl/threads.py)")
+    options.add_options(p, Execution, title="execution on this machine (not part of the run; refimpl/execution.py)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help=f"run folder (default: {OUT_PATTERN}, e.g. --image-size 16 --tau 4: "
                         f"{default_out(new_config({'image_size': 16, 'hyper': {'tau': 4.0}}))})")
@@ -30,9 +30,6 @@ def add_arguments(p) -> None:
     p.add_argument("--repair-log", action="store_true",
                    help="with --resume: drop damaged lines of log.csv when every row up to the checkpoint is there")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--device-step", action="store_true",
-                   help="after the first hit, Algorithm 1's step without host reads (refimpl/device_step.py): "
-                        "for GPUs; the same numbers up to the last bit of lambda'")
 
 
 def run(args) -> int:
@@ -44,6 +41,7 @@ def run(args) -> int:
         raise OptionError("--repair-log repairs the log of a run being resumed: add --resume")
     branch.check_arguments(args)
     given = options.given_run_options(args)
+    execution = Execution(**options.given(args, Execution))  # how this process runs it, not part of the run
     source = None
     if args.parent is not None:
         if args.resume or args.out is None:
@@ -57,7 +55,8 @@ def run(args) -> int:
     config = None if source is not None or args.resume and args.out is not None else new_config(given)
     out = Path(args.out) if args.out is not None else default_out(config)
     run_ = open_run(out, given, backend=args.backend, resume=args.resume, overwrite=args.overwrite,
-                    schedule=schedule, repair_log=args.repair_log, parent=source, config=config)
+                    schedule=schedule, repair_log=args.repair_log, parent=source, config=config,
+                    execution=execution)
     if run_.repaired_lines:
         lines = ", ".join(map(str, run_.repaired_lines))
         print(f"repaired {out}/log.csv: dropped line(s) {lines}; it holds rows {run_.first_step + 1}-{run_.state.step}",
@@ -76,13 +75,12 @@ def run(args) -> int:
         print(f"training {run_.config.dataset} {'x'.join(map(str, run_.arch.image_shape))}, n={run_.config.latent}, "
               f"tau={run_.hyper.tau:g}, {run_.schedule.batches} batches of {run_.config.batch_size} on {run_.backend}; "
               f"run folder {out}", flush=True)
-    summary = run_.train(batches, checkpoint_every, progress=not args.quiet, device_step=args.device_step,
-                         keep_checkpoints=keep_checkpoints, execution=Execution(**options.given(args, Execution)))
+    summary = run_.train(batches, checkpoint_every, progress=not args.quiet, keep_checkpoints=keep_checkpoints)
     print(f"done: {summary['step']} batches in {summary['elapsed_s']:.0f} s; {out}/checkpoint.npz")
     print(f"  open gates: {summary['open_gates']}/{summary['n_latent']} {''.join(map(str, summary['gates']))}")
     if summary.get("E2_ma95") is not None:
         print(f"  E2 (moving average 0.95): {summary['E2_ma95']:.4g} against tau {summary['tau']:g}; "
               f"lambda' {summary['lambda_eff']:.3g}")
     if figures.pyplot() is not None:  # Figure 1 of the run, gate by gate (extra 'plots')
-        print(f"  plot: {plot.plot_run(out, backend=args.backend)}")
+        print(f"  plot: {plot.plot_run(out, backend=args.backend, execution=execution)}")
     return 0

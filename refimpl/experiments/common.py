@@ -25,8 +25,9 @@ from dataclasses import fields
 from .. import options
 from ..config import RunConfig, Schedule, default_tau, new_config
 from ..data import dataset_info
+from ..execution import Execution
 from ..exits import ArgumentParser, run_command
-from ..sweep import Cluster, run_spec
+from ..sweep import EXECUTION_EXCLUDED, Cluster, run_spec
 
 CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name != "hyper")
 CHECKPOINT_EVERY = 500  # the experiments' default: fewer, larger checkpoints than train's
@@ -45,6 +46,7 @@ def parser(prog: str, description: str, own=("tau",), eval_images: int | None = 
     options.add_run_options(p, exclude=("baseline", *own), positional=False)
     options.add_options(p, Schedule, title="schedule (per run)")
     options.add_backend_option(p)
+    options.add_options(p, Execution, exclude=EXECUTION_EXCLUDED, title="execution of every run (not part of it)")
     Cluster.add_arguments(p)
     return p
 
@@ -59,7 +61,8 @@ def settings(args, small: dict, full: dict, prog: str = "experiment") -> dict:
     """``full`` or ``small`` (by ``--full``), carried over to ``--dataset``, then every run option given.
 
     The result holds RunConfig fields, ``batches``, ``checkpoint_every``, ``hyper`` (the
-    Hyper fields given), ``tau_scale`` (for the preset's taus) and the script's own keys.
+    Hyper fields given), ``tau_scale`` (for the preset's taus), ``execution`` (the
+    :class:`~refimpl.execution.Execution` fields given) and the script's own keys.
     """
     preset = full if args.full else small
     chosen = {"checkpoint_every": CHECKPOINT_EVERY, **preset}
@@ -70,6 +73,7 @@ def settings(args, small: dict, full: dict, prog: str = "experiment") -> dict:
         chosen.update(image_size=image_size_for(dataset, preset["image_size"]), channels=None)
     chosen.update(given)
     chosen.update(options.given(args, Schedule))
+    chosen["execution"] = options.given(args, Execution, exclude=EXECUTION_EXCLUDED)
     chosen["tau_scale"] = (default_tau(dataset, chosen["image_size"])
                            / default_tau(preset["dataset"], preset["image_size"]))
     if dataset != preset["dataset"]:
@@ -89,9 +93,17 @@ def spec(out, chosen: dict, *, backend=None, eval_images=None, **override) -> di
     given["hyper"] = dict(chosen.get("hyper", {}))
     if not chosen.get("baseline"):
         given["hyper"]["tau"] = float(chosen["tau"])
-    new_config(given)  # a combination that cannot work is refused before any run starts
+    config = new_config(given)  # a combination that cannot work is refused before any run starts
     schedule = Schedule(int(chosen["batches"]), int(chosen["checkpoint_every"]), int(chosen.get("keep_checkpoints", 0)))
-    return run_spec(out, given, schedule, backend, eval_images)
+    return run_spec(out, given, schedule, backend, eval_images, config=config, execution=chosen.get("execution"))
+
+
+def load(summary: dict, chosen: dict, backend=None):
+    """A finished run of the experiment (its ``summary``), read for evaluation under the chosen execution."""
+    from ..training import Run
+
+    return Run.load(summary["out"], backend=backend, for_training=False,
+                    execution=Execution(**chosen.get("execution", {})))
 
 
 def report(name: str, written: list) -> list:

@@ -33,7 +33,6 @@ import numpy
 from ..atomic import write_csv
 from ..evaluate import evaluate, image_grid, reconstructions, save_image
 from ..sweep import Cluster, Sweep
-from ..training import Run
 from ..optionspec import comma_list
 from .. import figures
 from . import common
@@ -74,7 +73,7 @@ def run(argv=None, prog: str = PROG) -> dict:
 
     rows, recons, original = [], [], None
     for tau, summary in zip(taus, summaries):
-        r = Run.load(summary["out"], backend=args.backend, for_training=False)
+        r = common.load(summary, s, args.backend)
         ev = evaluate(r, limit=args.eval_images)
         index = args.image_index if args.image_index is not None else fixed_image(r)
         original, x_rec = reconstructions(r, [index])

@@ -25,7 +25,6 @@ from pathlib import Path
 from ..evaluate import evaluate, heldout_indices, image_grid, reconstructions, save_image, spread_indices
 from ..atomic import write_csv
 from ..sweep import Cluster, Sweep
-from ..training import Run
 from . import common
 
 PROG = "python -m refimpl.experiments.figure3"
@@ -55,7 +54,7 @@ def run(argv=None, prog: str = PROG) -> dict:
         summaries = sweep.gather([sweep.submit(spec) for spec in specs])
     rows, image_rows = [], []
     for tau, summary in zip(taus, summaries):
-        r = Run.load(summary["out"], backend=args.backend, for_training=False)
+        r = common.load(summary, s, args.backend)
         ev = evaluate(r, limit=args.eval_images)
         x, x_rec = reconstructions(r, spread_indices(heldout_indices(r), args.count))
         if not image_rows:

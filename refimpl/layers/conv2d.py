@@ -3,17 +3,18 @@
 y[n, o, p, q] = bias[o] + sum_{c,i,j} weight[o, c, i, j] * xpad[n, c, p*sh + i, q*sw + j]
 
 Computed as one GEMM over an im2col matrix; the backward pass is the transposed GEMMs
-and col2im. ``input_grad = False`` (set on the encoder's first convolution, whose input
-is the image) skips dx: backward then returns None, as PyTorch's autograd skips the
-gradient of an input that does not require one.
+and col2im (refimpl/layers/im2col.py; which of their twins, ``paths``, is the run's resolved
+setting, :class:`refimpl.execution.FastPaths`). ``input_grad = False`` (set on the encoder's
+first convolution, whose input is the image) skips dx: backward then returns None, as
+PyTorch's autograd skips the gradient of an input that does not require one.
 """
 
 from __future__ import annotations
 
 import numpy
 
-from .. import kernels
 from ..backend import array_module
+from ..execution import default_paths
 from .im2col import col2im, conv_output_size, im2col
 from .init import init_weight_bias
 from .layer import Layer
@@ -33,13 +34,15 @@ def _pair(value, name):
 class Conv2d(Layer):
     """x: (N, C_in, H, W) -> y: (N, C_out, Ho, Wo), Ho = (H + 2*ph - kh) // sh + 1.
 
-    ``input_grad``: whether backward computes dx (default) or returns None.
+    ``input_grad``: whether backward computes dx (default) or returns None. ``paths``: im2col's and
+    col2im's twins (default: the default setting's for ``xp``).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, *, rng, xp=numpy,
-                 dtype=numpy.float32, init="torch", input_grad=True):
+                 dtype=numpy.float32, init="torch", input_grad=True, paths=None):
         super().__init__()
         self.input_grad = input_grad
+        self.paths = paths or default_paths(xp)
         self.kernel = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
@@ -72,9 +75,9 @@ class Conv2d(Layer):
         xp, (kh, kw) = array_module(x), self.kernel
         # columns and GEMM output in kept scratch arrays (Layer._buffer); cols lives on in the cache.
         # CUDA's im2col kernel returns its own array (CuPy's pool makes that cheap): no buffer there.
-        cols_buffer = None if kernels.enabled_for(x) else self._buffer("cols", (x.shape[1] * kh * kw, n * ho * wo),
-                                                                         x.dtype, xp)
-        cols = im2col(x, self.kernel, self.stride, self.padding, buffer=cols_buffer)
+        cols_buffer = None if self.paths.cuda_kernels else self._buffer("cols", (x.shape[1] * kh * kw, n * ho * wo),
+                                                                          x.dtype, xp)
+        cols = im2col(x, self.kernel, self.stride, self.padding, buffer=cols_buffer, paths=self.paths)
         w2 = self.params["weight"].reshape(o, -1)
         y = xp.matmul(w2, cols, out=self._buffer("y", (o, n * ho * wo), numpy.result_type(w2.dtype, cols.dtype), xp))
         y += self.params["bias"][:, None]
@@ -96,4 +99,5 @@ class Conv2d(Layer):
             dcols = array_module(cols).matmul(w2.T, dy2, out=cols)
         else:
             dcols = w2.T @ dy2
-        return col2im(dcols, x_shape, self.kernel, self.stride, self.padding, overwrite_cols=True)  # dcols: ours
+        return col2im(dcols, x_shape, self.kernel, self.stride, self.padding, overwrite_cols=True,  # dcols: ours
+                      paths=self.paths)

@@ -2,17 +2,22 @@
 
 Layout: ``cols`` is ``(C * kh * kw, N * Ho * Wo)`` with rows ordered (c, i, j) like
 an OIHW weight reshaped to ``(O, C * kh * kw)``, and columns ordered (n, ho, wo).
-The reference loops over the ``kh * kw`` kernel offsets and copies (or adds) one
-strided slice each: no index arrays, no ``add.at``. On CuPy the same gathers run as one fused kernel each (refimpl/kernels.py,
-tested equal to this code), since there the ~20 small launches cost more than the work.
+The reference (``_im2col_windows``, ``_col2im_windows``) loops over the ``kh * kw`` kernel
+offsets and copies (or adds) one strided slice each: no index arrays, no ``add.at``. Two
+fast twins, each chosen by the run's resolved setting (:class:`refimpl.execution.FastPaths`,
+passed in as ``paths``): on CuPy the same gathers run as one fused kernel each
+(``cuda_kernels``: refimpl/kernels.py, tested equal to this code bit for bit), since there
+the ~20 small launches cost more than the work; and the stride-phase path below
+(``im2col_phases``).
 
 Strided convolutions whose input splits evenly into stride phases (H = sh Ho, W = sw Wo,
 every kernel offset within one phase row or column of its window: all of the paper's
-encoder convolutions) take a faster NumPy path, tested equal bit for bit to the loop
+encoder convolutions) take a faster path (``_im2col_phases``), tested equal bit for bit to the loop
 (tests/test_im2col.py): x is split once into its sh x sw phases x[:, :, a::sh, b::sw]
 (each (C, N, Ho, Wo)), and each kernel offset (i, j) is then phase ((i - ph) mod sh,
 (j - pw) mod sw) shifted by ((i - ph) // sh, (j - pw) // sw) in {-1, 0, 1}: one long
-flat copy (shift.shift_flat) instead of a strided window gathered W_o elements at a time.
+flat copy (shift.shift_flat, or shift.shift without ``shift_flat``) instead of a strided
+window gathered W_o elements at a time.
 col2im sums the same way, into the phases, in the loop's order from zero, so every sum
 is the loop's; it overwrites its columns (scratch), so it runs only where the caller
 allows that (``overwrite_cols``).
@@ -22,7 +27,8 @@ from __future__ import annotations
 
 from .. import kernels
 from ..backend import array_module
-from .shift import shift_flat
+from ..execution import default_paths
+from .shift import shift_flat, shift_for
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -33,16 +39,18 @@ def _output_hw(x_shape, kernel, stride, padding):
     return tuple(conv_output_size(*geometry) for geometry in zip(x_shape[2:], kernel, stride, padding))
 
 
-def im2col(x, kernel, stride, padding, buffer=None):
+def im2col(x, kernel, stride, padding, buffer=None, paths=None):
     """x: (N, C, H, W) -> cols: (C*kh*kw, N*Ho*Wo).
 
-    ``buffer``: a C-contiguous array of that shape and x's dtype for the NumPy paths to write
-    the columns into (a layer's kept scratch); the columns are returned either way.
+    ``buffer``: a C-contiguous array of that shape and x's dtype for the array-code twins to
+    write the columns into (a layer's kept scratch); the columns are returned either way.
+    ``paths``: the twins to take (a :class:`refimpl.execution.FastPaths`; default: the default setting's).
     """
-    if kernels.enabled_for(x):
+    paths = paths or default_paths(array_module(x))
+    if paths.cuda_kernels:
         return kernels.im2col(x, kernel, stride, padding, _output_hw(x.shape, kernel, stride, padding))
-    if _phase_offsets(x.shape, kernel, stride, padding) is not None:
-        return _im2col_phases(x, kernel, stride, padding, buffer)
+    if paths.im2col_phases and _phase_offsets(x.shape, kernel, stride, padding) is not None:
+        return _im2col_phases(x, kernel, stride, padding, buffer, shift_for(paths.shift_flat))
     return _im2col_windows(x, kernel, stride, padding, buffer)
 
 
@@ -74,16 +82,18 @@ def _im2col_windows(x, kernel, stride, padding, buffer=None):
     return cols.reshape(c * kh * kw, n * ho * wo)
 
 
-def col2im(cols, x_shape, kernel, stride, padding, overwrite_cols=False):
+def col2im(cols, x_shape, kernel, stride, padding, overwrite_cols=False, paths=None):
     """cols: (C*kh*kw, N*Ho*Wo) -> dx: (N, C, H, W), summing overlapping windows (adjoint of im2col).
 
     ``overwrite_cols``: cols is scratch and may be overwritten, which lets the stride-phase
     path run (see the module docstring); the values returned are the same either way.
+    ``paths``: as :func:`im2col`'s.
     """
-    if kernels.enabled_for(cols):
+    paths = paths or default_paths(array_module(cols))
+    if paths.cuda_kernels:
         return kernels.col2im(cols, x_shape, kernel, stride, padding, _output_hw(x_shape, kernel, stride, padding))
-    if overwrite_cols and _phase_offsets(x_shape, kernel, stride, padding) is not None:
-        return _col2im_phases(cols, x_shape, kernel, stride, padding)
+    if paths.im2col_phases and overwrite_cols and _phase_offsets(x_shape, kernel, stride, padding) is not None:
+        return _col2im_phases(cols, x_shape, kernel, stride, padding, shift_for(paths.shift_flat))
     return _col2im_windows(cols, x_shape, kernel, stride, padding)
 
 
@@ -118,8 +128,9 @@ def _phase_offsets(x_shape, kernel, stride, padding):
     return offsets
 
 
-def _im2col_phases(x, kernel, stride, padding, buffer=None):
-    """im2col through x's stride phases: x: (N, C, H, W) -> cols: (C*kh*kw, N*Ho*Wo), equal to the loop's."""
+def _im2col_phases(x, kernel, stride, padding, buffer=None, shift=shift_flat):
+    """im2col through x's stride phases: x: (N, C, H, W) -> cols: (C*kh*kw, N*Ho*Wo), equal to the loop's.
+    ``shift``: :func:`~refimpl.layers.shift.shift_flat` or its reference twin."""
     xp = array_module(x)
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x.shape
@@ -130,12 +141,13 @@ def _im2col_phases(x, kernel, stride, padding, buffer=None):
     cols = _columns(n, c, kernel, (ho, wo), x.dtype, xp, buffer)
     for i, a, di in rows:
         for j, b, dj in columns:
-            shift_flat(cols[:, i, j], phases[a, b], di, dj)
+            shift(cols[:, i, j], phases[a, b], di, dj)
     return cols.reshape(c * kh * kw, n * ho * wo)
 
 
-def _col2im_phases(cols, x_shape, kernel, stride, padding):
-    """col2im through dx's stride phases (cols is overwritten): the loop's sums, in the loop's order, from 0."""
+def _col2im_phases(cols, x_shape, kernel, stride, padding, shift=shift_flat):
+    """col2im through dx's stride phases (cols is overwritten): the loop's sums, in the loop's order, from 0.
+    ``shift``: as :func:`_im2col_phases`'s."""
     xp = array_module(cols)
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x_shape
@@ -145,7 +157,7 @@ def _col2im_phases(cols, x_shape, kernel, stride, padding):
     phases = xp.zeros((sh, sw, c, n, ho, wo), dtype=cols.dtype)
     for i, a, di in rows:
         for j, b, dj in columns:
-            shift_flat(phases[a, b], cols[:, i, j], -di, -dj, add=True)  # the adjoint of im2col's shift
+            shift(phases[a, b], cols[:, i, j], -di, -dj, add=True)  # the adjoint of im2col's shift
     dx = xp.empty((n, c, ho, sh, wo, sw), dtype=cols.dtype)
     dx[...] = phases.transpose(3, 2, 4, 0, 5, 1)
     return dx.reshape(n, c, h, w)

@@ -5,7 +5,8 @@ strided windows: the fused decoder layer (upsample_conv2d.py) and the strided en
 convolutions' im2col/col2im (im2col.py). :func:`shift` is the reference (one 2-D slice
 pair); :func:`shift_flat` computes the same values with one long 1-D slice pair per
 row of the block, where NumPy's inner loop runs over the whole row instead of W
-elements at a time (bench/NOTES.md). tests/test_shift.py checks the two agree.
+elements at a time (bench/NOTES.md). tests/test_shift.py checks the two agree bit for
+bit; :func:`shift_for` is the dispatch (``FastPaths.shift_flat``, refimpl/execution.py).
 """
 
 from __future__ import annotations
@@ -77,3 +78,8 @@ def shift_flat(dst, src, di, dj, add=False):
         dst[..., h - 1 if di > 0 else 0, :] = 0
     if dj:
         dst[..., :, w - 1 if dj > 0 else 0] = 0
+
+
+def shift_for(flat: bool):
+    """The shift twin a layer uses: :func:`shift_flat` (the fast one) or :func:`shift` (the reference)."""
+    return shift_flat if flat else shift

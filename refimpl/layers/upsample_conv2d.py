@@ -39,7 +39,11 @@ Two ways to evaluate the four phases:
 
 ``"auto"`` takes im2col only where its column matrix is less than half of col2im's
 (9C < 8O): on every decoder block of the paper's model (C >= O) col2im was as fast or
-faster (bench/README.md).
+faster (bench/README.md). The method, and whether col2im's shifts are flat slices
+(``shift_flat``, bit for bit the same as :func:`~refimpl.layers.shift.shift`), come from
+the run's resolved setting (``paths``, :class:`refimpl.execution.FastPaths`). The layer
+as a whole is the fast twin of the plain pair, chosen by ``FastPaths.fused``
+(refimpl/model.py): equal to it to rounding (tests/test_upsample_conv2d.py).
 
 Large scratch arrays (the column matrices, the GEMM outputs) are kept between calls and
 reused: fresh multi-megabyte arrays cost a page fault per 4 KiB page on first touch.
@@ -52,11 +56,11 @@ from __future__ import annotations
 import numpy
 
 from ..backend import array_module, to_device
+from ..execution import UPSAMPLE_METHODS as METHODS
+from ..execution import default_paths
 from .init import init_weight_bias
 from .layer import Layer
-from .shift import shift, shift_flat
-
-METHODS = ("auto", "im2col", "col2im")
+from .shift import shift, shift_for
 
 # TAPS[p, t, k]: the 2-tap kernel of output phase p takes kernel tap k into its tap t (derivation above).
 TAPS = numpy.array([[[1, 0, 0], [0, 1, 1]],
@@ -83,12 +87,15 @@ class UpsampleConv2d(Layer):
     """x: (N, C, H, W) -> y: (N, O, 2H, 2W); Upsample(2) then Conv2d(C, O, 3, stride=1, padding=1).
 
     ``method``: ``"im2col"``, ``"col2im"`` (see the module docstring; identical results up to
-    rounding) or ``"auto"`` (im2col iff 9C < 8O, else col2im).
+    rounding) or ``"auto"`` (im2col iff 9C < 8O, else col2im); default ``paths.upsample_method``.
+    ``paths``: the resolved setting (default: the default setting's for ``xp``).
     """
 
     def __init__(self, in_channels, out_channels, *, rng, xp=numpy, dtype=numpy.float32, init="torch",
-                 method="auto"):
+                 method=None, paths=None):
         super().__init__()
+        self.paths = paths = paths or default_paths(xp)
+        method = paths.upsample_method if method is None else method
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"UpsampleConv2d(in_channels={in_channels}, out_channels={out_channels}): "
                              "both must be >= 1")
@@ -98,6 +105,7 @@ class UpsampleConv2d(Layer):
         if method == "auto":
             method = "im2col" if 9 * in_channels < 8 * out_channels else "col2im"
         self.method = method
+        self.shift = shift_for(paths.shift_flat)  # col2im's shifted sums and copies
         # Same draw as Conv2d(in_channels, out_channels, 3): equal weights for equal generators.
         weight, bias = init_weight_bias(rng, (out_channels, in_channels, 3, 3), xp, dtype, init)
         self.params = {"weight": weight, "bias": bias}
@@ -209,7 +217,7 @@ class UpsampleConv2d(Layer):
                 for t in (0, 1):
                     for u in (0, 1):
                         if (t, u) != (1 - p, 1 - q):
-                            shift_flat(acc, z[p, q, t, u], p + t - 1, q + u - 1, add=True)
+                            self.shift(acc, z[p, q, t, u], p + t - 1, q + u - 1, add=True)
                 xp.add(acc.transpose(1, 0, 2, 3), self.params["bias"][:, None, None], out=y[:, :, :, p, :, q])
         return y.reshape(n, o, 2 * h, 2 * w), (xt, kernels)
 
@@ -230,7 +238,7 @@ class UpsampleConv2d(Layer):
                 for t in (0, 1):
                     for u in (0, 1):
                         if (t, u) != (1 - p, 1 - q):
-                            shift_flat(dz8[p, q, t, u], unshifted, 1 - p - t, 1 - q - u)
+                            self.shift(dz8[p, q, t, u], unshifted, 1 - p - t, 1 - q - u)
         dk = (dz @ xt.T).reshape(2, 2, 2, 2, o, c).transpose(0, 1, 4, 5, 2, 3)
         self.grads["weight"] += phase_kernels_transpose(dk)
         dxt = xp.matmul(kernels.T, dz, out=xt)  # xt is not needed any more
