@@ -6,7 +6,9 @@ or are given as run folders; a run needs only its ``config.json`` and its log
 (``log.csv`` or ``log.csv.gz``; a branch's history includes its parent's rows), so a
 finished run's checkpoint need not be kept. For each run this reads the log
 (:func:`refimpl.milestones.milestones`) and reports: how far it trained and whether it is
-finished (``summary.json`` at the log's last step), the open gates at the end, the
+finished (``summary.json`` at the log's last step, or beyond it where the log was packed
+before the run went on: then the end state is summary.json's, and the row says which rows
+are missing), the open gates at the end, the
 staircase of closings, reopenings, the first batch with C_ma < 0, and the constraint over
 the last ``window`` batches, with the largest rise of ||sigmoid(k gamma)||_1 there (Figure
 1's gate curve: a gate reopening partway shows there before its gamma_j changes sign). Runs are grouped by every configuration field that varies
@@ -74,9 +76,15 @@ def flat_config(folder: Path) -> dict:
     return {**defaults(), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()}}
 
 
-def started(folder: Path) -> bool:
-    """Whether the run has trained a batch of its own (a log; a sweep stopped early leaves step-0 folders)."""
+def logged(folder: Path) -> bool:
+    """Whether the run has a log of its own (``log.csv`` or ``log.csv.gz``)."""
     return (folder / LOG_FILE).is_file() or (folder / LOG_GZ_FILE).is_file()
+
+
+def started(folder: Path) -> bool:
+    """Whether the run has trained a batch of its own: a log, or a summary.json whose log was lost (a sweep
+    stopped early leaves step-0 folders with neither)."""
+    return logged(folder) or (folder / SUMMARY_FILE).is_file()
 
 
 def branch_step(folder: Path) -> int | None:
@@ -88,17 +96,25 @@ def branch_step(folder: Path) -> int | None:
 def run_row(folder: Path, window: int = WINDOW) -> dict:
     """One run's row: its configuration and what its log shows. A branch's constraint window covers at most its
     own rows, so an arm is judged on the batches it trained under its reading."""
-    log = load_history(folder)
     start = branch_step(folder)
+    summary = json.loads((folder / SUMMARY_FILE).read_text()) if (folder / SUMMARY_FILE).is_file() else {}
+    if not logged(folder):  # only summary.json survives: the end state, nothing about the way there
+        return {"run": str(folder), "config": flat_config(folder), "batches": start or 0, "branched_at": start,
+                "finished": True, "reached": summary["step"], "open_gates": summary["open_gates"], "closings": None,
+                "reopenings": None, "first_dive": None, "constraint": None}
+    log = load_history(folder)
     if start is not None:
         window = max(1, min(window, int(log["step"][-1]) - start))
     m = milestones(log, window=window)
-    summary = folder / SUMMARY_FILE
-    finished = summary.is_file() and json.loads(summary.read_text()).get("step") == m["batches"]
+    # a log packed before its run went on (a session cut off) ends before summary.json's step: the end state
+    # is summary.json's, what happened in between is not recorded (the row says so)
+    beyond = summary if summary.get("step", 0) > m["batches"] else None
     closings = [step for (step, count), (_, before) in zip(m["staircase"][1:], m["staircase"]) if count < before]
     return {"run": str(folder), "config": flat_config(folder), "batches": m["batches"], "branched_at": start,
-            "finished": finished,
-            "open_gates": m["tail"]["open_gates_last"], "closings": closings, "reopenings": m["reopenings"],
+            "finished": summary.get("step") == m["batches"] or beyond is not None,
+            "reached": beyond["step"] if beyond else m["batches"],
+            "open_gates": beyond["open_gates"] if beyond else m["tail"]["open_gates_last"],
+            "closings": closings, "reopenings": m["reopenings"],
             "first_dive": m["c_ma_below_zero_from"], "constraint": m["constraint"]}
 
 
@@ -133,7 +149,7 @@ def to_markdown(s: dict, window: int) -> str:
     lines = ["| arm | runs (seeds) | batches | open gates at the end, by seed | range |", "|---|---|---|---|---|"]
     for label, g in s["groups"].items():
         seeds = ", ".join(str(r["config"].get("seed")) for r in g["rows"])
-        batches = sorted({r["batches"] for r in g["rows"]})
+        batches = sorted({r["reached"] for r in g["rows"]})
         done = sum(r["finished"] for r in g["rows"])
         lines.append(f"| {label} | {len(g['rows'])} ({seeds}) | {batches[0]:,}" + (f"-{batches[-1]:,}" if len(batches) > 1
                      else "") + f" ({done} finished) | {', '.join(map(str, g['open_gates']))} | "
@@ -143,18 +159,33 @@ def to_markdown(s: dict, window: int) -> str:
                   f"largest rise of the gate curve there |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for label, g in s["groups"].items():
-        for r in g["rows"]:
-            c = r["constraint"]
-            since = "" if r["branched_at"] is None else f", branched at {r['branched_at']:,}"
-            lines.append(f"| {Path(r['run']).name} | {r['config'].get('seed')} | {r['batches']:,}"
-                         f"{'' if r['finished'] else ' (running)'}{since} | {r['open_gates']} | "
-                         f"{', '.join(f'{b:,}' for b in r['closings']) or '-'} | {r['reopenings']} | "
-                         + ("never" if r["first_dive"] is None else f"{r['first_dive']:,}")
-                         + f" | {100 * c['c_ma_positive_fraction']:.1f}% of {c['batches']:,} | "
-                         f"{c['E2_mean']:.4g} / {c['tau']:g} | {c['gates_l1_largest_rise']:.3f} |")
+        lines += [_run_line(r) for r in g["rows"]]
+    short = [r for g in s["groups"].values() for r in g["rows"] if r["reached"] > r["batches"]]
+    if short:
+        lines += ["", "Logs shorter than their runs (packed before the run went on, or lost; the rows after them are "
+                  "not recorded): " + "; ".join(f"{Path(r['run']).name}, rows {r['batches'] + 1:,}-{r['reached']:,}"
+                                                for r in short)
+                  + ". Their open gates are summary.json's at the run's end; their closings, reopenings and constraint "
+                    "columns end where the log ends."]
     if s["waiting"]:
         lines += ["", f"Not started yet: {', '.join(s['waiting'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _run_line(r: dict) -> str:
+    """One run's row of the Markdown table."""
+    since = "" if r["branched_at"] is None else f", branched at {r['branched_at']:,}"
+    if r["constraint"] is None:
+        return (f"| {Path(r['run']).name} | {r['config'].get('seed')} | {r['reached']:,} (no log){since} | "
+                f"{r['open_gates']} |" + " not recorded |" * 6)
+    c = r["constraint"]
+    short = f" (logged to {r['batches']:,})" if r["reached"] > r["batches"] else ""
+    return (f"| {Path(r['run']).name} | {r['config'].get('seed')} | {r['reached']:,}{short}"
+            f"{'' if r['finished'] else ' (running)'}{since} | {r['open_gates']} | "
+            f"{', '.join(f'{b:,}' for b in r['closings']) or '-'} | {r['reopenings']} | "
+            + ("never" if r["first_dive"] is None else f"{r['first_dive']:,}")
+            + f" | {100 * c['c_ma_positive_fraction']:.1f}% of {c['batches']:,} | "
+            f"{c['E2_mean']:.4g} / {c['tau']:g} | {c['gates_l1_largest_rise']:.3f} |")
 
 
 def add_arguments(parser) -> None:

@@ -104,3 +104,22 @@ def test_a_branch_is_judged_on_its_own_rows(tmp_path):
     assert (row["batches"], row["branched_at"], row["constraint"]["batches"], row["constraint"]["from"]) == (7, 4, 3, 5)
     assert st.run_row(parent, window=100)["branched_at"] is None
     assert "| child | 0 | 7, branched at 4 |" in st.to_markdown(st.study([row]), 100)
+
+
+def test_a_log_shorter_than_its_run_and_a_run_without_a_log(tmp_path):
+    """A log packed before its run went on, and a run whose log was lost: the end state is summary.json's,
+    the rows say which batches are not recorded, and nothing is computed from rows that are not there."""
+    short, lost = tiny_run(tmp_path / "short", 0, 1.0, batches=6), tiny_run(tmp_path / "lost", 1, 1.0, batches=6)
+    lines = (short / "log.csv").read_text().splitlines(keepends=True)
+    (short / "log.csv").write_text("".join(lines[:5]))  # header + rows 1-4
+    summary = json.loads((short / "summary.json").read_text())
+    (lost / "log.csv").unlink()
+    assert st.started(lost) and not st.logged(lost)
+    r, q = st.run_row(short, window=100), st.run_row(lost, window=100)
+    assert (r["batches"], r["reached"], r["finished"], r["open_gates"]) == (4, 6, True, summary["open_gates"])
+    assert r["constraint"]["batches"] == 4  # the window ends where the log ends
+    assert (q["reached"], q["open_gates"], q["closings"], q["constraint"]) == (6, json.loads(
+        (lost / "summary.json").read_text())["open_gates"], None, None)
+    text = st.to_markdown(st.study([r, q]), 100)
+    assert "| short | 0 | 6 (logged to 4) |" in text and "| lost | 1 | 6 (no log) |" in text
+    assert "short, rows 5-6; lost, rows 1-6" in text and "(2 finished)" in text
