@@ -16,6 +16,7 @@ from .backend import to_host
 from .console import Progress, StopOnSignal
 from .device_step import DeviceStep, applies
 from .errors import NonFiniteLoss, TrainingInterrupted
+from .provenance import record
 from .runfolder import LOG_FILE
 from .runlog import CsvLog
 from .threads import blas_limit
@@ -30,6 +31,8 @@ def run_loop(run, progress: bool, log_interval, stop) -> None:
     batches, checkpoint_every = run.schedule.batches, run.schedule.checkpoint_every
     run.batch_order  # opens the dataset before the log
     state, tau = run.state, run.hyper.tau
+    if state.step < batches:
+        record(run, state.step, batches)  # sessions.jsonl: under what this session trains
     run.csv_log = CsvLog(run.out / LOG_FILE)
     bar = Progress(batches, state.step, run.config.latent, enabled=progress, interval=log_interval)
     fast = None  # the DeviceStep, once it applies

@@ -25,7 +25,9 @@ A run folder (``refimpl train --out DIR``, :class:`refimpl.training.Run`) holds:
   step 0, every ``checkpoint_every`` steps, at the end and on Ctrl-C / SIGTERM;
 - ``checkpoints/step-XXXXXXXX.npz``: with ``keep_checkpoints`` N, a copy of the checkpoint of
   every N-th step, kept (a later run can branch there);
-- ``summary.json``: written when the run reaches its target: final gates, errors, time.
+- ``summary.json``: written when the run reaches its target: final gates, errors, time;
+- ``sessions.jsonl``: one line per training session (start or resume): the step, code version,
+  BLAS threads and execution setting it trained under (:mod:`refimpl.provenance`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ RECONSTRUCTIONS_FILE = "reconstructions.png"  # refimpl reconstruct
 PLOT_FILE = "plot.png"  # refimpl plot (refimpl.plot.PLOT_FILE)
 FACTORS_FILES = ("factors.json", "factors.png")  # refimpl factors (refimpl.factors.JSON_FILE, PNG_FILE)
 MILESTONES_FILE = "milestones.md"  # refimpl milestones
+SESSIONS_FILE = "sessions.jsonl"  # what trained the run, one line per session (refimpl.provenance)
 LOCK_FILE = ".lock"
 EXPORT_DIR = "export"  # refimpl export
 EXPORT_FILES = ("model.npz", "model.json", "model.safetensors")
@@ -55,8 +58,8 @@ KEPT_DIR = "checkpoints"  # --keep-checkpoints N: a checkpoint every N batches, 
 KEPT_NAME = re.compile(r"step-(\d{8,})\.npz")
 # Every file refimpl writes into a run folder, removed in this order on overwrite: a folder
 # cut short mid-way still holds a run (config and checkpoint) or only a config (leftovers).
-RUN_FILES = (EVAL_FILE, RECONSTRUCTIONS_FILE, PLOT_FILE, *FACTORS_FILES, MILESTONES_FILE, SUMMARY_FILE, LOG_GZ_FILE,
-             LOG_FILE, CHECKPOINT_FILE, CONFIG_FILE)
+RUN_FILES = (EVAL_FILE, RECONSTRUCTIONS_FILE, PLOT_FILE, *FACTORS_FILES, MILESTONES_FILE, SUMMARY_FILE, SESSIONS_FILE,
+             LOG_GZ_FILE, LOG_FILE, CHECKPOINT_FILE, CONFIG_FILE)
 PARENT_KEY = "parent"  # config.json of a branch: {"run": parent folder relative to the branch's, "step", "changed"}
 
 
