@@ -202,6 +202,7 @@ class Sweep:
 
     def _connect(self):
         try:
+            import dask
             from distributed import Client, LocalCluster
         except ImportError:
             raise SweepSetupError("runs on several processes or machines need Dask: pip install 'refimpl[sweep]' "
@@ -215,9 +216,13 @@ class Sweep:
                                      f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
         env = ({k: str(self.cluster.blas_threads) for k in THREAD_VARS} if self.cluster.blas_threads > 0 else {})
         resources = {"GPU": 1} if self.backend == "cupy" else None
-        self._local_cluster = LocalCluster(n_workers=self.cluster.jobs, threads_per_worker=1, processes=True,
-                                           dashboard_address=":0", env=env, resources=resources,
-                                           silence_logs=50)
+        # a sweep paused with kill -STOP for more than Dask's worker-ttl (5 minutes), as one is to time
+        # something beside it, would have its workers restarted on -CONT and lose each run's batches since
+        # its checkpoint (seen 2026-12-07 after a 400 s pause); without a TTL the workers just go on
+        with dask.config.set({"distributed.scheduler.worker-ttl": None}):
+            self._local_cluster = LocalCluster(n_workers=self.cluster.jobs, threads_per_worker=1, processes=True,
+                                               dashboard_address=":0", env=env, resources=resources,
+                                               silence_logs=50)
         return Client(self._local_cluster)
 
     def _on_signal(self, signum, frame):

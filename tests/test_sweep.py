@@ -186,6 +186,54 @@ def test_sigterm_to_the_client_stops_every_run_with_its_checkpoint(tmp_path):
     assert not (out / ".stop").exists()
 
 
+def test_the_local_cluster_drops_no_worker_for_missed_heartbeats(tmp_path, monkeypatch):
+    """A pause (kill -STOP) longer than Dask's worker-ttl must not make the scheduler restart the workers: the
+    sweep's LocalCluster has no TTL, whatever the configuration says."""
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", "1s")
+    import dask
+    dask.config.refresh()
+    try:
+        with Sweep(tmp_path / "s", Cluster(jobs=1, quiet=True)) as sweep:
+            assert sweep._local_cluster.scheduler.worker_ttl is None
+    finally:
+        monkeypatch.delenv("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL")
+        dask.config.refresh()
+
+
+@pytest.mark.slow
+def test_a_paused_sweep_keeps_its_workers(tmp_path):
+    """kill -STOP / -CONT of the whole sweep (the way to time something beside it) loses no worker: the same
+    worker processes go on training the same runs. (A pause longer than Dask's default worker-ttl, 5 minutes,
+    restarted them before the sweep turned the TTL off: 400 s, 2026-12-07; too long for a test.)"""
+    out = tmp_path / "s"
+    env = dict(os.environ)
+    proc = subprocess.Popen([str(BIN / "refimpl"), "sweep", "--grid", "tau=5,40", "--image-size", "16", "--latent",
+                             "4", "--batches", "100000", "--checkpoint-every", "1000", "--jobs", "2", "--quiet",
+                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    runs = [out / "runs" / t for t in ("tau5", "tau40")]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and min(_log_rows(r) for r in runs) < 20:
+            time.sleep(0.2)
+        workers = sorted(_children(proc.pid))
+        os.killpg(proc.pid, signal.SIGSTOP)
+        time.sleep(12)  # Dask's TTL is at least 10 heartbeats (5 s)
+        os.killpg(proc.pid, signal.SIGCONT)
+        before = [_log_rows(r) for r in runs]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(_log_rows(r) > b + 20 for r, b in zip(runs, before)):
+            time.sleep(0.2)
+        after = [_log_rows(r) for r in runs]
+        assert sorted(_children(proc.pid)) == workers  # no worker dropped, none restarted
+        assert all(a > b + 20 for a, b in zip(after, before))  # and the runs go on from where they were
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
 @pytest.mark.slow
 def test_real_scheduler_survives_a_killed_worker_and_the_run_resumes_bit_for_bit(tmp_path):
     """`dask scheduler` and two `dask worker` processes; one worker is SIGKILLed mid-run: Dask gives the run
