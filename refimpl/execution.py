@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from .optionspec import OptionError, option
 
@@ -69,11 +69,11 @@ class Execution:
                                               "(NumPy, --e1-batchnorm batch, 2 cores or more), or one after the "
                                               "other; bit for bit (default: parallel; sequential with --reference)",
                                         choices=DECODER_PASSES)
-    parallel_grads: bool | None = option(None, "the backward pass of each convolution (Conv2d, UpsampleConv2d): "
-                                               "the weight gradient's GEMM in a second thread beside the input "
-                                               "gradient's (NumPy); bit for bit (default: on with NumPy and 2 "
-                                               "cores or more, unless --blas-threads N leaves no core for it)",
-                                         parse=bool)
+    parallel_grads: bool | None = option(None, "each convolution's backward pass (Conv2d, UpsampleConv2d): the "
+                                               "weight gradient's GEMM in a second thread beside the input "
+                                               "gradient's (NumPy; one more column matrix per layer); bit for bit "
+                                               "(default: on with NumPy and 2 cores or more, off where "
+                                               "--blas-threads N is over half the cores)", parse=bool)
     blas_threads: str = option("auto", "BLAS threads for the step's GEMMs, each decoder pass using half of them: "
                                "auto (1 for small models, half the cores for larger ones; $OPENBLAS_NUM_THREADS or "
                                "$OMP_NUM_THREADS when set) or a number. Numbers depend on it (OpenBLAS's rounding)",
@@ -84,6 +84,9 @@ class Execution:
             _blas_threads(str(self.blas_threads))
         except argparse.ArgumentTypeError as exc:
             raise OptionError(f"blas_threads: {exc}") from None
+        for f in fields(self):  # the switches: on, off, or (where the default decides) not given
+            if f.metadata.get("parse") is bool and getattr(self, f.name) not in (None, True, False):
+                raise OptionError(f"{f.name}={getattr(self, f.name)!r}: expected true or false")
         for name, choices in (("decoder_passes", (None, *DECODER_PASSES)), ("upsample_method", UPSAMPLE_METHODS)):
             if getattr(self, name) not in choices:
                 raise OptionError(f"{name}={getattr(self, name)!r}: expected one of "
