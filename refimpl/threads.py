@@ -171,8 +171,9 @@ GRADS_THREAD = "refimpl-grads"
 
 
 @functools.cache
-def _grads_pool() -> ThreadPoolExecutor:
-    """The one worker thread of :func:`side_by_side`, made on first use and kept for the process."""
+def _grads_pool(pid: int) -> ThreadPoolExecutor:
+    """The one worker thread of :func:`side_by_side` in process ``pid``, made on first use and kept for the process
+    (a forked child makes its own: the parent's thread does not exist there)."""
     return ThreadPoolExecutor(1, thread_name_prefix=GRADS_THREAD)
 
 
@@ -185,7 +186,7 @@ def side_by_side(f, g):
     """
     if threading.current_thread().name.startswith(GRADS_THREAD):
         return f(), g()
-    future = _grads_pool().submit(contextvars.copy_context().run, f)
+    future = _grads_pool(os.getpid()).submit(contextvars.copy_context().run, f)
     try:
         b = g()
     except BaseException:

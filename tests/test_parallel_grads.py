@@ -98,6 +98,28 @@ def test_side_by_side_runs_the_first_in_the_worker_and_returns_both():
     assert inner[0][0].startswith(GRADS_THREAD) and inner[0][1] == 2 and inner[1] == 1
 
 
+def in_child(queue):
+    queue.put(side_by_side(lambda: 3, lambda: 4))
+
+
+def test_side_by_side_works_in_a_forked_child():
+    """A process forked after the worker started (multiprocessing's fork) gets a worker of its own."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork here")
+    side_by_side(lambda: 1, lambda: 2)  # the parent's worker exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=in_child, args=(queue,))
+    child.start()
+    child.join(30)
+    if child.is_alive():  # waiting on a worker thread the child does not have
+        child.kill()
+        child.join()
+    assert child.exitcode == 0 and queue.get(timeout=5) == (3, 4)
+
+
 class Planted(Exception):
     pass
 
