@@ -5,9 +5,10 @@ y[n, o, p, q] = bias[o] + sum_{c,i,j} weight[o, c, i, j] * xpad[n, c, p*sh + i, 
 Computed as one GEMM over an im2col matrix; the backward pass is the transposed GEMMs
 and col2im (refimpl/layers/im2col.py; which of their twins, ``paths``, is the run's resolved
 setting, :class:`refimpl.execution.FastPaths`); with ``paths.parallel_grads`` the two
-transposed GEMMs run side by side in two threads (:meth:`Conv2d._grad_gemms_side_by_side`). ``input_grad = False`` (set on the encoder's
-first convolution, whose input is the image) skips dx: backward then returns None, as
-PyTorch's autograd skips the gradient of an input that does not require one.
+transposed GEMMs run side by side in two threads (:meth:`Conv2d._grad_gemms_side_by_side`).
+``input_grad = False`` (set on the encoder's first convolution, whose input is the image)
+skips dx: backward then returns None, as PyTorch's autograd skips the gradient of an input
+that does not require one.
 """
 
 from __future__ import annotations
