@@ -19,12 +19,18 @@ that).
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, fields
 
 from .optionspec import OptionError, option
 
 UPSAMPLE_METHODS = ("auto", "im2col", "col2im")  # refimpl/layers/upsample_conv2d.py
 DECODER_PASSES = ("parallel", "sequential")
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _blas_threads(text: str) -> str:
@@ -63,6 +69,11 @@ class Execution:
                                               "(NumPy, --e1-batchnorm batch, 2 cores or more), or one after the "
                                               "other; bit for bit (default: parallel; sequential with --reference)",
                                         choices=DECODER_PASSES)
+    parallel_grads: bool | None = option(None, "each convolution's backward pass (Conv2d, UpsampleConv2d): the "
+                                               "weight gradient's GEMM in a second thread beside the input "
+                                               "gradient's (NumPy; one more column matrix per layer); bit for bit "
+                                               "(default: on with NumPy and 2 cores or more, off where "
+                                               "--blas-threads N is over half the cores)", parse=bool)
     blas_threads: str = option("auto", "BLAS threads for the step's GEMMs, each decoder pass using half of them: "
                                "auto (1 for small models, half the cores for larger ones; $OPENBLAS_NUM_THREADS or "
                                "$OMP_NUM_THREADS when set) or a number. Numbers depend on it (OpenBLAS's rounding)",
@@ -73,6 +84,9 @@ class Execution:
             _blas_threads(str(self.blas_threads))
         except argparse.ArgumentTypeError as exc:
             raise OptionError(f"blas_threads: {exc}") from None
+        for f in fields(self):  # the switches: on, off, or (where the default decides) not given
+            if f.metadata.get("parse") is bool and getattr(self, f.name) not in (None, True, False):
+                raise OptionError(f"{f.name}={getattr(self, f.name)!r}: expected true or false")
         for name, choices in (("decoder_passes", (None, *DECODER_PASSES)), ("upsample_method", UPSAMPLE_METHODS)):
             if getattr(self, name) not in choices:
                 raise OptionError(f"{name}={getattr(self, name)!r}: expected one of "
@@ -96,6 +110,9 @@ class Execution:
             shift_flat=on(self.shift_flat),
             device_step=bool(self.device_step),
             decoder_passes=self.decoder_passes or ("sequential" if self.reference else "parallel"),
+            # two GEMMs at once, each on the step's BLAS threads: by default only where both fit the cores
+            parallel_grads=not cupy and on(self.parallel_grads, cores() >= 2 and (
+                self.blas_threads == "auto" or 2 * int(self.blas_threads) <= cores())),
             blas_threads=str(self.blas_threads),
         )
 
@@ -113,6 +130,7 @@ class FastPaths:
     shift_flat: bool = False  # shift.shift_flat, else shift.shift
     device_step: bool = False  # refimpl/device_step.py after the first hit, else train_step
     decoder_passes: str = "sequential"  # refimpl/threads.py
+    parallel_grads: bool = False  # Conv2d's and UpsampleConv2d's backward: dW's GEMM beside dx's (refimpl/threads.py)
     blas_threads: str = "auto"
 
     def to_dict(self) -> dict:

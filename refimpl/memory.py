@@ -8,8 +8,9 @@ Estimates, in bytes (sums of array sizes; rough, but never far below what is use
 
 - training step: the parameters four times (values, gradients, Adam's m and v) plus one
   batch's activations (:func:`activation_count`: every layer's output and im2col buffer,
-  the decoder's twice on NumPy, for its two passes running side by side; 25-30% above the
-  measured peak of a step with the plain decoder, several times above the fused one's);
+  the decoder's twice on NumPy, for its two passes running side by side, and with
+  ``--parallel-grads`` each convolution's second column matrix; 25-30% above the measured
+  peak of a step with the plain decoder, several times above the fused one's);
 - trace (host memory): per step, three copies of the parameters (before, gradient,
   after) and the step's inputs and intermediates (x, x1, x2, u, eps, mu, ...);
 - image grid: the float64 canvas, its uint8 copy and the scaled image, twice (PNG encoding).
@@ -91,11 +92,14 @@ def parameter_count(arch, latent: int) -> int:
     return total + latent  # gamma
 
 
-def activation_count(arch, latent: int, batch: int, decoder_passes: int = 2) -> int:
+def activation_count(arch, latent: int, batch: int, decoder_passes: int = 2, parallel_grads: bool = False) -> int:
     """Array elements one training step holds at once for a batch (an estimate).
 
     decoder_passes: the decoder passes in flight at once: 2 where l. 12 runs beside l. 13, each
-    with its own scratch (NumPy, refimpl/threads.py), else 1."""
+    with its own scratch (NumPy, refimpl/threads.py), else 1. parallel_grads: the convolutions'
+    backward GEMMs side by side (``FastPaths.parallel_grads``): each convolution that computes dx
+    keeps a second column matrix, the input gradient's own (its "dcols" scratch), beside the one
+    the weight gradient reads (the plain decoder's, the larger, for the decoder)."""
     per_image = math.prod(arch.image_shape) * 4  # x, x1, x2, the error's difference
     for c, s, h, w in _encoder_sizes(arch):
         per_image += c * s.kernel**2 * h * w + 4 * s.channels * h * w  # im2col, conv, leaky ReLU, BatchNorm
@@ -103,12 +107,17 @@ def activation_count(arch, latent: int, batch: int, decoder_passes: int = 2) -> 
     decoder = sum(2 * c * h * w + 4 * c * h * w + c * s.kernel**2 * h2 * w2 + 3 * s.channels * h2 * w2
                   for c, h, w, s, h2, w2 in _decoder_sizes(arch))
     per_image += decoder_passes * decoder
+    if parallel_grads:  # dx's columns: every conv but the first (no dx for the image), once (backward is E2's)
+        per_image += sum(c * s.kernel**2 * h * w for c, s, h, w in list(_encoder_sizes(arch))[1:])
+        per_image += sum(c * s.kernel**2 * h2 * w2 for c, _, _, s, h2, w2 in _decoder_sizes(arch))
     return int(ACTIVATION_FACTOR * batch * per_image)
 
 
-def training_bytes(arch, latent: int, batch: int, itemsize: int, decoder_passes: int = 2) -> int:
+def training_bytes(arch, latent: int, batch: int, itemsize: int, decoder_passes: int = 2,
+                   parallel_grads: bool = False) -> int:
     """A training step: parameters, gradients, Adam's moments and a batch's activations."""
-    return itemsize * (4 * parameter_count(arch, latent) + activation_count(arch, latent, batch, decoder_passes))
+    return itemsize * (4 * parameter_count(arch, latent)
+                       + activation_count(arch, latent, batch, decoder_passes, parallel_grads))
 
 
 def trace_bytes(arch, latent: int, batch: int, itemsize: int, steps: int) -> int:
@@ -132,12 +141,17 @@ def check(need: int, what: str, advice: str, xp=None) -> None:
                               f"{advice}")
 
 
-def check_training(arch, config, xp=None) -> None:
-    """Refuse a run whose training step cannot fit (before its model is built)."""
+def check_training(arch, config, xp=None, paths=None) -> None:
+    """Refuse a run whose training step cannot fit (before its model is built). ``paths``: the run's
+    resolved execution (refimpl/execution.py; default: the default setting's for ``xp``)."""
     import numpy
 
+    from .execution import default_paths
+
     passes = 2 if xp is None or xp.__name__ == "numpy" else 1  # CuPy runs the passes in order
-    need = training_bytes(arch, config.latent, config.batch_size, numpy.dtype(config.dtype).itemsize, passes)
+    paths = paths or default_paths(xp or numpy)
+    need = training_bytes(arch, config.latent, config.batch_size, numpy.dtype(config.dtype).itemsize, passes,
+                          paths.parallel_grads)
     size = "x".join(map(str, arch.image_shape))
     check(need, f"a model of {parameter_count(arch, config.latent):,} parameters (n={config.latent}, {size} "
                 f"images, hidden {arch.hidden}) trained on batches of {config.batch_size} ({config.dtype})",

@@ -1,7 +1,7 @@
-"""How the CPU step uses the machine's cores: BLAS threads, and l. 12 beside l. 13.
+"""How the CPU step uses the machine's cores: BLAS threads, l. 12 beside l. 13, and dW beside dx.
 
-Two switches of the execution setting (:class:`refimpl.execution.Execution`,
-``refimpl train --blas-threads``, ``--decoder-passes``), not part of a run, resolved once
+Three switches of the execution setting (:class:`refimpl.execution.Execution`,
+``refimpl train --blas-threads``, ``--decoder-passes``, ``--parallel-grads``), not part of a run, resolved once
 for a model (:func:`resolve`, from its :class:`~refimpl.execution.FastPaths`) and kept in
 :class:`refimpl.algorithm1.TrainState` as its :class:`DecoderPasses`:
 
@@ -20,6 +20,12 @@ for a model (:func:`resolve`, from its :class:`~refimpl.execution.FastPaths`) an
   independent: the NumPy backend, and E1 with its own batch statistics
   (``e1_batchnorm="batch"``); ``batch_update`` writes and ``running`` reads the running
   statistics the E2 pass updates, so those run in order.
+- ``parallel_grads``: in the backward pass of each convolution (``Conv2d``,
+  ``UpsampleConv2d``), the weight gradient's GEMM runs in a worker thread
+  (:func:`side_by_side`) beside the input gradient's, which the layer's main thread runs; the
+  layers read the switch from their ``paths`` (their ``_grad_gemms_side_by_side`` twins). Both
+  GEMMs run whole, on the step's BLAS threads, as in order: never one GEMM split over threads,
+  which OpenBLAS rounds differently in float32.
 
 Each decoder pass runs its GEMMs on half the step's BLAS threads (at least one), in order
 and side by side alike: OpenBLAS's float32 GEMMs round differently with 1 and 2 threads
@@ -35,21 +41,17 @@ import contextlib
 import contextvars
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from .execution import FastPaths
+from .execution import FastPaths, cores
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 # auto: more than one BLAS thread from this many GEMM multiply-adds per image of a decoder pass
 # on (bench/NOTES.md, 2026-12-06: the 16x16 model (2.6e6) gains 7% from a second thread on an idle
 # machine, the 32x32 one (7.5e6) 20%).
 BLAS_WORK_THRESHOLD = 5e6
-
-
-def cores() -> int:
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def decoder_work(model) -> float:
@@ -163,3 +165,31 @@ class DecoderPasses:
             finally:
                 x1 = x1.result()
             return x1, x2
+
+
+GRADS_THREAD = "refimpl-grads"
+
+
+@functools.cache
+def _grads_pool(pid: int) -> ThreadPoolExecutor:
+    """The one worker thread of :func:`side_by_side` in process ``pid``, made on first use and kept for the process
+    (a forked child makes its own: the parent's thread does not exist there)."""
+    return ThreadPoolExecutor(1, thread_name_prefix=GRADS_THREAD)
+
+
+def side_by_side(f, g):
+    """(f(), g()) with f in a worker thread while g runs in this one: two GEMMs at once (NumPy releases the GIL in them).
+
+    Returns when both have finished. An exception of g is raised once f has finished too; else one of f's.
+    The caller's context (NumPy's errstate lives in a context variable) travels with f. A call from the worker
+    itself runs f, then g, in order (the worker never waits on itself).
+    """
+    if threading.current_thread().name.startswith(GRADS_THREAD):
+        return f(), g()
+    future = _grads_pool(os.getpid()).submit(contextvars.copy_context().run, f)
+    try:
+        b = g()
+    except BaseException:
+        wait((future,))  # f may still read what the caller is about to reuse
+        raise
+    return future.result(), b

@@ -102,7 +102,7 @@ class Run:
         """
         run = cls(config, out, backend, execution)
         run.arch = arch or build_architecture(config.image_shape(), config.channels, config.hidden)
-        memory.check_training(run.arch, config, run.xp)
+        memory.check_training(run.arch, config, run.xp, run.paths)
         run.model = GatedVAE(run.arch, config.latent, rng=stream(config.seed, "init"), xp=run.xp, dtype=run.dtype,
                              gated=True, gamma_init=run.hyper.gamma_init, paths=run.paths)
         run.state = init_state(run.model, run.hyper)

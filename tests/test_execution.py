@@ -2,7 +2,8 @@
 
 Each fast path is switched on alone on top of the reference (``--reference --PATH``) and the
 two traces (refimpl/trace.py) are compared tensor by tensor: bit for bit where the twin
-claims it (im2col's stride phases, the flat shifts, the decoder passes side by side), to a
+claims it (im2col's stride phases, the flat shifts, the decoder passes side by side, the
+convolutions' backward GEMMs side by side), to a
 stated tolerance where it does not (the fused decoder block, BatchNorm's fast twin, and the
 default setting with every fast path). ``--reference`` reaches every plain twin: with the
 fast twins patched to raise, a run trains, resumes, traces and evaluates under it. Runs made
@@ -23,7 +24,7 @@ from refimpl.cli import main
 from refimpl.compare import compare_traces
 from refimpl.config import new_config
 from refimpl.device_step import DeviceStep
-from refimpl.execution import REFERENCE, Execution, FastPaths
+from refimpl.execution import REFERENCE, Execution, FastPaths, cores
 from refimpl.layers import BatchNorm, Conv2d
 from refimpl.layers import im2col as im2col_module
 from refimpl.layers import shift as shift_module
@@ -41,7 +42,8 @@ RTOL, PARAM_RTOL = 1e-9, 1e-7
 # path: (the fast path alone on top of the reference, the fast path off alone in the default setting)
 BIT_FOR_BIT = {"im2col_phases": ({"im2col_phases": True}, {"im2col_phases": False}),
                "shift_flat": ({"im2col_phases": True, "shift_flat": True}, {"shift_flat": False}),
-               "decoder_passes": ({"decoder_passes": "parallel"}, {"decoder_passes": "sequential"})}
+               "decoder_passes": ({"decoder_passes": "parallel"}, {"decoder_passes": "sequential"}),
+               "parallel_grads": ({"parallel_grads": True}, {"parallel_grads": False})}
 # the fast path alone on top of the reference; None: every fast path (the default setting)
 TO_ROUNDING = {"fused": {"fused": True}, "fused_im2col": {"fused": True, "upsample_method": "im2col"},
                "fused_col2im": {"fused": True, "upsample_method": "col2im"}, "fast_batchnorm": {"fast_batchnorm": True},
@@ -68,25 +70,30 @@ def test_the_reference_and_the_default_setting():
     fast, cupy = Execution().resolve("numpy"), Execution().resolve("cupy")
     assert Execution(reference=True).resolve("numpy") == Execution(reference=True).resolve("cupy") == REFERENCE
     assert REFERENCE == FastPaths(fused=False, fast_batchnorm=False, cuda_kernels=False, im2col_phases=False,
-                                  shift_flat=False, device_step=False, decoder_passes="sequential")
+                                  shift_flat=False, device_step=False, decoder_passes="sequential",
+                                  parallel_grads=False)
     assert fast == dataclasses.replace(REFERENCE, fused=True, fast_batchnorm=True, im2col_phases=True, shift_flat=True,
-                                       decoder_passes="parallel")
-    assert cupy == dataclasses.replace(fast, fused=False, cuda_kernels=True)  # the faster twins on a GPU
+                                       decoder_passes="parallel", parallel_grads=cores() >= 2)
+    # the faster twins on a GPU; no threads there
+    assert cupy == dataclasses.replace(fast, fused=False, cuda_kernels=True, parallel_grads=False)
 
 
-@pytest.mark.parametrize("switch", ["fused", "fast_batchnorm", "cuda_kernels", "im2col_phases", "shift_flat"])
+@pytest.mark.parametrize("switch", ["fused", "fast_batchnorm", "cuda_kernels", "im2col_phases", "shift_flat",
+                                    "parallel_grads"])
 @pytest.mark.parametrize("backend", ["numpy", "cupy"])
 def test_each_fast_path_switches_off_and_on_alone(switch, backend):
     default = Execution().resolve(backend)
     assert Execution(**{switch: False}).resolve(backend) == dataclasses.replace(default, **{switch: False})
     alone = Execution(reference=True, **{switch: True}).resolve(backend)
-    on = switch != "cuda_kernels" or backend == "cupy"  # the kernels exist on CuPy only
+    # the kernels exist on CuPy only; the threads on NumPy only
+    on = {"cuda_kernels": backend == "cupy", "parallel_grads": backend == "numpy"}.get(switch, True)
     assert alone == dataclasses.replace(REFERENCE, **{switch: on})
     assert Execution(reference=True, decoder_passes="parallel").resolve(backend).decoder_passes == "parallel"
     assert Execution(reference=True, device_step=True).resolve(backend).device_step
 
 
-@pytest.mark.parametrize("kw", [{"blas_threads": "0"}, {"decoder_passes": "both"}, {"upsample_method": "fft"}])
+@pytest.mark.parametrize("kw", [{"blas_threads": "0"}, {"decoder_passes": "both"}, {"upsample_method": "fft"},
+                                {"parallel_grads": "on"}, {"fused": 2}])
 def test_bad_values_are_refused(kw):
     from refimpl.optionspec import OptionError
 
@@ -127,6 +134,7 @@ def fast_twins():
             (BatchNorm, "_forward_fast"), (BatchNorm, "_backward_fast"), (BatchNorm, "_forward_cuda"),
             (BatchNorm, "_backward_cuda"), (Adam, "_update_cuda"), (UpsampleConv2d, "__init__"),
             (Layer, "twin"),  # the E1 decoder pass beside the E2 pass runs on a twin of the decoder
+            (Conv2d, "_grad_gemms_side_by_side"), (UpsampleConv2d, "_grad_gemms_side_by_side"),
             (DeviceStep, "__call__"),
             *((kernels, name) for name in ("adam_update", "im2col", "col2im", "batchnorm_running_update",
                                            "batchnorm_inv_std", "batchnorm_normalize", "batchnorm_backward"))]

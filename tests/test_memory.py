@@ -27,9 +27,11 @@ def test_parameter_count_is_exact(shape, channels, latent):
     assert memory.parameter_count(arch, latent) == sum(p.size for p in model.parameters().values())
 
 
+@pytest.mark.parametrize("parallel_grads", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
-def test_the_training_estimate_covers_a_real_steps_peak(fused):
-    run = Run.build(RunConfig(image_size=16, hyper={"tau": 1.0}), execution=Execution(fused=fused))
+def test_the_training_estimate_covers_a_real_steps_peak(fused, parallel_grads):
+    run = Run.build(RunConfig(image_size=16, hyper={"tau": 1.0}),
+                    execution=Execution(fused=fused, parallel_grads=parallel_grads))
     x = run.next_batch()
     run.state.hit = True  # gates sampled: both decoder passes
     tracemalloc.start()  # from the first step: the arrays layers keep between steps count too
@@ -37,7 +39,8 @@ def test_the_training_estimate_covers_a_real_steps_peak(fused):
     train_step(run.state, x, run.train_rng)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    estimate = memory.activation_count(run.arch, 10, 64) * 4  # two decoder passes side by side (the default)
+    # two decoder passes side by side (the default); with parallel_grads, each conv's second column matrix
+    estimate = memory.activation_count(run.arch, 10, 64, parallel_grads=parallel_grads) * 4
     assert run.state.passes.threads.parallel_passes or threads.cores() < 2
     assert peak <= estimate <= (1.5 if not fused else 15) * peak
 
