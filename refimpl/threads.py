@@ -140,7 +140,6 @@ class DecoderPasses:
     def __init__(self, model, threads: Threads):
         self.model, self.threads = model, threads
         self._twin = None
-        self._pool = None
 
     def __call__(self, z1, z2, mode: str, e1_pass):
         """The decoder's outputs (x1, x2) for z1 = z * nu1 (l. 12, not cached) and z2 = z * nu2 (l. 13, cached).
@@ -157,14 +156,20 @@ class DecoderPasses:
                 for _, layer in self._twin.children():
                     if hasattr(layer, "update_running"):
                         layer.update_running = False  # (h) "batch": E1 leaves the running statistics alone
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="refimpl-e1")
             # the caller's context (NumPy's errstate lives in a context variable) travels with the task
-            x1 = self._pool.submit(contextvars.copy_context().run, self._twin.forward, z1, False)  # l. 12
+            x1 = _e1_pool(os.getpid()).submit(contextvars.copy_context().run, self._twin.forward, z1, False)  # l. 12
             try:
                 x2 = decoder.forward(z2)  # l. 13
             finally:
                 x1 = x1.result()
             return x1, x2
+
+
+@functools.cache
+def _e1_pool(pid: int) -> ThreadPoolExecutor:
+    """The one worker thread of :class:`DecoderPasses`' E1 passes in process ``pid``, made on first use and kept
+    (a forked child makes its own: the parent's thread does not exist there)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="refimpl-e1")
 
 
 GRADS_THREAD = "refimpl-grads"

@@ -77,6 +77,32 @@ def test_device_step_parallel_equals_sequential_bit_for_bit(dtype):
 
 
 @needs_two_cores
+def _two_steps(state, seed):
+    rng, images = generator(seed), generator(seed + 1)
+    return [train_step(state, images.uniform(0, 1, (6, 1, 16, 16)), rng) for _ in range(2)]
+
+
+@needs_two_cores
+def test_parallel_passes_work_in_a_forked_child():
+    """A process forked after the E1 worker started (multiprocessing's fork) gets a worker of its own: the same
+    state steps on in the child (the parent's thread does not exist there) as in the parent."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork here")
+    state = init_state(model_of(np.float64, execution=PARALLEL), Hyper(tau=1e3))
+    _two_steps(state, 1)  # the E1 worker exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=lambda: queue.put(_two_steps(state, 3)))
+    child.start()
+    child.join(60)
+    if child.is_alive():  # waiting on a worker thread the child does not have
+        child.kill()
+        child.join()
+    assert child.exitcode == 0 and queue.get(timeout=5) == _two_steps(state, 3)
+
+
 def test_parallel_passes_run_in_two_threads_and_leave_the_running_statistics_to_e2():
     model = model_of(np.float64, execution=PARALLEL)
     state = init_state(model, Hyper(tau=1e3))
