@@ -44,7 +44,7 @@ def test_train_writes_the_run_folder(trained):
 
     plotted = ["plot.png"] if pyplot() is not None else []
     assert sorted(p.name for p in trained.iterdir()) == sorted(["checkpoint.npz", "config.json", "log.csv",
-                                                                "summary.json", *plotted])  # the lock is gone
+                                                                "sessions.jsonl", "summary.json", *plotted])  # the lock is gone
     cols = read_log(trained / "log.csv")
     assert cols["step"] == list(range(1, 21))
     for key in ("E2", "tau", "gates_l1", "lambda_eff", "hit_fraction", "open_gates", "E1", "C", "C_ma", "loss",

@@ -17,7 +17,7 @@ from refimpl.runlog import read_log
 from refimpl.training import Run
 
 STEPS = 5
-FILES = ["checkpoint.npz", "config.json", "log.csv", "plot.png", "summary.json"]
+FILES = ["checkpoint.npz", "config.json", "log.csv", "plot.png", "sessions.jsonl", "summary.json"]
 
 
 @pytest.fixture(scope="module")

@@ -269,7 +269,7 @@ def test_overwrite_removes_the_old_runs_derived_files_and_only_those(tmp_path, c
     assert {"eval.json", "export", "reconstructions.png", "plot.png", "factors.json", "summary.json"} <= made
     assert main(["train", *TINY_ARGS, "--batches", "2", "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(["checkpoint.npz", "config.json", "log.csv", "notes.txt",
-                                                            "plot.png", "summary.json"])
+                                                            "plot.png", "sessions.jsonl", "summary.json"])
     assert ckpt.load(out / "checkpoint.npz")[1]["step"] == 2 and read_log(out / "log.csv")["step"] == [1, 2]
     assert (out / "notes.txt").read_text() == "mine"
     # export/ holding a file of the user's: refimpl's files go, the user's stays
