@@ -45,6 +45,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+import numpy
+
 from .execution import FastPaths, cores
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
@@ -157,11 +159,12 @@ class DecoderPasses:
                     if hasattr(layer, "update_running"):
                         layer.update_running = False  # (h) "batch": E1 leaves the running statistics alone
             # the caller's context (NumPy's errstate lives in a context variable) travels with the task
-            x1 = _e1_pool(os.getpid()).submit(contextvars.copy_context().run, self._twin.forward, z1, False)  # l. 12
-            try:
-                x2 = decoder.forward(z2)  # l. 13
-            finally:
-                x1 = x1.result()
+            with cores_taken():  # both cores busy: the layers' elementwise lines run whole
+                x1 = _e1_pool(os.getpid()).submit(contextvars.copy_context().run, self._twin.forward, z1, False)  # l. 12
+                try:
+                    x2 = decoder.forward(z2)  # l. 13
+                finally:
+                    x1 = x1.result()
             return x1, x2
 
 
@@ -198,3 +201,47 @@ def side_by_side(f, g):
         wait((future,))  # f may still read what the caller is about to reuse
         raise
     return future.result(), b
+
+
+# ------------------------------------------------------------ elementwise work over the batch's two halves
+
+# parallel_elementwise: an elementwise line runs over the batch's two halves side by side only on maps of at least
+# this many elements (measured: bench/NOTES.md, 2026-12-07, lever 2: THRESHOLD_NOTE).
+ELEMENTWISE_MIN_SIZE = 1 << 18
+
+_cores_taken = contextvars.ContextVar("refimpl_cores_taken", default=False)
+
+
+@contextlib.contextmanager
+def cores_taken():
+    """Inside the block, :func:`elementwise_runner` runs every line whole (the step's threads already hold the cores:
+    the decoder passes side by side). The E1 pass's task copies the context, so it sees this too."""
+    token = _cores_taken.set(True)
+    try:
+        yield
+    finally:
+        _cores_taken.reset(token)
+
+
+def whole(line, n: int) -> None:
+    """line(slice(0, n)): an elementwise line over the whole batch (the reference)."""
+    line(slice(0, n))
+
+
+def in_halves(line, n: int) -> None:
+    """:func:`whole`'s twin: line(slice(0, n // 2)) in the worker thread (:func:`side_by_side`) beside
+    line(slice(n // 2, n)) here. Each element computed by the same operations as whole, so the same values bit
+    for bit; never for a reduction (its sums would be associated differently)."""
+    h = n // 2
+    side_by_side(lambda: line(slice(0, h)), lambda: line(slice(h, n)))
+
+
+def elementwise_runner(paths: FastPaths, a):
+    """:func:`in_halves` for elementwise lines over arrays shaped like ``a`` (batch first) where
+    ``paths.parallel_elementwise``, ``a`` is a NumPy array of at least :data:`ELEMENTWISE_MIN_SIZE` elements and
+    two images, and no other thread of the step holds the second core; else :func:`whole`."""
+    if (paths.parallel_elementwise and type(a) is numpy.ndarray and a.size >= ELEMENTWISE_MIN_SIZE
+            and a.shape[0] >= 2 and not _cores_taken.get()
+            and not threading.current_thread().name.startswith(GRADS_THREAD)):
+        return in_halves
+    return whole
