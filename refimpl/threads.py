@@ -206,8 +206,8 @@ def side_by_side(f, g):
 # ------------------------------------------------------------ elementwise work over the batch's two halves
 
 # parallel_elementwise: an elementwise line runs over the batch's two halves side by side only on maps of at least
-# this many elements (measured: bench/NOTES.md, 2026-12-07, lever 2: THRESHOLD_NOTE).
-ELEMENTWISE_MIN_SIZE = 1 << 18
+# this many bytes (measured: bench/NOTES.md, 2026-12-07, lever 2: THRESHOLD_NOTE).
+ELEMENTWISE_MIN_BYTES = 4 << 20
 
 _cores_taken = contextvars.ContextVar("refimpl_cores_taken", default=False)
 
@@ -232,15 +232,17 @@ def in_halves(line, n: int) -> None:
     """:func:`whole`'s twin: line(slice(0, n // 2)) in the worker thread (:func:`side_by_side`) beside
     line(slice(n // 2, n)) here. Each element computed by the same operations as whole, so the same values bit
     for bit; never for a reduction (its sums would be associated differently)."""
+    if n < 2:
+        return line(slice(0, n))
     h = n // 2
     side_by_side(lambda: line(slice(0, h)), lambda: line(slice(h, n)))
 
 
 def elementwise_runner(paths: FastPaths, a):
     """:func:`in_halves` for elementwise lines over arrays shaped like ``a`` (batch first) where
-    ``paths.parallel_elementwise``, ``a`` is a NumPy array of at least :data:`ELEMENTWISE_MIN_SIZE` elements and
+    ``paths.parallel_elementwise``, ``a`` is a NumPy array of at least :data:`ELEMENTWISE_MIN_BYTES` and
     two images, and no other thread of the step holds the second core; else :func:`whole`."""
-    if (paths.parallel_elementwise and type(a) is numpy.ndarray and a.size >= ELEMENTWISE_MIN_SIZE
+    if (paths.parallel_elementwise and type(a) is numpy.ndarray and a.nbytes >= ELEMENTWISE_MIN_BYTES
             and a.shape[0] >= 2 and not _cores_taken.get()
             and not threading.current_thread().name.startswith(GRADS_THREAD)):
         return in_halves

@@ -60,7 +60,7 @@ class FastTwinCalled(Exception):
 @pytest.fixture(autouse=True)
 def split_every_map(monkeypatch):
     """parallel_elementwise splits maps of any size here (the tiny runs' maps are all below its threshold)."""
-    monkeypatch.setattr(threads_module, "ELEMENTWISE_MIN_SIZE", 0)
+    monkeypatch.setattr(threads_module, "ELEMENTWISE_MIN_BYTES", 0)
 
 
 def trace(tmp_path, name, execution, backend="numpy", dtype="float64", size=16, steps=3):

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from refimpl import threads
 from refimpl.execution import Execution, cores
 from refimpl.layers import BatchNorm, LeakyReLU
+from refimpl.layers.im2col import _col2im_phases, _im2col_phases, _phase_offsets
 from refimpl.layers.upsample_conv2d import UpsampleConv2d
 from refimpl.optionspec import OptionError
 from refimpl.rng import generator
@@ -36,7 +37,7 @@ dtypes = st.sampled_from([np.float32, np.float64])
 @pytest.fixture(autouse=True)
 def split_every_map(monkeypatch):
     """The threshold at 0, and a count of the splits made."""
-    monkeypatch.setattr(threads, "ELEMENTWISE_MIN_SIZE", 0)
+    monkeypatch.setattr(threads, "ELEMENTWISE_MIN_BYTES", 0)
 
 
 def count_splits(monkeypatch):
@@ -99,6 +100,22 @@ def test_upsample_conv2d_col2im_phases_in_halves_equal_in_order(n, c, o, h, w, d
     assert_bit_for_bit(on, off)
 
 
+@given(n=st.integers(1, 6), c=st.integers(1, 5), h=st.integers(1, 5), w=st.integers(1, 5),
+       conv=st.sampled_from([(4, 2, 1), (3, 2, 1), (3, 1, 1), (2, 2, 0), (1, 1, 0)]), dtype=dtypes, seed=seeds)
+def test_im2col_and_col2im_phases_in_halves_equal_whole(n, c, h, w, conv, dtype, seed):
+    kernel, stride, padding = ((conv[0],) * 2, (conv[1],) * 2, (conv[2],) * 2)
+    shape = (n, c, stride[0] * h, stride[1] * w)
+    assume(_phase_offsets(shape, kernel, stride, padding) is not None)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    cols = _im2col_phases(x, kernel, stride, padding, paths=ON)
+    assert np.array_equal(cols, _im2col_phases(x, kernel, stride, padding, paths=OFF))
+    dcols = rng.standard_normal(cols.shape).astype(dtype)
+    dx = _col2im_phases(dcols.copy(), shape, kernel, stride, padding, paths=ON)
+    assert dx.dtype == dtype and np.array_equal(dx, _col2im_phases(dcols.copy(), shape, kernel, stride, padding,
+                                                                   paths=OFF))
+
+
 def test_the_twins_split(monkeypatch):
     calls = count_splits(monkeypatch)
     x = np.random.default_rng(0).standard_normal((4, 3, 5, 5))
@@ -122,8 +139,9 @@ def test_where_the_split_runs(monkeypatch):
     assert elementwise_runner(ON, x) is in_halves
     assert side_by_side(lambda: elementwise_runner(ON, x), lambda: None)[0] is whole  # the worker itself
     assert elementwise_runner(ON, x.tolist()) is whole  # not a NumPy array (CuPy's arrays neither)
-    monkeypatch.setattr(threads, "ELEMENTWISE_MIN_SIZE", 13)
+    monkeypatch.setattr(threads, "ELEMENTWISE_MIN_BYTES", 13 * 8)
     assert elementwise_runner(ON, x) is whole and elementwise_runner(ON, np.zeros((2, 7))) is in_halves
+    assert elementwise_runner(ON, np.zeros((2, 7), np.float32)) is whole  # the threshold is in bytes
     seen = []
     in_halves(lambda s: seen.append((s, threading.current_thread().name)), 5)
     assert sorted(s.indices(5) for s, _ in seen) == [(0, 2, 1), (2, 5, 1)]

@@ -246,7 +246,7 @@ class UpsampleConv2d(Layer):
                         for u in (0, 1):
                             if (t, u) != (1 - p, 1 - q):
                                 self.shift(dz8[p, q, t, u], unshifted, 1 - p - t, 1 - q - u)
-        elementwise_runner(self.paths, dy)(phases, 2)  # p = 0, 1 in order, or side by side (copies only)
+        elementwise_runner(self.paths, dz)(phases, 2)  # p = 0, 1 in order, or side by side (copies only)
         dk, dxt = self._grad_gemms(dz, xt, kernels)  # dz @ xt.T, kernels.T @ dz
         dk = dk.reshape(2, 2, 2, 2, o, c).transpose(0, 1, 4, 5, 2, 3)
         self.grads["weight"] += phase_kernels_transpose(dk)
