@@ -1,9 +1,10 @@
-"""How the CPU step uses the machine's cores: BLAS threads, l. 12 beside l. 13, and dW beside dx.
+"""How the CPU step uses the machine's cores: BLAS threads, l. 12 beside l. 13, dW beside dx, elementwise halves.
 
-Three switches of the execution setting (:class:`refimpl.execution.Execution`,
-``refimpl train --blas-threads``, ``--decoder-passes``, ``--parallel-grads``), not part of a run, resolved once
-for a model (:func:`resolve`, from its :class:`~refimpl.execution.FastPaths`) and kept in
-:class:`refimpl.algorithm1.TrainState` as its :class:`DecoderPasses`:
+Four switches of the execution setting (:class:`refimpl.execution.Execution`, ``refimpl train
+--blas-threads``, ``--decoder-passes``, ``--parallel-grads``, ``--parallel-elementwise``), not part of
+a run, resolved once for a model (:func:`resolve`, from its :class:`~refimpl.execution.FastPaths`) and
+kept in :class:`refimpl.algorithm1.TrainState` as its :class:`DecoderPasses` (the last two: read by the
+layers from their ``paths``):
 
 - ``blas_threads``: the threads OpenBLAS (NumPy's GEMMs) may use in the step. ``auto``:
   one for a model whose GEMMs are small (the 16x16 and 28x28 models), half the cores for
@@ -26,6 +27,14 @@ for a model (:func:`resolve`, from its :class:`~refimpl.execution.FastPaths`) an
   layers read the switch from their ``paths`` (their ``_grad_gemms_side_by_side`` twins). Both
   GEMMs run whole, on the step's BLAS threads, as in order: never one GEMM split over threads,
   which OpenBLAS rounds differently in float32.
+- ``parallel_elementwise``: elementwise lines over two halves, one in the same worker thread
+  (:func:`in_halves`), the other in the calling thread: BatchNorm's fast twin (centring, the
+  affine line, the backward's lines; never its per-channel sums), LeakyReLU both ways, the
+  encoder's im2col and col2im through stride phases (copies by kernel row, sums by row phase,
+  each sum in its order) and UpsampleConv2d's col2im backward phases. Each element is computed
+  by the same operations as whole, so the same numbers bit for bit. Only on maps of
+  :data:`ELEMENTWISE_MIN_BYTES` or more (:func:`elementwise_runner`), and not while the decoder
+  passes run side by side (:func:`cores_taken`: both cores are busy then).
 
 Each decoder pass runs its GEMMs on half the step's BLAS threads (at least one), in order
 and side by side alike: OpenBLAS's float32 GEMMs round differently with 1 and 2 threads
@@ -158,9 +167,10 @@ class DecoderPasses:
                 for _, layer in self._twin.children():
                     if hasattr(layer, "update_running"):
                         layer.update_running = False  # (h) "batch": E1 leaves the running statistics alone
-            # the caller's context (NumPy's errstate lives in a context variable) travels with the task
             with cores_taken():  # both cores busy: the layers' elementwise lines run whole
-                x1 = _e1_pool(os.getpid()).submit(contextvars.copy_context().run, self._twin.forward, z1, False)  # l. 12
+                # the caller's context (NumPy's errstate lives in a context variable) travels with the task
+                context = contextvars.copy_context()
+                x1 = _e1_pool(os.getpid()).submit(context.run, self._twin.forward, z1, False)  # l. 12
                 try:
                     x2 = decoder.forward(z2)  # l. 13
                 finally:
