@@ -215,8 +215,11 @@ def side_by_side(f, g):
 
 # ------------------------------------------------------------ elementwise work over the batch's two halves
 
-# parallel_elementwise: an elementwise line runs over the batch's two halves side by side only on maps of at least
-# this many bytes (measured: bench/NOTES.md, 2026-12-07, lever 2: THRESHOLD_NOTE).
+# parallel_elementwise: an elementwise line runs over two halves side by side only on arrays of at least this many
+# bytes. Measured (bench/NOTES.md, 2026-12-07, lever 2; idle 2-CPU VM): a hand-over to the worker costs ~30-60 us
+# here, so LeakyReLU's forward + backward over two halves took 1.19x its whole time on a 2 MiB float32 map, 0.99x
+# on 2 MiB of float64, 0.70x on 4 MiB and 0.50x on 8 MiB; in the gated 64x64 step (one process, on/off) thresholds
+# of 1 / 2 / 4 / 8 MiB gave 1.07 / 1.05 / 1.00 / 1.00 (64x64x1 float32) and 0.95 / 0.93 / 0.92 / 0.92 (64x64x3 float32).
 ELEMENTWISE_MIN_BYTES = 4 << 20
 
 _cores_taken = contextvars.ContextVar("refimpl_cores_taken", default=False)
