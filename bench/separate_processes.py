@@ -233,7 +233,8 @@ def main(argv=None):
 
     paths = execution.resolve(args.backend)
     env["refimpl"] = (f"{Path(refimpl.__file__).resolve().parents[1]}, execution: {args.execution or 'the default'} "
-                      f"(parallel_grads={paths.parallel_grads}, decoder_passes={paths.decoder_passes}, "
+                      f"(parallel_grads={paths.parallel_grads}, parallel_elementwise={paths.parallel_elementwise}, "
+                      f"decoder_passes={paths.decoder_passes}, "
                       f"blas_threads={paths.blas_threads})")
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
     steps = ["gated", "plain"] if args.step == "both" else [args.step]

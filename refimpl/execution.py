@@ -74,6 +74,11 @@ class Execution:
                                                "gradient's (NumPy; one more column matrix per layer); bit for bit "
                                                "(default: on with NumPy and 2 cores or more, off where "
                                                "--blas-threads N is over half the cores)", parse=bool)
+    parallel_elementwise: bool | None = option(None, "the elementwise lines of BatchNorm's fast twin, LeakyReLU and "
+                                                     "the fused decoder block's backward phases over two halves "
+                                                     "(of the batch, or of the phases) in two threads, on maps "
+                                                     "large enough to pay; never a reduction (NumPy); bit for bit "
+                                                     "(default: on with NumPy and 2 cores or more)", parse=bool)
     blas_threads: str = option("auto", "BLAS threads for the step's GEMMs, each decoder pass using half of them: "
                                "auto (1 for small models, half the cores for larger ones; $OPENBLAS_NUM_THREADS or "
                                "$OMP_NUM_THREADS when set) or a number. Numbers depend on it (OpenBLAS's rounding)",
@@ -113,6 +118,7 @@ class Execution:
             # two GEMMs at once, each on the step's BLAS threads: by default only where both fit the cores
             parallel_grads=not cupy and on(self.parallel_grads, cores() >= 2 and (
                 self.blas_threads == "auto" or 2 * int(self.blas_threads) <= cores())),
+            parallel_elementwise=not cupy and on(self.parallel_elementwise, cores() >= 2),
             blas_threads=str(self.blas_threads),
         )
 
@@ -131,6 +137,7 @@ class FastPaths:
     device_step: bool = False  # refimpl/device_step.py after the first hit, else train_step
     decoder_passes: str = "sequential"  # refimpl/threads.py
     parallel_grads: bool = False  # Conv2d's and UpsampleConv2d's backward: dW's GEMM beside dx's (refimpl/threads.py)
+    parallel_elementwise: bool = False  # BatchNorm, LeakyReLU, UpsampleConv2d: elementwise lines in halves (threads.py)
     blas_threads: str = "auto"
 
     def to_dict(self) -> dict:

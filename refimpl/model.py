@@ -161,7 +161,7 @@ def build_encoder(arch: Architecture, n_latent: int, *, rng, xp, dtype, paths) -
         layers += [
             (f"conv{i}", Conv2d(in_ch, spec.channels, spec.kernel, spec.stride, spec.padding, rng=rng, xp=xp,
                                 dtype=dtype, init=arch.init, input_grad=i > 1, paths=paths)),  # no dx for the image
-            (f"act{i}", LeakyReLU(arch.leaky_slope)),
+            (f"act{i}", LeakyReLU(arch.leaky_slope, paths=paths)),
             (f"bn{i}", BatchNorm(spec.channels, arch.bn_momentum, arch.bn_eps, arch.bn_running_var, xp=xp, dtype=dtype,
                                  paths=paths)),
         ]
@@ -170,7 +170,7 @@ def build_encoder(arch: Architecture, n_latent: int, *, rng, xp, dtype, paths) -
     layers += [
         ("flatten", Flatten()),
         ("fc1", Linear(flat, arch.hidden, rng=rng, xp=xp, dtype=dtype, init=arch.init)),
-        ("act_fc1", LeakyReLU(arch.leaky_slope)),
+        ("act_fc1", LeakyReLU(arch.leaky_slope, paths=paths)),
         ("fc2", Linear(arch.hidden, 2 * n_latent, rng=rng, xp=xp, dtype=dtype, init=arch.init)),
     ]
     return Sequential(*layers)
@@ -186,9 +186,9 @@ def build_decoder(arch: Architecture, n_latent: int, *, rng, xp, dtype, paths) -
     feature = arch.encoder_feature_shape()
     layers = [
         ("fc1", Linear(n_latent, arch.hidden, rng=rng, xp=xp, dtype=dtype, init=arch.init)),
-        ("act_fc1", LeakyReLU(arch.leaky_slope)),
+        ("act_fc1", LeakyReLU(arch.leaky_slope, paths=paths)),
         ("fc2", Linear(arch.hidden, math.prod(feature), rng=rng, xp=xp, dtype=dtype, init=arch.init)),
-        ("act_fc2", LeakyReLU(arch.leaky_slope)),
+        ("act_fc2", LeakyReLU(arch.leaky_slope, paths=paths)),
         ("reshape", Reshape(feature)),
     ]
     in_ch, last = feature[0], len(arch.decoder_convs)
@@ -202,7 +202,7 @@ def build_decoder(arch: Architecture, n_latent: int, *, rng, xp, dtype, paths) -
             layers.append((f"up{i}", Upsample(2)))
             layers.append((f"conv{i}", Conv2d(in_ch, spec.channels, spec.kernel, spec.stride, spec.padding, rng=rng,
                                               xp=xp, dtype=dtype, init=arch.init, paths=paths)))
-        layers.append((f"act{i}", Sigmoid() if i == last else LeakyReLU(arch.leaky_slope)))
+        layers.append((f"act{i}", Sigmoid() if i == last else LeakyReLU(arch.leaky_slope, paths=paths)))
         in_ch = spec.channels
     return Sequential(*layers)
 

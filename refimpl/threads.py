@@ -1,9 +1,10 @@
-"""How the CPU step uses the machine's cores: BLAS threads, l. 12 beside l. 13, and dW beside dx.
+"""How the CPU step uses the machine's cores: BLAS threads, l. 12 beside l. 13, dW beside dx, elementwise halves.
 
-Three switches of the execution setting (:class:`refimpl.execution.Execution`,
-``refimpl train --blas-threads``, ``--decoder-passes``, ``--parallel-grads``), not part of a run, resolved once
-for a model (:func:`resolve`, from its :class:`~refimpl.execution.FastPaths`) and kept in
-:class:`refimpl.algorithm1.TrainState` as its :class:`DecoderPasses`:
+Four switches of the execution setting (:class:`refimpl.execution.Execution`, ``refimpl train
+--blas-threads``, ``--decoder-passes``, ``--parallel-grads``, ``--parallel-elementwise``), not part of
+a run, resolved once for a model (:func:`resolve`, from its :class:`~refimpl.execution.FastPaths`) and
+kept in :class:`refimpl.algorithm1.TrainState` as its :class:`DecoderPasses` (the last two: read by the
+layers from their ``paths``):
 
 - ``blas_threads``: the threads OpenBLAS (NumPy's GEMMs) may use in the step. ``auto``:
   one for a model whose GEMMs are small (the 16x16 and 28x28 models), half the cores for
@@ -26,6 +27,14 @@ for a model (:func:`resolve`, from its :class:`~refimpl.execution.FastPaths`) an
   layers read the switch from their ``paths`` (their ``_grad_gemms_side_by_side`` twins). Both
   GEMMs run whole, on the step's BLAS threads, as in order: never one GEMM split over threads,
   which OpenBLAS rounds differently in float32.
+- ``parallel_elementwise``: elementwise lines over two halves, one in the same worker thread
+  (:func:`in_halves`), the other in the calling thread: BatchNorm's fast twin (centring, the
+  affine line, the backward's lines; never its per-channel sums), LeakyReLU both ways, the
+  encoder's im2col and col2im through stride phases (copies by kernel row, sums by row phase,
+  each sum in its order) and UpsampleConv2d's col2im backward phases. Each element is computed
+  by the same operations as whole, so the same numbers bit for bit. Only on maps of
+  :data:`ELEMENTWISE_MIN_BYTES` or more (:func:`elementwise_runner`), and not while the decoder
+  passes run side by side (:func:`cores_taken`: both cores are busy then).
 
 Each decoder pass runs its GEMMs on half the step's BLAS threads (at least one), in order
 and side by side alike: OpenBLAS's float32 GEMMs round differently with 1 and 2 threads
@@ -44,6 +53,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+
+import numpy
 
 from .execution import FastPaths, cores
 
@@ -156,12 +167,14 @@ class DecoderPasses:
                 for _, layer in self._twin.children():
                     if hasattr(layer, "update_running"):
                         layer.update_running = False  # (h) "batch": E1 leaves the running statistics alone
-            # the caller's context (NumPy's errstate lives in a context variable) travels with the task
-            x1 = _e1_pool(os.getpid()).submit(contextvars.copy_context().run, self._twin.forward, z1, False)  # l. 12
-            try:
-                x2 = decoder.forward(z2)  # l. 13
-            finally:
-                x1 = x1.result()
+            with cores_taken():  # both cores busy: the layers' elementwise lines run whole
+                # the caller's context (NumPy's errstate lives in a context variable) travels with the task
+                context = contextvars.copy_context()
+                x1 = _e1_pool(os.getpid()).submit(context.run, self._twin.forward, z1, False)  # l. 12
+                try:
+                    x2 = decoder.forward(z2)  # l. 13
+                finally:
+                    x1 = x1.result()
             return x1, x2
 
 
@@ -198,3 +211,52 @@ def side_by_side(f, g):
         wait((future,))  # f may still read what the caller is about to reuse
         raise
     return future.result(), b
+
+
+# ------------------------------------------------------------ elementwise work over the batch's two halves
+
+# parallel_elementwise: an elementwise line runs over two halves side by side only on arrays of at least this many
+# bytes. Measured (bench/NOTES.md, 2026-12-07, lever 2; idle 2-CPU VM): a hand-over to the worker costs ~30-60 us
+# here, so LeakyReLU's forward + backward over two halves took 1.19x its whole time on a 2 MiB float32 map, 0.99x
+# on 2 MiB of float64, 0.70x on 4 MiB and 0.50x on 8 MiB; in the gated 64x64 step (one process, on/off) thresholds
+# of 1 / 2 / 4 / 8 MiB gave 1.07 / 1.05 / 1.00 / 1.00 (64x64x1 float32) and 0.95 / 0.93 / 0.92 / 0.92 (64x64x3 float32).
+ELEMENTWISE_MIN_BYTES = 4 << 20
+
+_cores_taken = contextvars.ContextVar("refimpl_cores_taken", default=False)
+
+
+@contextlib.contextmanager
+def cores_taken():
+    """Inside the block, :func:`elementwise_runner` runs every line whole (the step's threads already hold the cores:
+    the decoder passes side by side). The E1 pass's task copies the context, so it sees this too."""
+    token = _cores_taken.set(True)
+    try:
+        yield
+    finally:
+        _cores_taken.reset(token)
+
+
+def whole(line, n: int) -> None:
+    """line(slice(0, n)): an elementwise line over the whole batch (the reference)."""
+    line(slice(0, n))
+
+
+def in_halves(line, n: int) -> None:
+    """:func:`whole`'s twin: line(slice(0, n // 2)) in the worker thread (:func:`side_by_side`) beside
+    line(slice(n // 2, n)) here. Each element computed by the same operations as whole, so the same values bit
+    for bit; never for a reduction (its sums would be associated differently)."""
+    if n < 2:
+        return line(slice(0, n))
+    h = n // 2
+    side_by_side(lambda: line(slice(0, h)), lambda: line(slice(h, n)))
+
+
+def elementwise_runner(paths: FastPaths, a):
+    """:func:`in_halves` for elementwise lines over arrays shaped like ``a`` (batch first) where
+    ``paths.parallel_elementwise``, ``a`` is a NumPy array of at least :data:`ELEMENTWISE_MIN_BYTES` and
+    two images, and no other thread of the step holds the second core; else :func:`whole`."""
+    if (paths.parallel_elementwise and type(a) is numpy.ndarray and a.nbytes >= ELEMENTWISE_MIN_BYTES
+            and a.shape[0] >= 2 and not _cores_taken.get()
+            and not threading.current_thread().name.startswith(GRADS_THREAD)):
+        return in_halves
+    return whole

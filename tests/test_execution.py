@@ -3,7 +3,7 @@
 Each fast path is switched on alone on top of the reference (``--reference --PATH``) and the
 two traces (refimpl/trace.py) are compared tensor by tensor: bit for bit where the twin
 claims it (im2col's stride phases, the flat shifts, the decoder passes side by side, the
-convolutions' backward GEMMs side by side), to a
+convolutions' backward GEMMs side by side, the elementwise lines over two halves), to a
 stated tolerance where it does not (the fused decoder block, BatchNorm's fast twin, and the
 default setting with every fast path). ``--reference`` reaches every plain twin: with the
 fast twins patched to raise, a run trains, resumes, traces and evaluates under it. Runs made
@@ -25,7 +25,8 @@ from refimpl.compare import compare_traces
 from refimpl.config import new_config
 from refimpl.device_step import DeviceStep
 from refimpl.execution import REFERENCE, Execution, FastPaths, cores
-from refimpl.layers import BatchNorm, Conv2d
+from refimpl import threads as threads_module
+from refimpl.layers import BatchNorm, Conv2d, LeakyReLU
 from refimpl.layers import im2col as im2col_module
 from refimpl.layers import shift as shift_module
 from refimpl.layers.layer import Layer
@@ -43,7 +44,8 @@ RTOL, PARAM_RTOL = 1e-9, 1e-7
 BIT_FOR_BIT = {"im2col_phases": ({"im2col_phases": True}, {"im2col_phases": False}),
                "shift_flat": ({"im2col_phases": True, "shift_flat": True}, {"shift_flat": False}),
                "decoder_passes": ({"decoder_passes": "parallel"}, {"decoder_passes": "sequential"}),
-               "parallel_grads": ({"parallel_grads": True}, {"parallel_grads": False})}
+               "parallel_grads": ({"parallel_grads": True}, {"parallel_grads": False}),
+               "parallel_elementwise": ({"parallel_elementwise": True}, {"parallel_elementwise": False})}
 # the fast path alone on top of the reference; None: every fast path (the default setting)
 TO_ROUNDING = {"fused": {"fused": True}, "fused_im2col": {"fused": True, "upsample_method": "im2col"},
                "fused_col2im": {"fused": True, "upsample_method": "col2im"}, "fast_batchnorm": {"fast_batchnorm": True},
@@ -53,6 +55,12 @@ CUPY_ONLY = ("cuda_kernels",)
 
 class FastTwinCalled(Exception):
     pass
+
+
+@pytest.fixture(autouse=True)
+def split_every_map(monkeypatch):
+    """parallel_elementwise splits maps of any size here (the tiny runs' maps are all below its threshold)."""
+    monkeypatch.setattr(threads_module, "ELEMENTWISE_MIN_BYTES", 0)
 
 
 def trace(tmp_path, name, execution, backend="numpy", dtype="float64", size=16, steps=3):
@@ -71,22 +79,25 @@ def test_the_reference_and_the_default_setting():
     assert Execution(reference=True).resolve("numpy") == Execution(reference=True).resolve("cupy") == REFERENCE
     assert REFERENCE == FastPaths(fused=False, fast_batchnorm=False, cuda_kernels=False, im2col_phases=False,
                                   shift_flat=False, device_step=False, decoder_passes="sequential",
-                                  parallel_grads=False)
+                                  parallel_grads=False, parallel_elementwise=False)
     assert fast == dataclasses.replace(REFERENCE, fused=True, fast_batchnorm=True, im2col_phases=True, shift_flat=True,
-                                       decoder_passes="parallel", parallel_grads=cores() >= 2)
+                                       decoder_passes="parallel", parallel_grads=cores() >= 2,
+                                       parallel_elementwise=cores() >= 2)
     # the faster twins on a GPU; no threads there
-    assert cupy == dataclasses.replace(fast, fused=False, cuda_kernels=True, parallel_grads=False)
+    assert cupy == dataclasses.replace(fast, fused=False, cuda_kernels=True, parallel_grads=False,
+                                       parallel_elementwise=False)
 
 
 @pytest.mark.parametrize("switch", ["fused", "fast_batchnorm", "cuda_kernels", "im2col_phases", "shift_flat",
-                                    "parallel_grads"])
+                                    "parallel_grads", "parallel_elementwise"])
 @pytest.mark.parametrize("backend", ["numpy", "cupy"])
 def test_each_fast_path_switches_off_and_on_alone(switch, backend):
     default = Execution().resolve(backend)
     assert Execution(**{switch: False}).resolve(backend) == dataclasses.replace(default, **{switch: False})
     alone = Execution(reference=True, **{switch: True}).resolve(backend)
     # the kernels exist on CuPy only; the threads on NumPy only
-    on = {"cuda_kernels": backend == "cupy", "parallel_grads": backend == "numpy"}.get(switch, True)
+    on = {"cuda_kernels": backend == "cupy", "parallel_grads": backend == "numpy",
+          "parallel_elementwise": backend == "numpy"}.get(switch, True)
     assert alone == dataclasses.replace(REFERENCE, **{switch: on})
     assert Execution(reference=True, decoder_passes="parallel").resolve(backend).decoder_passes == "parallel"
     assert Execution(reference=True, device_step=True).resolve(backend).device_step
@@ -135,6 +146,7 @@ def fast_twins():
             (BatchNorm, "_backward_cuda"), (Adam, "_update_cuda"), (UpsampleConv2d, "__init__"),
             (Layer, "twin"),  # the E1 decoder pass beside the E2 pass runs on a twin of the decoder
             (Conv2d, "_grad_gemms_side_by_side"), (UpsampleConv2d, "_grad_gemms_side_by_side"),
+            (threads_module, "in_halves"), (LeakyReLU, "_forward_in_halves"), (LeakyReLU, "_backward_in_halves"),
             (DeviceStep, "__call__"),
             *((kernels, name) for name in ("adam_update", "im2col", "col2im", "batchnorm_running_update",
                                            "batchnorm_inv_std", "batchnorm_normalize", "batchnorm_backward"))]

@@ -49,6 +49,7 @@ import numpy
 from .. import kernels
 from ..backend import array_module
 from ..execution import default_paths
+from ..threads import elementwise_runner
 from .layer import Layer
 
 RUNNING_VARS = ("biased", "unbiased")
@@ -181,19 +182,25 @@ class BatchNorm(Layer):
     def _forward_fast(self, x, axes, bshape, cache):
         """The plain twin's y in fewer passes (module docstring); keeps centred = x - mean. -> y, (centred, inv_std)"""
         weight, bias = self._affine(bshape)
+        xp, each = array_module(x), elementwise_runner(self.paths, x)  # each line whole, or over two halves
+        centred = xp.empty_like(x)
         if self.training:
             count = self._count(x)
             mean = x.mean(axis=axes, keepdims=True)
-            centred = x - mean
+            each(lambda s: xp.subtract(x[s], mean, out=centred[s]), len(x))  # centred = x - mean
             var = (_channel_dot(centred, centred) / count).reshape(bshape)  # sum(centred^2): no squares array
             self._record(mean, var, count)
         else:
             mean, var = self._running(bshape)
-            centred = x - mean
+            each(lambda s: xp.subtract(x[s], mean, out=centred[s]), len(x))
         inv_std = 1.0 / (var + self.eps) ** 0.5
         factor = weight * inv_std  # the per-channel factors folded before touching the map
-        y = centred * factor if cache else array_module(x).multiply(centred, factor, out=centred)  # not kept
-        y += bias
+        y = xp.empty_like(centred) if cache else centred  # centred is not kept: y in its array
+
+        def affine(s):  # y = centred * factor + bias
+            part = xp.multiply(centred[s], factor, out=y[s])
+            part += bias
+        each(affine, len(x))
         return y, (centred, inv_std)
 
     def _backward_fast(self, dy, centred, inv_std, axes, bshape, training):
@@ -203,13 +210,21 @@ class BatchNorm(Layer):
         self.grads["bias"] += sum_dy.reshape(-1)
         self.grads["weight"] += sum_dy_x_hat.reshape(-1)
         scale = self._affine(bshape)[0] * inv_std  # dy/dx_hat * dx_hat/dx, per channel
+        xp, each = array_module(dy), elementwise_runner(self.paths, dy)  # each line whole, or over two halves
+        dx = xp.empty_like(dy)
         if not training:
-            return dy * scale
+            each(lambda s: xp.multiply(dy[s], scale, out=dx[s]), len(dy))  # dx = dy * scale
+            return dx
         m = dy.size // self.num_features
-        dx = dy * scale
-        centred *= inv_std * (sum_dy_x_hat / m) * scale  # x_hat's term, in centred's own array: the cache is spent
-        dx -= centred
-        dx -= (sum_dy / m) * scale
+        x_hat_factor = inv_std * (sum_dy_x_hat / m) * scale  # per channel
+        mean_term = (sum_dy / m) * scale
+
+        def lines(s):
+            part, term = xp.multiply(dy[s], scale, out=dx[s]), centred[s]  # dx = dy * scale
+            term *= x_hat_factor  # x_hat's term, in centred's own array: the cache is spent
+            part -= term
+            part -= mean_term
+        each(lines, len(dy))
         return dx
 
     # ------------------------------------------------------------ the CUDA-kernel twin

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from .. import kernels
 from ..backend import array_module
-from ..execution import default_paths
+from ..execution import REFERENCE, default_paths
+from ..threads import elementwise_runner
 from .shift import shift_flat, shift_for
 
 
@@ -50,7 +51,7 @@ def im2col(x, kernel, stride, padding, buffer=None, paths=None):
     if paths.cuda_kernels:
         return kernels.im2col(x, kernel, stride, padding, _output_hw(x.shape, kernel, stride, padding))
     if paths.im2col_phases and _phase_offsets(x.shape, kernel, stride, padding) is not None:
-        return _im2col_phases(x, kernel, stride, padding, buffer, shift_for(paths.shift_flat))
+        return _im2col_phases(x, kernel, stride, padding, buffer, shift_for(paths.shift_flat), paths)
     return _im2col_windows(x, kernel, stride, padding, buffer)
 
 
@@ -93,7 +94,7 @@ def col2im(cols, x_shape, kernel, stride, padding, overwrite_cols=False, paths=N
     if paths.cuda_kernels:
         return kernels.col2im(cols, x_shape, kernel, stride, padding, _output_hw(x_shape, kernel, stride, padding))
     if paths.im2col_phases and overwrite_cols and _phase_offsets(x_shape, kernel, stride, padding) is not None:
-        return _col2im_phases(cols, x_shape, kernel, stride, padding, shift_for(paths.shift_flat))
+        return _col2im_phases(cols, x_shape, kernel, stride, padding, shift_for(paths.shift_flat), paths)
     return _col2im_windows(cols, x_shape, kernel, stride, padding)
 
 
@@ -128,26 +129,35 @@ def _phase_offsets(x_shape, kernel, stride, padding):
     return offsets
 
 
-def _im2col_phases(x, kernel, stride, padding, buffer=None, shift=shift_flat):
+def _im2col_phases(x, kernel, stride, padding, buffer=None, shift=shift_flat, paths=REFERENCE):
     """im2col through x's stride phases: x: (N, C, H, W) -> cols: (C*kh*kw, N*Ho*Wo), equal to the loop's.
-    ``shift``: :func:`~refimpl.layers.shift.shift_flat` or its reference twin."""
+    ``shift``: :func:`~refimpl.layers.shift.shift_flat` or its reference twin. With ``paths.parallel_elementwise``
+    (large arrays), the phases' copy over the batch's halves and the shifted copies over the kernel rows' halves
+    side by side (:func:`refimpl.threads.elementwise_runner`; copies only: the same arrays)."""
     xp = array_module(x)
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x.shape
     ho, wo = h // sh, w // sw
     rows, columns = _phase_offsets(x.shape, kernel, stride, padding)
     phases = xp.empty((sh, sw, c, n, ho, wo), dtype=x.dtype)  # phases[a, b, c, n, i, j] = x[n, c, sh i + a, sw j + b]
-    phases[...] = x.reshape(n, c, ho, sh, wo, sw).transpose(3, 5, 1, 0, 2, 4)
+
+    def split(s):
+        phases[:, :, :, s] = x[s].reshape(-1, c, ho, sh, wo, sw).transpose(3, 5, 1, 0, 2, 4)
+    elementwise_runner(paths, x)(split, n)
     cols = _columns(n, c, kernel, (ho, wo), x.dtype, xp, buffer)
-    for i, a, di in rows:
-        for j, b, dj in columns:
-            shift(cols[:, i, j], phases[a, b], di, dj)
+
+    def copies(part):  # each writes only its own cols[:, i, j]
+        for i, a, di in rows[part]:
+            for j, b, dj in columns:
+                shift(cols[:, i, j], phases[a, b], di, dj)
+    elementwise_runner(paths, cols)(copies, len(rows))
     return cols.reshape(c * kh * kw, n * ho * wo)
 
 
-def _col2im_phases(cols, x_shape, kernel, stride, padding, shift=shift_flat):
+def _col2im_phases(cols, x_shape, kernel, stride, padding, shift=shift_flat, paths=REFERENCE):
     """col2im through dx's stride phases (cols is overwritten): the loop's sums, in the loop's order, from 0.
-    ``shift``: as :func:`_im2col_phases`'s."""
+    ``shift``: as :func:`_im2col_phases`'s. With ``paths.parallel_elementwise`` (large arrays), the row phases a
+    side by side, each summing its own phases[a] in the loop's order, then dx's copy over the batch's halves."""
     xp = array_module(cols)
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x_shape
@@ -155,9 +165,16 @@ def _col2im_phases(cols, x_shape, kernel, stride, padding, shift=shift_flat):
     rows, columns = _phase_offsets(x_shape, kernel, stride, padding)
     cols = cols.reshape(c, kh, kw, n, ho, wo)
     phases = xp.zeros((sh, sw, c, n, ho, wo), dtype=cols.dtype)
-    for i, a, di in rows:
-        for j, b, dj in columns:
-            shift(phases[a, b], cols[:, i, j], -di, -dj, add=True)  # the adjoint of im2col's shift
+
+    def sums(part):  # the row phases a in part: each sum phases[a, b] only in this thread, in the loop's order
+        for i, a, di in rows:
+            if a in range(sh)[part]:
+                for j, b, dj in columns:
+                    shift(phases[a, b], cols[:, i, j], -di, -dj, add=True)  # the adjoint of im2col's shift
+    elementwise_runner(paths, cols)(sums, sh)
     dx = xp.empty((n, c, ho, sh, wo, sw), dtype=cols.dtype)
-    dx[...] = phases.transpose(3, 2, 4, 0, 5, 1)
+
+    def gather(s):
+        dx[s] = phases[:, :, :, s].transpose(3, 2, 4, 0, 5, 1)
+    elementwise_runner(paths, dx)(gather, n)
     return dx.reshape(n, c, h, w)

@@ -61,7 +61,7 @@ import numpy
 from ..backend import array_module, to_device
 from ..execution import UPSAMPLE_METHODS as METHODS
 from ..execution import default_paths
-from ..threads import side_by_side
+from ..threads import elementwise_runner, side_by_side
 from .init import init_weight_bias
 from .layer import Layer
 from .shift import shift, shift_for
@@ -236,14 +236,17 @@ class UpsampleConv2d(Layer):
         # dz[p, q, t, u, o, n, r, s] = dy[n, o, 2(r - p - t + 1) + p, 2(s - q - u + 1) + q], 0 outside
         dz = self._buffer("z", (16 * o, n * h * w), xt.dtype, xp)
         dz8 = dz.reshape(2, 2, 2, 2, o, n, h, w)
-        for p in (0, 1):
-            for q in (0, 1):
-                unshifted = dz8[p, q, 1 - p, 1 - q]
-                unshifted[...] = dy6[:, :, :, p, :, q].transpose(1, 0, 2, 3)
-                for t in (0, 1):
-                    for u in (0, 1):
-                        if (t, u) != (1 - p, 1 - q):
-                            self.shift(dz8[p, q, t, u], unshifted, 1 - p - t, 1 - q - u)
+
+        def phases(rows):  # the output rows' phases p in rows: each writes only its own dz8[p]
+            for p in range(2)[rows]:
+                for q in (0, 1):
+                    unshifted = dz8[p, q, 1 - p, 1 - q]
+                    unshifted[...] = dy6[:, :, :, p, :, q].transpose(1, 0, 2, 3)
+                    for t in (0, 1):
+                        for u in (0, 1):
+                            if (t, u) != (1 - p, 1 - q):
+                                self.shift(dz8[p, q, t, u], unshifted, 1 - p - t, 1 - q - u)
+        elementwise_runner(self.paths, dz)(phases, 2)  # p = 0, 1 in order, or side by side (copies only)
         dk, dxt = self._grad_gemms(dz, xt, kernels)  # dz @ xt.T, kernels.T @ dz
         dk = dk.reshape(2, 2, 2, 2, o, c).transpose(0, 1, 4, 5, 2, 3)
         self.grads["weight"] += phase_kernels_transpose(dk)
