@@ -72,7 +72,8 @@ def flat_config(folder: Path) -> dict:
     defaults of the fields it does not name."""
     config = json.loads((folder / CONFIG_FILE).read_text())["config"]
     hyper = config.pop("hyper", {})
-    given = {**config, **hyper}
+    known = {f.name for cls in (RunConfig, Hyper) for f in fields(cls)}
+    given = {k: v for k, v in {**config, **hyper}.items() if k in known}  # a legacy key ("fused") defines nothing
     return {**defaults(), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()}}
 
 
@@ -158,12 +159,13 @@ def to_markdown(s: dict, window: int) -> str:
                   f"C_ma > 0 in the last batches (at most {window:,}; a branch's own) | mean E2 / tau there | "
                   f"largest rise of the gate curve there |",
               "|---|---|---|---|---|---|---|---|---|---|"]
+    names = _names([r["run"] for g in s["groups"].values() for r in g["rows"]])
     for label, g in s["groups"].items():
-        lines += [_run_line(r) for r in g["rows"]]
+        lines += [_run_line(r, names) for r in g["rows"]]
     short = [r for g in s["groups"].values() for r in g["rows"] if r["reached"] > r["batches"]]
     if short:
         lines += ["", "Logs shorter than their runs (packed before the run went on, or lost; the rows after them are "
-                  "not recorded): " + "; ".join(f"{Path(r['run']).name}, rows {r['batches'] + 1:,}-{r['reached']:,}"
+                  "not recorded): " + "; ".join(f"{names[r['run']]}, rows {r['batches'] + 1:,}-{r['reached']:,}"
                                                 for r in short)
                   + ". Their open gates are summary.json's at the run's end; their closings, reopenings and constraint "
                     "columns end where the log ends."]
@@ -172,15 +174,22 @@ def to_markdown(s: dict, window: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_line(r: dict) -> str:
+def _names(runs: list[str]) -> dict:
+    """Each run folder's name in the table: its own name, or sweep/name where two runs share one."""
+    own = [Path(r).name for r in runs]
+    return {r: (n if own.count(n) == 1 else f"{Path(r).parent.parent.name}/{n}") for r, n in zip(runs, own)}
+
+
+def _run_line(r: dict, names: dict) -> str:
     """One run's row of the Markdown table."""
+    name = names[r["run"]]
     since = "" if r["branched_at"] is None else f", branched at {r['branched_at']:,}"
     if r["constraint"] is None:
-        return (f"| {Path(r['run']).name} | {r['config'].get('seed')} | {r['reached']:,} (no log){since} | "
+        return (f"| {name} | {r['config'].get('seed')} | {r['reached']:,} (no log){since} | "
                 f"{r['open_gates']} |" + " not recorded |" * 6)
     c = r["constraint"]
     short = f" (logged to {r['batches']:,})" if r["reached"] > r["batches"] else ""
-    return (f"| {Path(r['run']).name} | {r['config'].get('seed')} | {r['reached']:,}{short}"
+    return (f"| {name} | {r['config'].get('seed')} | {r['reached']:,}{short}"
             f"{'' if r['finished'] else ' (running)'}{since} | {r['open_gates']} | "
             f"{', '.join(f'{b:,}' for b in r['closings']) or '-'} | {r['reopenings']} | "
             + ("never" if r["first_dive"] is None else f"{r['first_dive']:,}")

@@ -123,3 +123,16 @@ def test_a_log_shorter_than_its_run_and_a_run_without_a_log(tmp_path):
     text = st.to_markdown(st.study([r, q]), 100)
     assert "| short | 0 | 6 (logged to 4) |" in text and "| lost | 1 | 6 (no log) |" in text
     assert "short, rows 5-6; lost, rows 1-6" in text and "(2 finished)" in text
+
+
+def test_a_legacy_key_defines_no_arm_and_runs_of_one_name_are_told_apart(tmp_path):
+    """config.json of runs made before the execution setting holds "fused": it is not an arm; two runs named alike
+    in two sweeps are shown as sweep/name."""
+    a, b = tiny_run(tmp_path / "one" / "runs" / "r", 0, 1.0), tiny_run(tmp_path / "two" / "runs" / "r", 1, 1.0)
+    config = json.loads((a / "config.json").read_text())
+    config["config"]["fused"] = True
+    (a / "config.json").write_text(json.dumps(config))
+    rows = [st.run_row(f) for f in (a, b)]
+    assert st.arm_fields(rows) == [] and list(st.study(rows)["groups"]) == ["all runs"]
+    text = st.to_markdown(st.study(rows), 100)
+    assert "| one/r | 0 |" in text and "| two/r | 1 |" in text
