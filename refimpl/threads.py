@@ -24,7 +24,7 @@ layers from their ``paths``):
 - ``parallel_grads``: in the backward pass of each convolution (``Conv2d``,
   ``UpsampleConv2d``), the weight gradient's GEMM runs in a worker thread
   (:func:`side_by_side`) beside the input gradient's, which the layer's main thread runs; the
-  layers read the switch from their ``paths`` (their ``_grad_gemms_side_by_side`` twins). Both
+  layers read the switch from their ``paths`` (``layers/grad_gemms.py``'s twin). Both
   GEMMs run whole, on the step's BLAS threads, as in order: never one GEMM split over threads,
   which OpenBLAS rounds differently in float32.
 - ``parallel_elementwise``: elementwise lines over two halves, one in the same worker thread
@@ -170,7 +170,7 @@ class DecoderPasses:
             with cores_taken():  # both cores busy: the layers' elementwise lines run whole
                 # the caller's context (NumPy's errstate lives in a context variable) travels with the task
                 context = contextvars.copy_context()
-                x1 = _e1_pool(os.getpid()).submit(context.run, self._twin.forward, z1, False)  # l. 12
+                x1 = _worker("refimpl-e1", os.getpid()).submit(context.run, self._twin.forward, z1, False)  # l. 12
                 try:
                     x2 = decoder.forward(z2)  # l. 13
                 finally:
@@ -178,21 +178,14 @@ class DecoderPasses:
             return x1, x2
 
 
-@functools.cache
-def _e1_pool(pid: int) -> ThreadPoolExecutor:
-    """The one worker thread of :class:`DecoderPasses`' E1 passes in process ``pid``, made on first use and kept
-    (a forked child makes its own: the parent's thread does not exist there)."""
-    return ThreadPoolExecutor(1, thread_name_prefix="refimpl-e1")
-
-
 GRADS_THREAD = "refimpl-grads"
 
 
 @functools.cache
-def _grads_pool(pid: int) -> ThreadPoolExecutor:
-    """The one worker thread of :func:`side_by_side` in process ``pid``, made on first use and kept for the process
-    (a forked child makes its own: the parent's thread does not exist there)."""
-    return ThreadPoolExecutor(1, thread_name_prefix=GRADS_THREAD)
+def _worker(name: str, pid: int) -> ThreadPoolExecutor:
+    """The one worker thread called ``name`` in process ``pid`` (the E1 pass's, :func:`side_by_side`'s), made on
+    first use and kept for the process (a forked child makes its own: the parent's thread does not exist there)."""
+    return ThreadPoolExecutor(1, thread_name_prefix=name)
 
 
 def side_by_side(f, g):
@@ -204,7 +197,7 @@ def side_by_side(f, g):
     """
     if threading.current_thread().name.startswith(GRADS_THREAD):
         return f(), g()
-    future = _grads_pool(os.getpid()).submit(contextvars.copy_context().run, f)
+    future = _worker(GRADS_THREAD, os.getpid()).submit(contextvars.copy_context().run, f)
     try:
         b = g()
     except BaseException:

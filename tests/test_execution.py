@@ -27,6 +27,7 @@ from refimpl.device_step import DeviceStep
 from refimpl.execution import REFERENCE, Execution, FastPaths, cores
 from refimpl import threads as threads_module
 from refimpl.layers import BatchNorm, Conv2d, LeakyReLU
+from refimpl.layers import grad_gemms as grad_gemms_module
 from refimpl.layers import im2col as im2col_module
 from refimpl.layers import shift as shift_module
 from refimpl.layers.layer import Layer
@@ -145,7 +146,7 @@ def fast_twins():
             (BatchNorm, "_forward_fast"), (BatchNorm, "_backward_fast"), (BatchNorm, "_forward_cuda"),
             (BatchNorm, "_backward_cuda"), (Adam, "_update_cuda"), (UpsampleConv2d, "__init__"),
             (Layer, "twin"),  # the E1 decoder pass beside the E2 pass runs on a twin of the decoder
-            (Conv2d, "_grad_gemms_side_by_side"), (UpsampleConv2d, "_grad_gemms_side_by_side"),
+            (grad_gemms_module, "grad_gemms_side_by_side"),
             (threads_module, "in_halves"), (LeakyReLU, "_forward_in_halves"), (LeakyReLU, "_backward_in_halves"),
             (DeviceStep, "__call__"),
             *((kernels, name) for name in ("adam_update", "im2col", "col2im", "batchnorm_running_update",

@@ -5,7 +5,7 @@ y[n, o, p, q] = bias[o] + sum_{c,i,j} weight[o, c, i, j] * xpad[n, c, p*sh + i, 
 Computed as one GEMM over an im2col matrix; the backward pass is the transposed GEMMs
 and col2im (refimpl/layers/im2col.py; which of their twins, ``paths``, is the run's resolved
 setting, :class:`refimpl.execution.FastPaths`); with ``paths.parallel_grads`` the two
-transposed GEMMs run side by side in two threads (:meth:`Conv2d._grad_gemms_side_by_side`).
+transposed GEMMs run side by side in two threads (refimpl/layers/grad_gemms.py).
 ``input_grad = False`` (set on the encoder's first convolution, whose input is the image)
 skips dx: backward then returns None, as PyTorch's autograd skips the gradient of an input
 that does not require one.
@@ -17,7 +17,7 @@ import numpy
 
 from ..backend import array_module
 from ..execution import default_paths
-from ..threads import side_by_side
+from .grad_gemms import grad_gemms
 from .im2col import col2im, conv_output_size, im2col
 from .init import init_weight_bias
 from .layer import Layer
@@ -98,26 +98,7 @@ class Conv2d(Layer):
             self.grads["weight"] += (dy2 @ cols.T).reshape(self.grads["weight"].shape)
             return None
         w2 = self.params["weight"].reshape(o, -1)  # (O, C*kh*kw)
-        gemms = self._grad_gemms_side_by_side if self.paths.parallel_grads else self._grad_gemms
-        dw, dcols = gemms(dy2, cols, w2)
+        dw, dcols = grad_gemms(self, dy2, cols, w2)  # dy2 @ cols.T, w2.T @ dy2 (into cols, or side by side)
         self.grads["weight"] += dw.reshape(self.grads["weight"].shape)
         return col2im(dcols, x_shape, self.kernel, self.stride, self.padding, overwrite_cols=True,  # dcols: ours
                       paths=self.paths)
-
-    def _grad_gemms(self, dy2, cols, w2):
-        """(dW, dcols) = (dy2 @ cols.T, w2.T @ dy2), one after the other; dy2: (O, N*Ho*Wo), cols: (C*kh*kw,
-        N*Ho*Wo), w2: (O, C*kh*kw) -> (O, C*kh*kw), (C*kh*kw, N*Ho*Wo). dcols goes into cols' own array: once dW
-        is made, cols is spent."""
-        dw = dy2 @ cols.T
-        if numpy.result_type(w2.dtype, dy2.dtype) == cols.dtype:
-            return dw, array_module(cols).matmul(w2.T, dy2, out=cols)
-        return dw, w2.T @ dy2
-
-    def _grad_gemms_side_by_side(self, dy2, cols, w2):
-        """:meth:`_grad_gemms`' fast twin (``paths.parallel_grads``): dW's GEMM in a worker thread beside dcols'
-        (refimpl/threads.py's :func:`~refimpl.threads.side_by_side`), each whole on the same BLAS threads as in
-        order, so the same numbers bit for bit. dcols goes into a scratch array of its own ("dcols", cols'
-        shape: refimpl/memory.py counts it), since dW's GEMM reads cols meanwhile."""
-        xp = array_module(cols)
-        dcols = self._buffer("dcols", cols.shape, numpy.result_type(w2.dtype, dy2.dtype), xp)
-        return side_by_side(lambda: dy2 @ cols.T, lambda: xp.matmul(w2.T, dy2, out=dcols))

@@ -49,7 +49,7 @@ Large scratch arrays (the column matrices, the GEMM outputs) are kept between ca
 reused: fresh multi-megabyte arrays cost a page fault per 4 KiB page on first touch.
 The column matrix kept for backward doubles as the output buffer of the backward GEMM
 that replaces it, except where the two backward GEMMs run side by side in two threads
-(``paths.parallel_grads``, :meth:`UpsampleConv2d._grad_gemms_side_by_side`): one reads the
+(``paths.parallel_grads``, refimpl/layers/grad_gemms.py): one reads the
 columns while the other writes, so that one has a scratch array of its own. Returned arrays
 (y, dx) are always freshly allocated.
 """
@@ -61,7 +61,8 @@ import numpy
 from ..backend import array_module, to_device
 from ..execution import UPSAMPLE_METHODS as METHODS
 from ..execution import default_paths
-from ..threads import elementwise_runner, side_by_side
+from ..threads import elementwise_runner
+from .grad_gemms import grad_gemms
 from .init import init_weight_bias
 from .layer import Layer
 from .shift import shift, shift_for
@@ -181,7 +182,7 @@ class UpsampleConv2d(Layer):
         dz = self._buffer("z", (4 * o, n * h * w), cols.dtype, xp)
         dz.reshape(2, 2, o, n, h, w)[...] = dy.reshape(n, o, h, 2, w, 2).transpose(3, 5, 1, 0, 2, 4)
         self.grads["bias"] += dz.reshape(4, o, -1).sum(axis=(0, 2))
-        dembedded, dcols = self._grad_gemms(dz, cols, kernels)  # dz @ cols.T, kernels.T @ dz
+        dembedded, dcols = grad_gemms(self, dz, cols, kernels)  # dz @ cols.T, kernels.T @ dz
         dembedded = dembedded.reshape(2, 2, o, c, 3, 3)
         dk = xp.stack([xp.stack([dembedded[p, q, :, :, p : p + 2, q : q + 2] for q in (0, 1)]) for p in (0, 1)])
         self.grads["weight"] += phase_kernels_transpose(dk)
@@ -247,29 +248,7 @@ class UpsampleConv2d(Layer):
                             if (t, u) != (1 - p, 1 - q):
                                 self.shift(dz8[p, q, t, u], unshifted, 1 - p - t, 1 - q - u)
         elementwise_runner(self.paths, dz)(phases, 2)  # p = 0, 1 in order, or side by side (copies only)
-        dk, dxt = self._grad_gemms(dz, xt, kernels)  # dz @ xt.T, kernels.T @ dz
+        dk, dxt = grad_gemms(self, dz, xt, kernels)  # dz @ xt.T, kernels.T @ dz
         dk = dk.reshape(2, 2, 2, 2, o, c).transpose(0, 1, 4, 5, 2, 3)
         self.grads["weight"] += phase_kernels_transpose(dk)
         return dxt.reshape(c, n, h, w).transpose(1, 0, 2, 3).copy()
-
-    # ------------------------------------------------------------ both methods' transposed GEMMs
-
-    def _grad_gemms(self, dz, cols, kernels):
-        """(dz @ cols.T, kernels.T @ dz): the kernels' gradient and the input columns' (both methods).
-
-        dz: (R, N*H*W), cols: the forward's columns (K, N*H*W), kernels: (R, K); im2col: R = 4O,
-        K = 9C; col2im: R = 16O, K = C (cols is xt). In order (the reference) or, with
-        ``paths.parallel_grads``, side by side (:meth:`_grad_gemms_side_by_side`)."""
-        if self.paths.parallel_grads:
-            return self._grad_gemms_side_by_side(dz, cols, kernels)
-        dkernels = dz @ cols.T  # (R, K)
-        return dkernels, array_module(dz).matmul(kernels.T, dz, out=cols)  # (K, N*H*W): cols is spent
-
-    def _grad_gemms_side_by_side(self, dz, cols, kernels):
-        """:meth:`_grad_gemms`' fast twin: dz @ cols.T in a worker thread beside kernels.T @ dz
-        (:func:`refimpl.threads.side_by_side`), each whole on the same BLAS threads as in order, so the
-        same numbers bit for bit; the second into a scratch array of its own ("dcols", cols' shape:
-        refimpl/memory.py counts it), since the first reads cols meanwhile."""
-        xp = array_module(dz)
-        dcols = self._buffer("dcols", cols.shape, cols.dtype, xp)
-        return side_by_side(lambda: dz @ cols.T, lambda: xp.matmul(kernels.T, dz, out=dcols))
