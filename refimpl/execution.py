@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, fields
 
 from .optionspec import OptionError, option
 
-UPSAMPLE_METHODS = ("auto", "im2col", "col2im")  # refimpl/layers/upsample_conv2d.py
+UPSAMPLE_METHODS = ("auto", "im2col", "col2im", "difference")  # refimpl/layers/upsample_conv2d.py
 DECODER_PASSES = ("parallel", "sequential")
 
 
@@ -51,8 +51,8 @@ class Execution:
                                       "Upsample then Conv2d (the plain pair); to rounding (default: fused on numpy, "
                                       "the pair on cupy, the faster on each)", parse=bool)
     upsample_method: str = option("auto", "how the fused decoder block evaluates its four phases: one GEMM over a "
-                                          "3x3 im2col, or one over x and a col2im; auto picks by channels; to "
-                                          "rounding", choices=UPSAMPLE_METHODS)
+                                          "3x3 im2col, one over x and a col2im, or nine products with x and its "
+                                          "differences; auto picks by channels; to rounding", choices=UPSAMPLE_METHODS)
     fast_batchnorm: bool | None = option(None, "BatchNorm in fewer passes over the maps (dot products for the "
                                                "sums, factors folded); to rounding (default: on)", parse=bool)
     cuda_kernels: bool | None = option(None, "cupy: refimpl/kernels.py's fused CUDA kernels for im2col, col2im, "

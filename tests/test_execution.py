@@ -49,7 +49,8 @@ BIT_FOR_BIT = {"im2col_phases": ({"im2col_phases": True}, {"im2col_phases": Fals
                "parallel_elementwise": ({"parallel_elementwise": True}, {"parallel_elementwise": False})}
 # the fast path alone on top of the reference; None: every fast path (the default setting)
 TO_ROUNDING = {"fused": {"fused": True}, "fused_im2col": {"fused": True, "upsample_method": "im2col"},
-               "fused_col2im": {"fused": True, "upsample_method": "col2im"}, "fast_batchnorm": {"fast_batchnorm": True},
+               "fused_col2im": {"fused": True, "upsample_method": "col2im"},
+               "fused_difference": {"fused": True, "upsample_method": "difference"}, "fast_batchnorm": {"fast_batchnorm": True},
                "cuda_kernels": {"cuda_kernels": True}, "default": None}
 CUPY_ONLY = ("cuda_kernels",)
 
@@ -146,7 +147,8 @@ def fast_twins():
             (BatchNorm, "_forward_fast"), (BatchNorm, "_backward_fast"), (BatchNorm, "_forward_cuda"),
             (BatchNorm, "_backward_cuda"), (Adam, "_update_cuda"), (UpsampleConv2d, "__init__"),
             (Layer, "twin"),  # the E1 decoder pass beside the E2 pass runs on a twin of the decoder
-            (grad_gemms_module, "grad_gemms_side_by_side"),
+            (grad_gemms_module, "grad_gemms_side_by_side"), (grad_gemms_module, "grouped_grad_gemms_side_by_side"),
+            (shift_module, "difference_flat"), (shift_module, "add_difference_transpose_flat"),
             (threads_module, "in_halves"), (LeakyReLU, "_forward_in_halves"), (LeakyReLU, "_backward_in_halves"),
             (DeviceStep, "__call__"),
             *((kernels, name) for name in ("adam_update", "im2col", "col2im", "batchnorm_running_update",

@@ -78,9 +78,10 @@ def test_conv2d_side_by_side_equals_in_order(n, c, o, h, w, kernel, stride, padd
 
 
 @given(n=st.integers(1, 6), c=st.integers(1, 12), o=st.integers(1, 12), h=st.integers(1, 10), w=st.integers(1, 10),
-       method=st.sampled_from(["im2col", "col2im"]), dtype=dtypes, blas_threads=blas, seed=seeds)
+       method=st.sampled_from(["im2col", "col2im", "difference"]), dtype=dtypes, blas_threads=blas, seed=seeds)
 @example(n=16, c=64, o=32, h=8, w=8, method="col2im", dtype=np.float32, blas_threads=2, seed=0)  # the paper's
 @example(n=16, c=8, o=32, h=8, w=8, method="im2col", dtype=np.float32, blas_threads=2, seed=0)  # decoder blocks
+@example(n=16, c=32, o=32, h=16, w=16, method="difference", dtype=np.float32, blas_threads=2, seed=0)
 def test_upsample_conv2d_side_by_side_equals_in_order(n, c, o, h, w, method, dtype, blas_threads, seed):
     on, off = two_steps(lambda paths: UpsampleConv2d(c, o, rng=generator(seed), dtype=dtype, method=method,
                                                      paths=paths), (n, c, h, w), dtype, seed, blas_threads)
@@ -155,8 +156,10 @@ class PlantedColumns(np.ndarray):
                                   lambda: UpsampleConv2d(2, 3, rng=generator(0), dtype=np.float64, method="col2im",
                                                          paths=ON),
                                   lambda: UpsampleConv2d(2, 3, rng=generator(0), dtype=np.float64, method="im2col",
+                                                         paths=ON),
+                                  lambda: UpsampleConv2d(2, 3, rng=generator(0), dtype=np.float64, method="difference",
                                                          paths=ON)],
-                         ids=["Conv2d", "UpsampleConv2d-col2im", "UpsampleConv2d-im2col"])
+                         ids=["Conv2d", "UpsampleConv2d-col2im", "UpsampleConv2d-im2col", "UpsampleConv2d-difference"])
 def test_a_layer_passes_the_workers_exception_on(make):
     layer = make()
     y = layer.forward(np.ones((2, 2, 5, 5)))

@@ -1,9 +1,9 @@
 """UpsampleConv2d against its definition, Sequential(Upsample(2), Conv2d(C, O, 3, 1, 1)).
 
-Both evaluation methods ("im2col", "col2im") and "auto" are checked: forward, dx, weight and
+The three evaluation methods ("im2col", "col2im", "difference") and "auto" are checked: forward, dx, weight and
 bias gradients equal to the reference pair to 1e-12 relative in float64 (relative error =
 max|ours - ref| / max|ref|); central finite differences; PyTorch's nn.Upsample + nn.Conv2d;
-float32 against float64; and the scratch-buffer reuse (repeated steps, a cache=False pass
+float32 against float64; the methods against each other; and the scratch-buffer reuse (repeated steps, a cache=False pass
 between forward and backward).
 """
 
@@ -15,11 +15,14 @@ from hypothesis import strategies as st
 from refimpl.backend import get_xp, to_device, to_host
 from refimpl.gradcheck import check_layer_gradients
 from refimpl.layers import Conv2d, Sequential, Upsample
-from refimpl.layers.upsample_conv2d import UpsampleConv2d, phase_kernels, phase_kernels_transpose
+from refimpl.execution import Execution
+from refimpl.layers.upsample_conv2d import (DIFF_MAP, PRODUCTS, UpsampleConv2d, difference_kernels,
+                                            difference_kernels_transpose, phase_kernels, phase_kernels_transpose)
 from refimpl.rng import generator
 
 F64 = np.float64
-METHODS = ["im2col", "col2im", "auto"]
+EVALUATIONS = ["im2col", "col2im", "difference"]
+METHODS = [*EVALUATIONS, "auto"]
 seeds = st.integers(0, 2**32 - 1)
 
 
@@ -70,7 +73,7 @@ def test_equals_upsample_then_conv(n, c, o, h, w, method, seed):
 
 
 @given(n=st.integers(1, 2), c=st.integers(1, 3), o=st.integers(1, 3), h=st.integers(1, 4), w=st.integers(1, 4),
-       method=st.sampled_from(["im2col", "col2im"]), seed=seeds)
+       method=st.sampled_from(EVALUATIONS), seed=seeds)
 def test_gradients_match_finite_differences(n, c, o, h, w, method, seed):
     rng = np.random.default_rng(seed)
     layer = UpsampleConv2d(c, o, rng=generator(seed), dtype=F64, method=method)
@@ -80,7 +83,7 @@ def test_gradients_match_finite_differences(n, c, o, h, w, method, seed):
     assert set(results) == {"x", "weight", "bias"}
 
 
-@given(**shapes, method=st.sampled_from(["im2col", "col2im"]), seed=seeds)
+@given(**shapes, method=st.sampled_from(EVALUATIONS), seed=seeds)
 def test_matches_torch_upsample_conv(n, c, o, h, w, method, seed):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(seed)
@@ -103,7 +106,7 @@ def test_matches_torch_upsample_conv(n, c, o, h, w, method, seed):
         assert err <= 1e-10, f"{method} {what}: relative error {err:.3e} vs torch"
 
 
-@pytest.mark.parametrize("method", ["im2col", "col2im"])
+@pytest.mark.parametrize("method", EVALUATIONS)
 @pytest.mark.parametrize("n, c, o, h", [(3, 4, 2, 5), (2, 64, 32, 8), (2, 32, 3, 16)])
 def test_float32_agrees_with_float64(method, n, c, o, h):
     rng = np.random.default_rng(c * 100 + o)
@@ -121,7 +124,7 @@ def test_float32_agrees_with_float64(method, n, c, o, h):
         assert err <= 1e-5, f"{method} float32 {what}: relative error {err:.3e}"
 
 
-@pytest.mark.parametrize("method", ["im2col", "col2im"])
+@pytest.mark.parametrize("method", EVALUATIONS)
 def test_scratch_reuse_across_passes(method):
     """Cached and uncached passes of different shapes share scratch buffers; results stay exact and
     the returned y and dx are never scratch (the next step leaves them alone)."""
@@ -182,19 +185,65 @@ def test_phase_kernels_are_the_tap_sums():
 
 
 def test_auto_method_rule():
-    # im2col only where its 9C-row column matrix is under half of col2im's 16O rows
+    # im2col only where its 9C-row column matrix is under half of col2im's 16O rows; else difference from O >= 16 on
     assert UpsampleConv2d(32, 3, rng=generator(0)).method == "col2im"
-    assert UpsampleConv2d(64, 32, rng=generator(0)).method == "col2im"
-    assert UpsampleConv2d(32, 32, rng=generator(0)).method == "col2im"
+    assert UpsampleConv2d(32, 1, rng=generator(0)).method == "col2im"
+    assert UpsampleConv2d(64, 15, rng=generator(0)).method == "col2im"
+    assert UpsampleConv2d(64, 16, rng=generator(0)).method == "difference"
+    assert UpsampleConv2d(64, 32, rng=generator(0)).method == "difference"
+    assert UpsampleConv2d(64, 64, rng=generator(0)).method == "difference"
+    assert UpsampleConv2d(32, 32, rng=generator(0)).method == "difference"
     assert UpsampleConv2d(8, 9, rng=generator(0)).method == "col2im"
+    assert UpsampleConv2d(16, 18, rng=generator(0)).method == "difference"
+    assert UpsampleConv2d(16, 19, rng=generator(0)).method == "im2col"
     assert UpsampleConv2d(8, 10, rng=generator(0)).method == "im2col"
     assert UpsampleConv2d(1, 4, rng=generator(0)).method == "im2col"
+
+
+@given(**shapes, dtype=st.sampled_from([np.float32, F64]), flat=st.booleans(), parallel_grads=st.booleans(),
+       seed=seeds)
+def test_difference_equals_col2im_to_rounding(n, c, o, h, w, dtype, flat, parallel_grads, seed):
+    """The nine-product method against the sixteen-product one, both ways, two steps, with either twin of the shifts
+    and differences and of the backward GEMMs."""
+    paths = Execution(shift_flat=flat, parallel_grads=parallel_grads).resolve("numpy")
+    rng = np.random.default_rng(seed)
+    ours, theirs = (UpsampleConv2d(c, o, rng=generator(seed), dtype=dtype, method=m, paths=paths)
+                    for m in ("difference", "col2im"))
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for _ in range(2):
+        x = rng.standard_normal((n, c, h, w)).astype(dtype)
+        dy = rng.standard_normal((n, o, 2 * h, 2 * w)).astype(dtype)
+        for what, a, b in zip(("y", "dx"), step(ours, x, dy), step(theirs, x, dy)):
+            assert a.dtype == b.dtype == dtype and rel_err(a, b) <= tol, what
+        for k in ("weight", "bias"):
+            assert rel_err(ours.grads[k], theirs.grads[k]) <= tol, k
+
+
+@given(o=st.integers(1, 4), c=st.integers(1, 4), seed=seeds)
+def test_difference_kernel_transpose_is_the_adjoint(o, c, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((o, c, 3, 3))
+    dk = rng.standard_normal((9, o, c))
+    lhs = float((difference_kernels(w) * dk).sum())
+    rhs = float((w * difference_kernels_transpose(dk)).sum())
+    assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
+
+
+def test_difference_kernels_are_the_factor_sums():
+    """Eq. (3): a = w0, b = w1 + w2, d = w1 along each axis; DIFF_MAP is invertible (no information lost)."""
+    w = np.arange(9.0).reshape(1, 1, 3, 3)
+    factors = {0: lambda r: r[0], 1: lambda r: r[1] + r[2], 2: lambda r: r[1]}
+    k = difference_kernels(w)[:, 0, 0]
+    for i, (rho, kappa) in enumerate(PRODUCTS):
+        rows = [factors[kappa](w[0, 0, t]) for t in range(3)]  # each kernel row's column factor
+        assert k[i] == factors[rho](rows)
+    assert abs(np.linalg.det(DIFF_MAP)) == pytest.approx(1.0)
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="in_channels=0"):
         UpsampleConv2d(0, 2, rng=generator(0))
-    with pytest.raises(ValueError, match="method='fast'"):
+    with pytest.raises(ValueError, match="method='fast': expected one of auto, im2col, col2im, difference"):
         UpsampleConv2d(2, 2, rng=generator(0), method="fast")
     layer = UpsampleConv2d(2, 3, rng=generator(0), dtype=F64)
     with pytest.raises(ValueError, match=r"expected x of shape \(N, C=2, H, W\), got \(1, 3, 4, 4\)"):
@@ -209,7 +258,7 @@ def test_bad_arguments_raise():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("method", ["im2col", "col2im"])
+@pytest.mark.parametrize("method", EVALUATIONS)
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 def test_cupy_matches_numpy(method, dtype, tol):
     cp = get_xp("cupy")

@@ -35,3 +35,43 @@ def grad_gemms_side_by_side(layer, d, cols, w):
     xp = array_module(cols)
     dcols = layer._buffer("dcols", cols.shape, numpy.result_type(w.dtype, d.dtype), xp)
     return side_by_side(lambda: d @ cols.T, lambda: xp.matmul(w.T, d, out=dcols))
+
+
+def grouped_grad_gemms(layer, d, cols, w, groups):
+    """:func:`grad_gemms` for G GEMM pairs over row groups of one d and w, each with its own columns.
+
+        d: (R, M), cols: (G, K, M), w: (R, K), groups: G row slices of d and w (group g multiplies cols[g])
+        -> dw: (R, K) with dw[rows_g] = d[rows_g] @ cols[g].T, dcols: (G, K, M) with dcols[g] = w[rows_g].T @ d[rows_g]
+
+    UpsampleConv2d's "difference" method (one group per input variant). In order: every dw GEMM, then every dcols
+    GEMM into cols' own array where the dtypes agree. With ``layer.paths.parallel_grads``:
+    :func:`grouped_grad_gemms_side_by_side`."""
+    if layer.paths.parallel_grads:
+        return grouped_grad_gemms_side_by_side(layer, d, cols, w, groups)
+    xp = array_module(cols)
+    dtype = numpy.result_type(w.dtype, d.dtype)
+    dw = _grouped_dw(xp, d, cols, groups)
+    dcols = cols if dtype == cols.dtype else xp.empty(cols.shape, dtype=dtype)
+    _grouped_dcols(xp, d, w, groups, dcols)
+    return dw, dcols
+
+
+def grouped_grad_gemms_side_by_side(layer, d, cols, w, groups):
+    """:func:`grouped_grad_gemms`' fast twin: every dw GEMM in the worker thread beside every dcols GEMM here, each
+    GEMM whole as in order (the same numbers bit for bit), dcols into the layer's "dcols" scratch (cols' shape)."""
+    xp = array_module(cols)
+    dcols = layer._buffer("dcols", cols.shape, numpy.result_type(w.dtype, d.dtype), xp)
+    return side_by_side(lambda: _grouped_dw(xp, d, cols, groups), lambda: _grouped_dcols(xp, d, w, groups, dcols))
+
+
+def _grouped_dw(xp, d, cols, groups):
+    dw = xp.empty((d.shape[0], cols.shape[1]), dtype=numpy.result_type(d.dtype, cols.dtype))
+    for g, rows in enumerate(groups):
+        xp.matmul(d[rows], cols[g].T, out=dw[rows])
+    return dw
+
+
+def _grouped_dcols(xp, d, w, groups, dcols):
+    for g, rows in enumerate(groups):
+        xp.matmul(w[rows].T, d[rows], out=dcols[g])
+    return dcols

@@ -7,9 +7,17 @@ pair); :func:`shift_flat` computes the same values with one long 1-D slice pair 
 row of the block, where NumPy's inner loop runs over the whole row instead of W
 elements at a time (bench/NOTES.md). tests/test_shift.py checks the two agree bit for
 bit; :func:`shift_for` is the dispatch (``FastPaths.shift_flat``, refimpl/execution.py).
+
+The same for the one-step differences of the fused decoder block's method "difference"
+(upsample_conv2d.py, eq. (2)): :func:`difference` and :func:`add_difference_transpose` are
+the references (2-D slices), :func:`difference_flat` and :func:`add_difference_transpose_flat`
+one 1-D slice pair over the whole array and a fix of the row or column the flat slices
+wrapped across; :func:`difference_for` the dispatch (the same switch).
 """
 
 from __future__ import annotations
+
+from ..backend import array_module
 
 
 def _shift_slices(d, size):
@@ -83,3 +91,65 @@ def shift_flat(dst, src, di, dj, add=False):
 def shift_for(flat: bool):
     """The shift twin a layer uses: :func:`shift_flat` (the fast one) or :func:`shift` (the reference)."""
     return shift_flat if flat else shift
+
+
+# ------------------------------------------------------------ one-step differences along rows or columns
+
+
+def _along(axis, index):
+    """The index tuple selecting ``index`` (an int or a slice) along ``axis`` (-2 rows, -1 columns) of (..., H, W)."""
+    return (Ellipsis, index, slice(None)) if axis == -2 else (Ellipsis, index)
+
+
+def difference(dst, src, axis):
+    """dst = D src along ``axis`` (-2: rows, -1: columns): dst[i] = src[i] - src[i + 1], with src = 0 past the end
+    (so dst[last] = src[last]). dst, src: (..., H, W), distinct arrays."""
+    array_module(src).subtract(src[_along(axis, slice(None, -1))], src[_along(axis, slice(1, None))],
+                               out=dst[_along(axis, slice(None, -1))])
+    dst[_along(axis, -1)] = src[_along(axis, -1)]
+
+
+def add_difference_transpose(dst, g, axis):
+    """dst += D^T g along ``axis``, the transpose of :func:`difference`: (D^T g)[i] = g[i] - g[i - 1], g[-1] = 0.
+    dst, g: (..., H, W), distinct arrays; g is left as it was."""
+    dst += g
+    dst[_along(axis, slice(1, None))] -= g[_along(axis, slice(None, -1))]
+
+
+def _flat_pair(dst, src):
+    """(dst, src) as 1-D views, or None unless both are C-contiguous and of one shape."""
+    if dst.shape != src.shape or not (dst.flags.c_contiguous and src.flags.c_contiguous):
+        return None
+    return dst.reshape(-1), src.reshape(-1)
+
+
+def difference_flat(dst, src, axis):
+    """:func:`difference` as one 1-D subtraction over the whole array (offset 1 or W), then the last column or
+    row, where the flat slices read across into the next image row or image, copied from src. Bit for bit the
+    same; falls back to :func:`difference` unless both are C-contiguous."""
+    flat = _flat_pair(dst, src)
+    if flat is None:
+        return difference(dst, src, axis)
+    (a, b), off = flat, src.shape[-1] if axis == -2 else 1
+    if off < b.size:
+        array_module(b).subtract(b[:-off], b[off:], out=a[:-off])
+    dst[_along(axis, -1)] = src[_along(axis, -1)]
+
+
+def add_difference_transpose_flat(dst, g, axis):
+    """:func:`add_difference_transpose` with the shifted subtraction as one 1-D slice pair; bit for bit the same.
+    **g's last row or column is overwritten with 0** (g must be scratch): the reads that wrap across into the
+    next image row or image subtract 0 then. Falls back to the reference unless both are C-contiguous."""
+    flat = _flat_pair(dst, g)
+    if flat is None:
+        return add_difference_transpose(dst, g, axis)
+    (a, b), off = flat, g.shape[-1] if axis == -2 else 1
+    dst += g
+    g[_along(axis, -1)] = 0
+    if off < b.size:
+        a[off:] -= b[:-off]
+
+
+def difference_for(flat: bool):
+    """(difference, add_difference_transpose): the flat twins (the fast ones) or the references."""
+    return (difference_flat, add_difference_transpose_flat) if flat else (difference, add_difference_transpose)
