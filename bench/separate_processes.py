@@ -146,6 +146,15 @@ def cell(medians_ms):
     return f"{m:.1f} ({lo:.0f}-{hi:.0f})" if m >= 100 else f"{m:.1f} ({lo:.1f}-{hi:.1f})"
 
 
+def paired_ratios(ours, theirs):
+    """refimpl's per-process median over the torch side's in the same round, for every round both finished.
+
+    The machine's speed drifts between minutes (a VM's neighbours); a round's two processes run back to
+    back, so their ratio cancels most of that drift, where the ratio of the two overall medians does not."""
+    by_round = {run["round"]: median_ms(run["times"]) for run in theirs}
+    return [median_ms(run["times"]) / by_round[run["round"]] for run in ours if run["round"] in by_round]
+
+
 def to_markdown(results, sides, args, env, wall_s):
     torch_sides = [s for s in sides if s != "refimpl"]
     cmd = (f"{'' if args.backend == 'cupy' else 'bench/foreground.sh '}.venv/bin/python bench/separate_processes.py "
@@ -159,21 +168,25 @@ def to_markdown(results, sides, args, env, wall_s):
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += [f"- timing: per case, {args.rounds} rounds; in each round every side runs once in a fresh process "
               f"(order rotated per round): {args.warmup} warm-up steps, then the median of {args.steps} timed steps. "
-              "Cell: median of the per-process medians (min-max over the rounds), ms",
+              "Cell: median of the per-process medians (min-max over the rounds), ms; the last column: the median "
+              "(min-max) of refimpl's per-process median over the fastest torch configuration's in the same round",
               "- each library with its own thread-wait defaults (BENCH_LIBRARY_DEFAULTS=1); refimpl's process "
               "does not import torch",
               f"- bench wall time: {wall_s:.0f} s", "",
               "| image | step | dtype | refimpl | " + " | ".join(f"torch {s}" for s in torch_sides)
-              + " | fastest torch | refimpl / fastest |",
-              "|---|---|---|---:|" + "---:|" * len(torch_sides) + "---|---:|"]
+              + " | fastest torch | refimpl / fastest | the same, round by round |",
+              "|---|---|---|---:|" + "---:|" * len(torch_sides) + "---|---:|---:|"]
     for (channels, dtype, step), per_side in results.items():
         medians = {s: [median_ms(r["times"]) for r in runs] for s, runs in per_side.items()}
         overall = {s: statistics.median(v) for s, v in medians.items() if v}
         theirs = {s: m for s, m in overall.items() if s != "refimpl"}
         best = min(theirs, key=theirs.get) if theirs else None
         ratio = f"{overall['refimpl'] / theirs[best]:.2f}" if best and "refimpl" in overall else ""
+        paired = paired_ratios(per_side.get("refimpl", []), per_side.get(best, []))
         lines.append(f"| 64x64x{channels} | {step} | {dtype} | {cell(medians.get('refimpl'))} | "
-                     + " | ".join(cell(medians.get(s)) for s in torch_sides) + f" | {best or ''} | {ratio} |")
+                     + " | ".join(cell(medians.get(s)) for s in torch_sides) + f" | {best or ''} | {ratio} | "
+                     + (f"{statistics.median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f})" if paired else "")
+                     + " |")
     peak_what = ("CuPy's pool / torch's max_memory_reserved" if args.backend == "cupy"
                  else "VmHWM of the process after its steps, median over the rounds")
     lines += ["", f"Peak memory, MiB ({peak_what}):", "",
@@ -247,7 +260,7 @@ def main(argv=None):
                     for side in sides[r % len(sides):] + sides[:r % len(sides)]:
                         out = run_child(side, channels, dtype, step, args)
                         if out is not None:
-                            per_side[side].append(out)
+                            per_side[side].append({**out, "round": r})
                 print(f"64x64x{channels} {step} {dtype}: "
                       + "  ".join(f"{s} {cell([median_ms(o['times']) for o in v])}" for s, v in per_side.items()),
                       flush=True)
