@@ -91,16 +91,17 @@ def mid_log_row_write(out: Path) -> bool:
 AIMED = {"inside a checkpoint write": mid_checkpoint_write, "inside a log row write": mid_log_row_write}
 
 
-def kill_when(out: Path, total: int, every: int, place: str, tally: Counter) -> None:
-    """Run (or resume) the training, watch the folder until AIMED[place] holds, SIGKILL it there and tally the kill."""
-    resume = (out / "checkpoint.npz").is_file()
-    before = progress(out)
-    proc = refimpl(out, *(["--resume"] if resume else ["--batches", str(total), "--checkpoint-every", str(every)]),
-                   slow=True)
+def resume_or_start(out: Path, total: int, every: int) -> list:
+    """The training arguments that continue the folder's run, or start it where it has no checkpoint yet."""
+    if (out / "checkpoint.npz").is_file():
+        return ["--resume"]
+    return ["--batches", str(total), "--checkpoint-every", str(every)]
+
+
+def sigkill_after(proc, wait) -> bool:
+    """wait(proc), then SIGKILL proc and close its pipes; whether it was still alive when killed."""
     try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and not AIMED[place](out):
-            time.sleep(0.002)
+        wait(proc)
         alive = proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -110,6 +111,19 @@ def kill_when(out: Path, total: int, every: int, place: str, tally: Counter) -> 
             proc.wait(timeout=60)
         proc.stdout.close()
         proc.stderr.close()
+    return alive
+
+
+def kill_when(out: Path, total: int, every: int, place: str, tally: Counter) -> None:
+    """Run (or resume) the training, watch the folder until AIMED[place] holds, SIGKILL it there and tally the kill."""
+    before = progress(out)
+
+    def until_aimed(proc):
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not AIMED[place](out):
+            time.sleep(0.002)
+
+    alive = sigkill_after(refimpl(out, *resume_or_start(out, total, every), slow=True), until_aimed)
     assert alive, f"the run ended before a kill {place}"
     tally[where_it_landed(out, before, total)] += 1
 
@@ -119,12 +133,11 @@ def kill_and_resume(out: Path, total: int, every: int, kills: int, rng, tally: C
     startup = 1.0  # seconds to the first line, updated from each attempt
     done = 0
     while done < kills:
-        resume = (out / "checkpoint.npz").is_file()
-        extra = ["--resume"] if resume else ["--batches", str(total), "--checkpoint-every", str(every)]
         before = progress(out)
         started = time.monotonic()
-        proc = refimpl(out, *extra, slow=True)
-        try:
+
+        def random_moment(proc):
+            nonlocal startup
             if rng.random() < 0.25:
                 time.sleep(rng.uniform(0, startup))
             else:
@@ -132,23 +145,14 @@ def kill_and_resume(out: Path, total: int, every: int, kills: int, rng, tally: C
                 assert first, proc.stderr.read()
                 startup = time.monotonic() - started
                 time.sleep(rng.uniform(0, TRAINING_WINDOW))
-            alive = proc.poll() is None
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=60)
-            proc.stdout.close()
-            proc.stderr.close()
-        if alive:
+
+        if sigkill_after(refimpl(out, *resume_or_start(out, total, every), slow=True), random_moment):
             done += 1
             tally[where_it_landed(out, before, total)] += 1
     for place in aim:
         if tally[place] == 0:
             kill_when(out, total, every, place, tally)
-    proc = refimpl(out, *(["--resume"] if (out / "checkpoint.npz").is_file() else
-                          ["--batches", str(total), "--checkpoint-every", str(every)]))
+    proc = refimpl(out, *resume_or_start(out, total, every))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
 
