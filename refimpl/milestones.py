@@ -30,7 +30,10 @@ with one command:
 - the constraint over the last ``window`` batches (the abstract's "without violating
   the GECO constraints"): the fraction of batches with C_ma > 0 and with C > 0, mean E2,
   and E2's moving average at the end (factor 0.95, Table 1's) against tau, and the largest
-  rise of ||sigmoid(k gamma)||_1 above its running low there (a gate's partial reopening).
+  rise of ||sigmoid(k gamma)||_1 above its running low there (a gate's partial reopening);
+  and the gamma_j of the gates open at the end (:func:`open_gammas`): their range where the
+  window begins and at the end, and the lowest value any of them took there (its gate and
+  batch), so a gate on its way down shows before it closes.
 
 Command line: ``refimpl milestones RUN [--tail N] [--min-stretch N] [--after N] [--window N] [--json]
 [--out FILE]``
@@ -116,13 +119,29 @@ def extremes_after(steps, lam, after: int) -> dict | None:
             "max_batch": _int(steps[high])}
 
 
+def open_gammas(steps, gammas: dict) -> dict | None:
+    """The gamma_j of the gates open at the last row (gamma_j > 0) over ``steps``: their (min, max) at the first
+    and the last row, and the lowest value one of them took, with its gate and batch. gammas: name "gamma_j" ->
+    (T,). None when no gate is open or the log has no gamma columns."""
+    open_ = [name for name, g in gammas.items() if g[-1] > 0]
+    if not open_:
+        return None
+    g = numpy.stack([gammas[name] for name in open_])  # (open gates, T)
+    gate, row = numpy.unravel_index(int(numpy.argmin(g)), g.shape)
+    return {"gates": [int(name[6:]) for name in open_], "first": (float(g[:, 0].min()), float(g[:, 0].max())),
+            "last": (float(g[:, -1].min()), float(g[:, -1].max())), "lowest": float(g[gate, row]),
+            "lowest_gate": int(open_[gate][6:]), "lowest_batch": _int(steps[row])}
+
+
 def constraint_window(log: dict, window: int) -> dict:
     """The constraint over the last ``window`` rows (fewer if the run is shorter): fractions of batches with
-    C_ma > 0 and with C > 0, mean E2, and E2's moving average (factor 0.95) at the end against tau."""
+    C_ma > 0 and with C > 0, mean E2, and E2's moving average (factor 0.95) at the end against tau; the
+    largest rise of the gate curve and the open gates' gamma_j (:func:`open_gammas`) there."""
     last = slice(max(0, len(log["step"]) - window), None)
     l1 = log["gates_l1"][last]
     return {"batches": len(log["step"][last]), "from": _int(log["step"][last][0]),
             "gates_l1_largest_rise": float((l1 - numpy.minimum.accumulate(l1)).max()),
+            "open_gammas": open_gammas(log["step"][last], {name: log[name][last] for name in gamma_columns(log)}),
             "c_ma_positive_fraction": float((log["C_ma"][last] > 0).mean()),
             "c_positive_fraction": float((log["C"][last] > 0).mean()), "E2_mean": float(log["E2"][last].mean()),
             "E2_ma95_end": moving_average(log["E2"], 0.95), "tau": float(log["tau"][-1])}
@@ -205,6 +224,12 @@ def to_markdown(m: dict, title: str) -> str:
                  f"of them, C > 0 (batch E2 over tau) in {100 * c['c_positive_fraction']:.1f}%; mean E2 {c['E2_mean']:.4g}, "
                  f"E2's moving average (0.95) at the end {c['E2_ma95_end']:.4g}, against tau {c['tau']:g}; "
                  f"||sigmoid(k gamma)||_1 rose at most {c['gates_l1_largest_rise']:.3f} above its running low there")
+    g = c["open_gammas"]
+    if g is not None:
+        lines.append(f"- the open gates' gamma_j ({', '.join(map(str, g['gates']))}) over those batches: "
+                     f"{g['first'][0]:.3g}-{g['first'][1]:.3g} at batch {c['from']:,}, {g['last'][0]:.3g}-"
+                     f"{g['last'][1]:.3g} at the end; lowest {g['lowest']:.3g} (gate {g['lowest_gate']}, batch "
+                     f"{g['lowest_batch']:,})")
     return "\n".join(lines) + "\n"
 
 

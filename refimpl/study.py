@@ -11,7 +11,8 @@ before the run went on: then the end state is summary.json's, and the row says w
 are missing), the open gates at the end, the
 staircase of closings, reopenings, the first batch with C_ma < 0, and the constraint over
 the last ``window`` batches, with the largest rise of ||sigmoid(k gamma)||_1 there (Figure
-1's gate curve: a gate reopening partway shows there before its gamma_j changes sign). Runs are grouped by every configuration field that varies
+1's gate curve: a gate reopening partway shows there before its gamma_j changes sign) and
+the lowest gamma_j an open gate took there (a gate closing partway shows there the same way). Runs are grouped by every configuration field that varies
 across the given runs except the seed (the *arm*: tau, a reading, the latent size), and
 each group lists its seeds' open gates and their range, so the spread is shown and not
 just a mean.
@@ -157,8 +158,8 @@ def to_markdown(s: dict, window: int) -> str:
                      f"{g['range'][0]}-{g['range'][1]} |")
     lines += ["", f"| run | seed | batches | open gates | closings at batch | reopenings | C_ma < 0 first at | "
                   f"C_ma > 0 in the last batches (at most {window:,}; a branch's own) | mean E2 / tau there | "
-                  f"largest rise of the gate curve there |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"largest rise of the gate curve there | open gates' gamma_j there: lowest (gate, batch); at the end |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     names = _names([r["run"] for g in s["groups"].values() for r in g["rows"]])
     for label, g in s["groups"].items():
         lines += [_run_line(r, names) for r in g["rows"]]
@@ -186,7 +187,7 @@ def _run_line(r: dict, names: dict) -> str:
     since = "" if r["branched_at"] is None else f", branched at {r['branched_at']:,}"
     if r["constraint"] is None:
         return (f"| {name} | {r['config'].get('seed')} | {r['reached']:,} (no log){since} | "
-                f"{r['open_gates']} |" + " not recorded |" * 6)
+                f"{r['open_gates']} |" + " not recorded |" * 7)
     c = r["constraint"]
     short = f" (logged to {r['batches']:,})" if r["reached"] > r["batches"] else ""
     return (f"| {name} | {r['config'].get('seed')} | {r['reached']:,}{short}"
@@ -194,7 +195,15 @@ def _run_line(r: dict, names: dict) -> str:
             f"{', '.join(f'{b:,}' for b in r['closings']) or '-'} | {r['reopenings']} | "
             + ("never" if r["first_dive"] is None else f"{r['first_dive']:,}")
             + f" | {100 * c['c_ma_positive_fraction']:.1f}% of {c['batches']:,} | "
-            f"{c['E2_mean']:.4g} / {c['tau']:g} | {c['gates_l1_largest_rise']:.3f} |")
+            f"{c['E2_mean']:.4g} / {c['tau']:g} | {c['gates_l1_largest_rise']:.3f} | {_gammas(c['open_gammas'])} |")
+
+
+def _gammas(g: dict | None) -> str:
+    """The open gates' gamma_j cell: the lowest one took over the window, with its gate and batch, and their
+    range at the end ("-" for a log without gamma columns or no open gate)."""
+    if g is None:
+        return "-"
+    return f"{g['lowest']:.3g} (gate {g['lowest_gate']}, {g['lowest_batch']:,}); {g['last'][0]:.3g}-{g['last'][1]:.3g}"
 
 
 def add_arguments(parser) -> None:

@@ -84,6 +84,23 @@ def test_lambda_after_bumps_and_the_constraint_window():
     assert "last 50 batches (from 151): C_ma > 0 in 18.0% of them, C > 0 (batch E2 over tau) in 0.0%" in text
 
 
+def test_open_gammas_over_the_window():
+    log = constructed_log()
+    log["gamma_0"] = numpy.linspace(0.4, 0.1, 200)  # open throughout, sinking: its lowest is its last value
+    g = ms.milestones(log, window=50)["constraint"]["open_gammas"]  # batches 151-200: gates 0 and 1 open at the end
+    assert g["gates"] == [0, 1]
+    assert g["first"] == (pytest.approx(-0.1), pytest.approx(log["gamma_0"][150]))  # gate 1 is closed at 151
+    assert g["last"] == (pytest.approx(0.1), pytest.approx(0.3))
+    assert (g["lowest"], g["lowest_gate"], g["lowest_batch"]) == (pytest.approx(-0.1), 1, 151)
+    text = ms.to_markdown(ms.milestones(log, window=50), "x")
+    assert "the open gates' gamma_j (0, 1) over those batches: -0.1-0.174 at batch 151, 0.1-0.3 at the end; " \
+           "lowest -0.1 (gate 1, batch 151)" in text
+    late = ms.milestones(log, window=20)["constraint"]["open_gammas"]  # batches 181-200: gate 1 open again
+    assert (late["lowest"], late["lowest_gate"], late["lowest_batch"]) == (pytest.approx(0.1), 0, 200)
+    assert ms.open_gammas(log["step"], {}) is None  # a log that predates gamma logging
+    assert ms.open_gammas(log["step"], {"gamma_0": -numpy.ones(200)}) is None  # no gate open at the end
+
+
 def test_upswings_of_the_gate_curve_and_its_largest_rise_in_the_window():
     """Figure 1's gate curve ||sigmoid(k gamma)||_1: falls 5 -> 3, rises 0.6 (an upswing) and 0.3 (not one),
     falls to 2, rises 0.5 exactly (an upswing, counted from the new low)."""

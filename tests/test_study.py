@@ -48,8 +48,12 @@ def test_rows_groups_and_ranges(sweep):
     assert r["open_gates"] == int(log["open_gates"][-1])
     l1 = log["gates_l1"][-3:]
     assert r["constraint"]["gates_l1_largest_rise"] == pytest.approx((l1 - numpy.minimum.accumulate(l1)).max())
+    g = r["constraint"]["open_gammas"]  # the gates open at the end, over the last 3 batches
+    gammas = numpy.stack([log[f"gamma_{j}"][-3:] for j in range(3)])
+    assert g["gates"] == [j for j in range(3) if gammas[j, -1] > 0] and g["lowest"] == gammas[g["gates"]].min()
     text = st.to_markdown(s, 3)
-    assert text.count(f"| {r['constraint']['gates_l1_largest_rise']:.3f} |") >= 1
+    assert text.count(f"| {r['constraint']['gates_l1_largest_rise']:.3f} | {g['lowest']:.3g} (gate {g['lowest_gate']}, "
+                      f"{g['lowest_batch']:,}); {g['last'][0]:.3g}-{g['last'][1]:.3g} |") == 1
     assert "| tau=1 | 2 (0, 1) | 4 (2 finished) |" in text and "| tau=500 | 2 (0, 1) | 4 (1 finished) |" in text
     assert "| tau500-seed1 | 1 | 4 (running) |" in text and "| tau500-seed0 | 0 | 4 | " in text
 
