@@ -6,6 +6,7 @@
 #   RUN/plot.png     Figure 1 of the run (a branch's whole history, its parent's rows first)
 #   RUN/milestones.md  Section 4.1's events, the bumps and the constraint's last 10,000 batches
 #   q1-seeds-s32/study.md, q1-budget.md, q2-tau20.md, q2-tau35.md, s44-n-vs-2n-s16/study.md   the tables
+#   study.md         Q1's and Q2's runs (every q1-*/q2-* folder) in one table, one row per arm
 # Run folders still at step 0 (a sweep creates each run's folder when it is stopped before the
 # run's first batch) hold nothing worth keeping and are skipped here; delete them before committing.
 # Usage: bench/record_study.sh [FOLDER]   (default bench/results/study)
@@ -30,3 +31,4 @@ table "$STUDY/q1-budget.md" "$STUDY/q2-b64-tau20-control" "$STUDY/q2-b64-tau20-c
     "$STUDY/q1-b64-tau35-budget"
 table "$STUDY/q2-tau35.md" "$STUDY"/q2-b64-tau35-*
 table "$STUDY/s44-n-vs-2n-s16/study.md" "$STUDY/s44-n-vs-2n-s16"
+table "$STUDY/study.md" "$STUDY"/q1-*/ "$STUDY"/q2-*/
