@@ -28,7 +28,7 @@ table() {  # OUT DIR...: one study table, when its runs have started
 table "$STUDY/q1-seeds-s32/study.md" "$STUDY/q1-seeds-s32"
 table "$STUDY/q2-tau20.md" "$STUDY"/q2-b64-tau20-*
 table "$STUDY/q1-budget.md" "$STUDY/q2-b64-tau20-control" "$STUDY/q2-b64-tau20-control-reseeded" "$STUDY/q1-b64-tau20-budget" \
-    "$STUDY/q1-b64-tau35-budget"
-table "$STUDY/q2-tau35.md" "$STUDY"/q2-b64-tau35-*
+    "$STUDY/q1-b64-tau35-budget" "$STUDY/q2-b64-tau35-control-reseeded"
+table "$STUDY/q2-tau35.md" "$STUDY/q1-b64-tau35-budget" "$STUDY"/q2-b64-tau35-*
 table "$STUDY/s44-n-vs-2n-s16/study.md" "$STUDY/s44-n-vs-2n-s16"
 table "$STUDY/study.md" "$STUDY"/q1-*/ "$STUDY"/q2-*/
