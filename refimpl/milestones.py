@@ -135,8 +135,8 @@ def open_gammas(steps, gammas: dict) -> dict | None:
 
 def constraint_window(log: dict, window: int) -> dict:
     """The constraint over the last ``window`` rows (fewer if the run is shorter): fractions of batches with
-    C_ma > 0 and with C > 0, mean E2, and E2's moving average (factor 0.95) at the end against tau; the
-    largest rise of the gate curve and the open gates' gamma_j (:func:`open_gammas`) there."""
+    C_ma > 0 and with C > 0, mean E2, and E2's moving average (factor 0.95) at the end against tau; mean
+    lambda'; the largest rise of the gate curve and the open gates' gamma_j (:func:`open_gammas`) there."""
     last = slice(max(0, len(log["step"]) - window), None)
     l1 = log["gates_l1"][last]
     return {"batches": len(log["step"][last]), "from": _int(log["step"][last][0]),
@@ -144,7 +144,8 @@ def constraint_window(log: dict, window: int) -> dict:
             "open_gammas": open_gammas(log["step"][last], {name: log[name][last] for name in gamma_columns(log)}),
             "c_ma_positive_fraction": float((log["C_ma"][last] > 0).mean()),
             "c_positive_fraction": float((log["C"][last] > 0).mean()), "E2_mean": float(log["E2"][last].mean()),
-            "E2_ma95_end": moving_average(log["E2"], 0.95), "tau": float(log["tau"][-1])}
+            "E2_ma95_end": moving_average(log["E2"], 0.95), "tau": float(log["tau"][-1]),
+            "lambda_mean": float(log["lambda_eff"][last].mean())}
 
 
 def milestones(log: dict, tail: int = TAIL, min_stretch: int = MIN_STRETCH, after: int = AFTER,
@@ -222,7 +223,8 @@ def to_markdown(m: dict, title: str) -> str:
     c = m["constraint"]
     lines.append(f"- last {c['batches']:,} batches (from {c['from']:,}): C_ma > 0 in {100 * c['c_ma_positive_fraction']:.1f}% "
                  f"of them, C > 0 (batch E2 over tau) in {100 * c['c_positive_fraction']:.1f}%; mean E2 {c['E2_mean']:.4g}, "
-                 f"E2's moving average (0.95) at the end {c['E2_ma95_end']:.4g}, against tau {c['tau']:g}; "
+                 f"E2's moving average (0.95) at the end {c['E2_ma95_end']:.4g}, against tau {c['tau']:g}; mean "
+                 f"lambda' {c['lambda_mean']:.3g}; "
                  f"||sigmoid(k gamma)||_1 rose at most {c['gates_l1_largest_rise']:.3f} above its running low there")
     g = c["open_gammas"]
     if g is not None:

@@ -158,8 +158,8 @@ def to_markdown(s: dict, window: int) -> str:
                      f"{g['range'][0]}-{g['range'][1]} |")
     lines += ["", f"| run | seed | batches | open gates | closings at batch | reopenings | C_ma < 0 first at | "
                   f"C_ma > 0 in the last batches (at most {window:,}; a branch's own) | mean E2 / tau there | "
-                  f"largest rise of the gate curve there | open gates' gamma_j there: lowest (gate, batch); at the end |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"mean lambda' there | largest rise of the gate curve there | open gates' gamma_j there: lowest (gate, batch); at the end |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     names = _names([r["run"] for g in s["groups"].values() for r in g["rows"]])
     for label, g in s["groups"].items():
         lines += [_run_line(r, names) for r in g["rows"]]
@@ -187,7 +187,7 @@ def _run_line(r: dict, names: dict) -> str:
     since = "" if r["branched_at"] is None else f", branched at {r['branched_at']:,}"
     if r["constraint"] is None:
         return (f"| {name} | {r['config'].get('seed')} | {r['reached']:,} (no log){since} | "
-                f"{r['open_gates']} |" + " not recorded |" * 7)
+                f"{r['open_gates']} |" + " not recorded |" * 8)
     c = r["constraint"]
     short = f" (logged to {r['batches']:,})" if r["reached"] > r["batches"] else ""
     return (f"| {name} | {r['config'].get('seed')} | {r['reached']:,}{short}"
@@ -195,7 +195,7 @@ def _run_line(r: dict, names: dict) -> str:
             f"{', '.join(f'{b:,}' for b in r['closings']) or '-'} | {r['reopenings']} | "
             + ("never" if r["first_dive"] is None else f"{r['first_dive']:,}")
             + f" | {100 * c['c_ma_positive_fraction']:.1f}% of {c['batches']:,} | "
-            f"{c['E2_mean']:.4g} / {c['tau']:g} | {c['gates_l1_largest_rise']:.3f} | {_gammas(c['open_gammas'])} |")
+            f"{c['E2_mean']:.4g} / {c['tau']:g} | {c['lambda_mean']:.3g} | {c['gates_l1_largest_rise']:.3f} | {_gammas(c['open_gammas'])} |")
 
 
 def _gammas(g: dict | None) -> str:

@@ -71,6 +71,9 @@ def test_lambda_after_bumps_and_the_constraint_window():
     c = m["constraint"]  # the last 50 batches: C_ma = 0.5 over 151-159, 0.0 (not > 0) over 180-185; E2 < 20 from 101
     assert (c["batches"], c["from"]) == (50, 151) and c["c_ma_positive_fraction"] == pytest.approx(9 / 50)
     assert c["c_positive_fraction"] == 0.0 and c["E2_mean"] == pytest.approx(log["E2"][-50:].mean())
+    # lambda' = 2 - (s - 40) / 100 over s = 151..200 (mean s 175.5), plus the bump's tail (160 - s) / 50 over 151-159
+    assert c["lambda_mean"] == pytest.approx(2 - 135.5 / 100 + 45 / 50 / 50)
+    assert "mean lambda' 0.663" in ms.to_markdown(m, "made-up")
     early = ms.milestones(log, window=150)["constraint"]  # batches 51-200: E2 > 20 up to batch 100 (50 of 150)
     assert early["c_positive_fraction"] == pytest.approx(50 / 150) and early["c_ma_positive_fraction"] == pytest.approx(60 / 150)
     e2_ma = log["E2"][0]

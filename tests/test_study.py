@@ -51,8 +51,9 @@ def test_rows_groups_and_ranges(sweep):
     g = r["constraint"]["open_gammas"]  # the gates open at the end, over the last 3 batches
     gammas = numpy.stack([log[f"gamma_{j}"][-3:] for j in range(3)])
     assert g["gates"] == [j for j in range(3) if gammas[j, -1] > 0] and g["lowest"] == gammas[g["gates"]].min()
+    assert r["constraint"]["lambda_mean"] == pytest.approx(log["lambda_eff"][-3:].mean())
     text = st.to_markdown(s, 3)
-    assert text.count(f"| {r['constraint']['gates_l1_largest_rise']:.3f} | {g['lowest']:.3g} (gate {g['lowest_gate']}, "
+    assert text.count(f"| {log['lambda_eff'][-3:].mean():.3g} | {r['constraint']['gates_l1_largest_rise']:.3f} | {g['lowest']:.3g} (gate {g['lowest_gate']}, "
                       f"{g['lowest_batch']:,}); {g['last'][0]:.3g}-{g['last'][1]:.3g} |") == 1
     assert "| tau=1 | 2 (0, 1) | 4 (2 finished) |" in text and "| tau=500 | 2 (0, 1) | 4 (1 finished) |" in text
     assert "| tau500-seed1 | 1 | 4 (running) |" in text and "| tau500-seed0 | 0 | 4 | " in text
@@ -126,6 +127,8 @@ def test_a_log_shorter_than_its_run_and_a_run_without_a_log(tmp_path):
         (lost / "summary.json").read_text())["open_gates"], None, None)
     text = st.to_markdown(st.study([r, q]), 100)
     assert "| short | 0 | 6 (logged to 4) |" in text and "| lost | 1 | 6 (no log) |" in text
+    header, lost_row = (next(line for line in text.splitlines() if line.startswith(start)) for start in ("| run |", "| lost |"))
+    assert lost_row.count("|") == header.count("|") and lost_row.count("not recorded") == 8  # one cell per column
     assert "short, rows 5-6; lost, rows 1-6" in text and "(2 finished)" in text
 
 
